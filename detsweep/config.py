@@ -1,0 +1,407 @@
+"""The sweep file: typed, frozen dataclasses, loaded once with `yaml.safe_load` and validated
+completely before Ray starts. `load_sweep(path)` reads it; `expand(sweep)` gives the trials."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+# Names the validator accepts. Kept here (not imported from models/) so loading a sweep file
+# never imports torch; tests check these equal the models' own registries.
+MODELS = {"detr_r50": "detr", "fasterrcnn_r50_fpn": "faster_rcnn"}
+REGIMES = ("full", "lora_only", "partial")
+LORA_PLACEMENTS = ("attention_only", "attention_ffn", "decoder_only", "qv_only")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class SweepError(ValueError):
+    """A user error in a sweep file. `str(err)` is the one line shown to the user."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections. Field types drive validation: Literal = enum, `X | None` = optional, tuple = list.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataConfig:
+    kind: Literal["synthetic", "coco"] = "synthetic"
+    root: str = "~/.cache/detsweep/synthetic"
+    train_images: int = 64  # coco: 0 = all
+    val_images: int = 16  # coco: 0 = all
+    image_size: int = 128  # synthetic only
+    num_classes: int = 5  # synthetic only
+    classes: tuple[str, ...] | None = None  # coco: a class subset by name
+    seed: int = 0  # synthetic generation seed
+    loader_workers: int = 0
+
+
+@dataclass(frozen=True)
+class DetrConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    weights: str = "none"  # none | coco | /path/to/checkpoint.pth
+    num_queries: int = 100
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    aux_loss: bool = True
+    min_size: int | None = None  # resize inside the model; None = feed images as they are
+    max_size: int | None = None
+    regimes: tuple[Literal["full", "lora_only", "partial"], ...] = REGIMES
+
+
+@dataclass(frozen=True)
+class FasterRCNNConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    weights: str = "none"  # none | coco | imagenet | /path/to/state_dict.pth
+    min_size: int = 800
+    max_size: int = 1333
+    trainable_backbone_layers: int = 3
+    # Faster R-CNN is the baseline: by default only fully fine-tuned (seed 000's matrix).
+    regimes: tuple[Literal["full", "partial"], ...] = ("full",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    detr: DetrConfig = field(default_factory=DetrConfig)
+    faster_rcnn: FasterRCNNConfig = field(default_factory=FasterRCNNConfig)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    placement: Literal["attention_only", "attention_ffn", "decoder_only", "qv_only"] = "attention_only"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # The official DETR recipe: AdamW, lr 1e-4 / backbone 1e-5, wd 1e-4, clip 0.1.
+    epochs: int = 2
+    batch_size_per_worker: int = 2
+    lr: float = 1.0e-4
+    lr_backbone: float = 1.0e-5
+    weight_decay: float = 1.0e-4
+    grad_clip: float = 0.1
+    lr_schedule: Literal["step", "cosine", "constant"] = "step"
+    lr_drop_epoch: int | None = None  # step schedule: x0.1 at this epoch (default 2/3 of epochs)
+    warmup_steps: int = 0
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    match_iou: float = 0.5
+    bins: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    error_score_threshold: float = 0.3
+    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+    merge_lora: bool = True  # evaluate LoRA trials on merged weights: no adapter cost at inference
+    visuals: bool = True  # loss curves + predictions on the first 8 val images (rank 0)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    ddp_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
+
+
+@dataclass(frozen=True)
+class FaultToleranceConfig:
+    max_failures: int = 0  # Train restarts of a trial's worker group, each from its last checkpoint
+    checkpoints_to_keep: int = 2
+    on_resume_errored: Literal["resume", "restart", "skip"] = "resume"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    kind: Literal["none", "asha"] = "none"
+    metric: str = "ap"
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    resources_by_regime: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    storage: str = "~/detsweep_results"
+    max_concurrent_trials: int | None = None  # None: computed from the cluster's resources
+    source: str = "<memory>"  # the file it came from, for error messages
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One complete trial: what a Train worker needs, and nothing from the grid machinery."""
+
+    sweep: str
+    trial_id: str
+    model: str  # a key of MODELS
+    family: str  # "detr" | "faster_rcnn"
+    regime: str
+    data: DataConfig
+    detr: DetrConfig
+    faster_rcnn: FasterRCNNConfig
+    lora: LoraConfig | None  # None unless regime == "lora_only"
+    train: TrainConfig
+    eval: EvalConfig
+    resources: ResourcesConfig
+    fault_tolerance: FaultToleranceConfig
+    storage: str  # <storage>/<sweep name>, expanded
+    axes: dict[str, Any]  # the grid values of this trial, by dotted key
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = dict(d)
+        for name, typ in (("data", DataConfig), ("detr", DetrConfig), ("faster_rcnn", FasterRCNNConfig),
+                          ("train", TrainConfig), ("eval", EvalConfig), ("resources", ResourcesConfig),
+                          ("fault_tolerance", FaultToleranceConfig)):
+            kwargs[name] = _build(typ, d[name], name, "<trial>")
+        kwargs["lora"] = None if d["lora"] is None else _build(LoraConfig, d["lora"], "lora", "<trial>")
+        assert set(kwargs) == set(sections), set(kwargs) ^ set(sections)
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic typed loading: unknown keys, wrong types and bad enum values fail with one line.
+# --------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    if tp in (int, float, str, bool):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists → tuples)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, source)
+    if origin is Literal:
+        allowed = list(typing.get_args(tp))
+        if value not in allowed:
+            raise SweepError(f"{source}: {key}: {value!r} is not one of {allowed}")
+        return value
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise SweepError(f"{source}: {key}: {value!r} must be a list")
+        return tuple(_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SweepError(f"{source}: {key}: {value!r} must be a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise SweepError(f"{source}: {key}: {value!r} must be of type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, key: str, source: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SweepError(f"{source}: {key}: {data!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise SweepError(f"{source}: {where}: unknown key; allowed keys are {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k, source) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in kwargs and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise SweepError(f"{source}: {key + '.' if key else ''}{missing[0] if missing else '?'}: "
+                         f"required key is missing") from e
+
+
+def _check_values(sweep: Sweep) -> None:
+    """Value rules the types cannot express."""
+    src = sweep.source
+    positive = {
+        "data.train_images": sweep.data.train_images if sweep.data.kind == "synthetic" else 1,
+        "data.val_images": sweep.data.val_images if sweep.data.kind == "synthetic" else 1,
+        "data.image_size": sweep.data.image_size,
+        "data.num_classes": sweep.data.num_classes,
+        "train.epochs": sweep.train.epochs,
+        "train.batch_size_per_worker": sweep.train.batch_size_per_worker,
+        "resources.ddp_workers": sweep.resources.ddp_workers,
+        "lora.rank": sweep.lora.rank,
+        "model.detr.num_queries": sweep.model.detr.num_queries,
+        "model.detr.dec_layers": sweep.model.detr.dec_layers,
+        "eval.calibration.bins": sweep.eval.calibration.bins,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise SweepError(f"{src}: {key}: {v!r} must be > 0")
+    if not 0.0 < sweep.eval.calibration.match_iou <= 1.0:
+        raise SweepError(f"{src}: eval.calibration.match_iou: {sweep.eval.calibration.match_iou!r} must be in (0, 1]")
+    if not 0.0 <= sweep.lora.dropout < 1.0:
+        raise SweepError(f"{src}: lora.dropout: {sweep.lora.dropout!r} must be in [0, 1)")
+    if sweep.train.lr <= 0:
+        raise SweepError(f"{src}: train.lr: {sweep.train.lr!r} must be > 0")
+    if sweep.model.detr.hidden_dim % sweep.model.detr.nheads:
+        raise SweepError(f"{src}: model.detr.nheads: {sweep.model.detr.nheads!r} must divide "
+                         f"model.detr.hidden_dim ({sweep.model.detr.hidden_dim})")
+    for fam in ("detr", "faster_rcnn"):
+        w = getattr(sweep.model, fam).weights
+        named = ("none", "coco") + (("imagenet",) if fam == "faster_rcnn" else ())
+        if w not in named and not Path(w).expanduser().is_file():
+            raise SweepError(f"{src}: model.{fam}.weights: {w!r} is neither one of {list(named)} "
+                             f"nor an existing checkpoint file")
+    if sweep.model.faster_rcnn.weights == "coco" and sweep.model.faster_rcnn.backbone != "resnet50":
+        raise SweepError(f"{src}: model.faster_rcnn.weights: 'coco' needs backbone 'resnet50', "
+                         f"not {sweep.model.faster_rcnn.backbone!r}")
+    if sweep.data.kind == "coco" and not Path(sweep.data.root).expanduser().is_dir():
+        raise SweepError(f"{src}: data.root: {sweep.data.root!r} is not a directory "
+                         f"(run `python -m detsweep.data coco2017 --root DIR` first)")
+    check_resources(sweep.resources, "resources", src)
+    for regime in sweep.resources_by_regime:
+        if regime not in REGIMES:
+            raise SweepError(f"{src}: resources_by_regime.{regime}: unknown regime; allowed are {list(REGIMES)}")
+        check_resources(resources_for(sweep, regime), f"resources_by_regime.{regime}", src)
+
+
+def check_resources(res: ResourcesConfig, key: str, source: str) -> None:
+    g = res.gpus_per_worker
+    if g < 0 or res.cpus_per_worker < 0:
+        raise SweepError(f"{source}: {key}: resources must be >= 0")
+    if g > 1 and g != int(g):
+        raise SweepError(f"{source}: {key}.gpus_per_worker: {g!r} must be a whole number when above 1")
+    if 0 < g < 1 and res.ddp_workers > 1:
+        # Ray packs fractional bundles onto one GPU and NCCL refuses two ranks of one job on a
+        # single device (ray-project/ray#48012).
+        raise SweepError(f"{source}: {key}.gpus_per_worker: {g!r} is fractional, which needs "
+                         f"ddp_workers: 1 (got {res.ddp_workers}); NCCL cannot run two ranks of one "
+                         f"trial on one GPU")
+    if res.backend == "nccl" and g == 0:
+        raise SweepError(f"{source}: {key}.backend: 'nccl' needs gpus_per_worker > 0; use 'gloo' or 'auto'")
+
+
+def resources_for(sweep: Sweep, regime: str) -> ResourcesConfig:
+    override = sweep.resources_by_regime.get(regime, {})
+    return _build(ResourcesConfig, {**dataclasses.asdict(sweep.resources), **override},
+                  f"resources_by_regime.{regime}", sweep.source)
+
+
+def parse_sweep(raw: Any, source: str = "<memory>") -> Sweep:
+    """Validate a parsed YAML document into a `Sweep`. Raises `SweepError`."""
+    if not isinstance(raw, dict):
+        raise SweepError(f"{source}: the sweep file must be a mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    sched = raw.get("scheduler")
+    if isinstance(sched, str) or sched is None:
+        raw["scheduler"] = {"kind": sched or "none"}
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise SweepError(f"{source}: grid: {grid!r} must be a mapping of dotted keys to lists")
+    raw["grid"] = {}
+    sweep = dataclasses.replace(_build(Sweep, raw, "", source), source=source)
+    sweep = dataclasses.replace(sweep, grid=_check_grid(grid, sweep))
+    _check_values(sweep)
+    return sweep
+
+
+def _check_grid(grid: dict[str, Any], sweep: Sweep) -> dict[str, tuple[Any, ...]]:
+    out = {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{sweep.source}: grid.{key}: {values!r} must be a non-empty list")
+        if key == "model":
+            for v in values:
+                if v not in MODELS:
+                    raise SweepError(f"{sweep.source}: grid.model: {v!r} is not one of {list(MODELS)}")
+        elif key == "regime":
+            for v in values:
+                if v not in REGIMES:
+                    raise SweepError(f"{sweep.source}: grid.regime: {v!r} is not one of {list(REGIMES)}")
+        else:
+            for v in values:  # each value must be valid where it lands
+                _apply_axis(sweep, key, v, where=f"grid.{key}")
+        if len(set(map(repr, values))) != len(values):
+            raise SweepError(f"{sweep.source}: grid.{key}: {values!r} has repeated values")
+        out[key] = tuple(values)
+    return out
+
+
+def _apply_axis(sweep: Sweep, key: str, value: Any, *, where: str) -> Sweep:
+    """Return `sweep` with the dotted `key` set to `value`, type-checked."""
+    parts = key.split(".")
+    settable = ("data", "model", "lora", "train", "eval", "resources", "fault_tolerance")
+    if parts[0] not in settable or len(parts) < 2:
+        raise SweepError(f"{sweep.source}: {where}: unknown grid key; use 'model', 'regime' or a "
+                         f"dotted key under one of {list(settable)}")
+
+    def set_in(obj: Any, path: list[str], prefix: str) -> Any:
+        names = [f.name for f in dataclasses.fields(obj)]
+        if path[0] not in names:
+            raise SweepError(f"{sweep.source}: {where}: unknown key '{prefix}{path[0]}'; allowed keys are {names}")
+        cur = getattr(obj, path[0])
+        if len(path) == 1:
+            new = _coerce(value, typing.get_type_hints(type(obj))[path[0]], where, sweep.source)
+        elif dataclasses.is_dataclass(cur):
+            new = set_in(cur, path[1:], f"{prefix}{path[0]}.")
+        else:
+            raise SweepError(f"{sweep.source}: {where}: {prefix}{path[0]} has no sub-keys")
+        return dataclasses.replace(obj, **{path[0]: new})
+
+    return set_in(sweep, parts, "")
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file. Raises `SweepError` with a one-line message."""
+    p = Path(path)
+    if not p.is_file():
+        raise SweepError(f"{path}: no such sweep file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise SweepError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
+    return parse_sweep(raw, str(path))
+
+
+from detsweep.grid import expand, trial_table  # noqa: E402  (re-exported: config.expand)
+
+__all__ = ["Sweep", "TrialConfig", "SweepError", "load_sweep", "parse_sweep", "expand", "trial_table",
+           "resources_for", "MODELS", "REGIMES", "LORA_PLACEMENTS"]
