@@ -1,0 +1,341 @@
+"""The results schema (one row per trial), the per-epoch history, and their atomic Parquet writers.
+
+Used by the sweep driver only; nothing here imports ray or torch.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import importlib.metadata
+import json
+import logging
+import math
+import numbers
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+import detsweep
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("ok", "error", "stopped", "running")
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+_F64, _I32, _I64, _STR = pa.float64(), pa.int32(), pa.int64(), pa.string()
+_QUALITY = ["ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
+            "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large"]
+
+RESULTS_SCHEMA: pa.Schema = pa.schema(
+    # identity
+    [("sweep", _STR), ("trial_id", _STR), ("status", _STR), ("error", _STR)]
+    # config (lora_* null where the trial has no LoRA)
+    + [("model", _STR), ("regime", _STR), ("lora_rank", _I32), ("lora_placement", _STR),
+       ("lora_alpha", _F64), ("backbone", _STR), ("num_queries", _I32), ("dec_layers", _I32),
+       ("epochs", _I32), ("lr", _F64), ("seed", _I64), ("ddp_workers", _I32),
+       ("gpus_per_worker", _F64), ("data", _STR)]
+    # quality: COCOeval's 12 bbox stats
+    + [(name, _F64) for name in _QUALITY]
+    # calibration
+    + [("ece", _F64), ("nll", _F64), ("brier", _F64), ("n_detections", _I64)]
+    # detection error breakdown (counts)
+    + [(f"err_{kind}", _I64) for kind in ("cls", "loc", "dup", "bkg", "missed")]
+    # cost (peak_vram_* null without CUDA)
+    + [("total_params", _I64), ("trainable_params", _I64), ("trainable_frac", _F64), ("lora_params", _I64)]
+    + [(name, _F64) for name in ("peak_vram_train_mb", "peak_vram_eval_mb", "peak_rss_mb",
+                                 "train_images_per_s", "eval_images_per_s", "train_s", "eval_s",
+                                 "wall_s", "gpu_hours")]
+    + [("device", _STR)]
+    # run (per_class_ap and reliability are JSON text)
+    + [("epochs_completed", _I32), ("checkpoint_path", _STR), ("per_class_ap", _STR), ("reliability", _STR)]
+    # provenance
+    + [(name, _STR) for name in ("detsweep_version", "git_sha", "torch_version", "ray_version",
+                                 "hostname", "gpu_name")]
+    + [("started_at", TIMESTAMP), ("finished_at", TIMESTAMP)]
+)
+_HISTORY_KEYS = ("sweep", "trial_id", "epoch", "reported_at")
+
+
+def column_name(dotted_key: str) -> str:
+    """Column for a dotted sweep-grid key: ``train.weight_decay`` -> ``train_weight_decay``."""
+    return dotted_key.replace(".", "_")
+
+
+def infer_extra_columns(axes: Mapping[str, Iterable[Any]]) -> dict[str, pa.DataType]:
+    """Columns for extra grid axes (dotted key -> values) that are not already in the schema.
+
+    Type from the values: all bool -> bool, all int -> int64, all numeric -> float64, else string.
+    """
+    extra: dict[str, pa.DataType] = {}
+    for key, values in axes.items():
+        name = column_name(key)
+        if name in RESULTS_SCHEMA.names:
+            continue
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, bool) for v in present):
+            extra[name] = pa.bool_()
+        elif present and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in present):
+            extra[name] = pa.int64()
+        elif present and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in present):
+            extra[name] = pa.float64()
+        else:
+            extra[name] = pa.string()
+    return extra
+
+
+def results_schema(extra_columns: Mapping[str, pa.DataType] | None = None) -> pa.Schema:
+    """RESULTS_SCHEMA followed by the extra sweep-axis columns, in the given order."""
+    schema = RESULTS_SCHEMA
+    for name, dtype in (extra_columns or {}).items():
+        if name in schema.names:
+            raise ValueError(f"extra column {name!r} clashes with a results column")
+        schema = schema.append(pa.field(name, dtype))
+    return schema
+
+
+def _coerce(column: str, value: Any, dtype: pa.DataType) -> Any:
+    """One python/numpy value -> a python value pyarrow accepts for ``dtype`` (None stays None)."""
+    if value is None:
+        return None
+    kind = f"{value!r} ({type(value).__name__})"
+    if pa.types.is_string(dtype):
+        if isinstance(value, (dict, list, tuple)):
+            return json.dumps(value, sort_keys=True)
+        return str(value)
+    if pa.types.is_boolean(dtype):
+        if isinstance(value, bool) or type(value).__name__ == "bool_":
+            return bool(value)
+        raise ValueError(f"column {column!r}: cannot convert {kind} to bool")
+    if pa.types.is_integer(dtype):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, numbers.Real) and math.isnan(float(value)):
+            return None  # pandas turns a null int into NaN; keep it a typed null
+        if isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value).is_integer():
+            return int(value)
+        raise ValueError(f"column {column!r}: cannot convert {kind} to {dtype}")
+    if pa.types.is_floating(dtype):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"column {column!r}: cannot convert {kind} to {dtype}")
+    if pa.types.is_timestamp(dtype):
+        if isinstance(value, str):
+            try:
+                value = dt.datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"column {column!r}: {value!r} is not an ISO-8601 timestamp") from None
+        if isinstance(value, dt.datetime):
+            # Naive datetimes are taken as UTC: the driver stamps with datetime.now(timezone.utc).
+            return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        raise ValueError(f"column {column!r}: cannot convert {kind} to a timestamp (datetime or ISO string)")
+    raise AssertionError(f"unhandled type {dtype} for column {column!r}")
+
+
+def rows_to_table(rows: list[dict], extra_columns: Mapping[str, pa.DataType] | None = None) -> pa.Table:
+    """Build a table with ``results_schema(extra_columns)``; missing keys are null.
+
+    Unknown keys raise ValueError naming them; ``status`` must be one of STATUSES.
+    """
+    schema = results_schema(extra_columns)
+    known = set(schema.names)
+    unknown = sorted({key for row in rows for key in row} - known)
+    if unknown:
+        raise ValueError(f"unknown result keys {unknown}; add them as extra_columns or drop them")
+    for row in rows:
+        status = row.get("status")
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"trial {row.get('trial_id')!r}: status {status!r} is not one of {list(STATUSES)}")
+    columns = [
+        pa.array([_coerce(field.name, row.get(field.name), field.type) for row in rows], type=field.type)
+        for field in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def write_parquet_atomic(table: pa.Table, uri: str) -> None:
+    """Write ``table`` to ``uri`` so that readers see the old file or the new one, never a part.
+
+    Local path: write ``<name>.tmp-<pid>-<rand>`` in the same folder, fsync, ``os.replace``
+    (atomic rename on POSIX and Windows). URI (``s3://``, ``gs://``, ``file://``, any pyarrow.fs
+    scheme): write a temporary object next to the target, then ``fs.move``. On object stores
+    the move is a server-side copy whose single PUT is atomic, so ``uri`` is never partial.
+    On any error the temporary file is removed and the error re-raised.
+    """
+    suffix = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    if _is_local(uri):
+        path = Path(uri).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + suffix)
+        try:
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return
+    fs, path = pafs.FileSystem.from_uri(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp_path = path + suffix
+    try:
+        with fs.open_output_stream(tmp_path) as stream:
+            pq.write_table(table, stream)
+        fs.move(tmp_path, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp_path)
+        except (OSError, FileNotFoundError):
+            pass
+        raise
+
+
+def _read_parquet(uri: str) -> pa.Table | None:
+    """The table at ``uri``, or None when there is no file yet."""
+    if _is_local(uri):
+        path = Path(uri).expanduser()
+        return pq.read_table(path) if path.exists() else None
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    return pq.read_table(path, filesystem=fs)
+
+
+def _extra_columns_of(schema: pa.Schema) -> dict[str, pa.DataType]:
+    return {f.name: f.type for f in schema if f.name not in RESULTS_SCHEMA.names}
+
+
+class ResultsStore:
+    """``results.parquet`` and ``history.parquet`` under one sweep folder (``<storage>/<sweep name>``).
+
+    Every write rewrites the whole file atomically; only the driver writes, so there is no locking.
+    """
+
+    def __init__(self, root_uri: str) -> None:
+        self.root_uri = str(root_uri).rstrip("/")
+        if _is_local(self.root_uri):
+            self.root_uri = str(Path(self.root_uri).expanduser())
+
+    @property
+    def results_uri(self) -> str:
+        return f"{self.root_uri}/results.parquet"
+
+    @property
+    def history_uri(self) -> str:
+        return f"{self.root_uri}/history.parquet"
+
+    def read_results(self) -> pa.Table | None:
+        """The current results table, or None before the first trial is written."""
+        return _read_parquet(self.results_uri)
+
+    def read_history(self) -> pa.Table | None:
+        """The current per-epoch history, or None before the first report."""
+        return _read_parquet(self.history_uri)
+
+    def upsert_trial(self, row: dict, extra_columns: Mapping[str, pa.DataType] | None = None) -> None:
+        """Replace the row with the same ``trial_id`` in place (first-seen order), else append."""
+        if not row.get("trial_id"):
+            raise ValueError(f"a results row needs a non-empty 'trial_id', got {row.get('trial_id')!r}")
+        current = self.read_results()
+        extra = _extra_columns_of(current.schema) if current is not None else {}
+        for name, dtype in (extra_columns or {}).items():
+            if name in extra and extra[name] != dtype:
+                raise ValueError(f"extra column {name!r} is {extra[name]} in {self.results_uri}, got {dtype}")
+            extra[name] = dtype
+        rows = current.to_pylist() if current is not None else []
+        index = {r["trial_id"]: i for i, r in enumerate(rows)}
+        if row["trial_id"] in index:
+            rows[index[row["trial_id"]]] = dict(row)
+        else:
+            rows.append(dict(row))
+        write_parquet_atomic(rows_to_table(rows, extra), self.results_uri)
+
+    def upsert_history(self, rows: list[dict]) -> None:
+        """Merge per-epoch reports; one row per (trial_id, epoch), the latest upsert wins.
+
+        Each row needs ``trial_id`` and ``epoch``; ``sweep`` and ``reported_at`` (default: now, UTC)
+        are kept; every other numeric value becomes a float64 column, non-numeric values are dropped.
+        """
+        current = self.read_history()
+        merged: dict[tuple[str, int], dict] = {}
+        for r in (current.to_pylist() if current is not None else []):
+            merged[(r["trial_id"], r["epoch"])] = r
+        now = dt.datetime.now(dt.timezone.utc)
+        for r in rows:
+            if r.get("trial_id") is None or r.get("epoch") is None:
+                raise ValueError(f"a history row needs 'trial_id' and 'epoch', got keys {sorted(r)}")
+            clean = {k: r.get(k) for k in _HISTORY_KEYS}
+            clean["epoch"] = _coerce("epoch", r["epoch"], pa.int32())
+            clean["reported_at"] = _coerce("reported_at", r.get("reported_at") or now, TIMESTAMP)
+            clean.update({k: float(v) for k, v in r.items()
+                          if k not in _HISTORY_KEYS and isinstance(v, numbers.Real)})
+            key = (clean["trial_id"], clean["epoch"])
+            merged.pop(key, None)  # re-insert so a newer report does not keep a stale metric column
+            merged[key] = clean
+        trial_order = {t: i for i, t in enumerate(dict.fromkeys(k[0] for k in merged))}
+        ordered = sorted(merged.values(), key=lambda r: (trial_order[r["trial_id"]], r["epoch"]))
+        metrics = list(dict.fromkeys(k for r in ordered for k in r if k not in _HISTORY_KEYS))
+        schema = pa.schema([("sweep", _STR), ("trial_id", _STR), ("epoch", _I32), ("reported_at", TIMESTAMP)]
+                           + [(m, _F64) for m in metrics])
+        table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in ordered], schema=schema)
+        write_parquet_atomic(table, self.history_uri)
+
+    def trial_ids(self, status: str | None = None) -> set[str]:
+        """Trial ids in results.parquet, optionally only those with this status."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {list(STATUSES)}")
+        table = self.read_results()
+        if table is None:
+            return set()
+        ids = table.column("trial_id").to_pylist()
+        if status is None:
+            return set(ids)
+        return {t for t, s in zip(ids, table.column("status").to_pylist()) if s == status}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _git_sha() -> str | None:
+    """HEAD of the repo that holds the detsweep package, None if not a git checkout."""
+    package_dir = Path(detsweep.__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package_dir,
+                             capture_output=True, text=True, timeout=5, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # Only trust a repo whose top level holds this package, not some enclosing unrelated repo.
+    if len(out) != 2 or Path(out[0]).resolve() != package_dir.parent:
+        return None
+    return out[1]
+
+
+def provenance() -> dict[str, str | None]:
+    """Provenance columns known on the driver; torch/ray versions without importing them."""
+    return {
+        "detsweep_version": detsweep.__version__,
+        "git_sha": _git_sha(),
+        "torch_version": _version("torch"),
+        "ray_version": _version("ray"),
+        "hostname": socket.gethostname(),
+    }
