@@ -254,8 +254,9 @@ def _build(cls: type, data: Any, key: str, source: str) -> Any:
                          f"required key is missing") from e
 
 
-def _check_values(sweep: Sweep) -> None:
-    """Value rules the types cannot express."""
+def _check_values(sweep: Sweep, check_paths: bool = True) -> None:
+    """Value rules the types cannot express. `check_paths=False` skips data and checkpoint
+    files (a --dry-run plans a cluster's sweep on a laptop that lacks them)."""
     src = sweep.source
     positive = {
         "data.train_images": sweep.data.train_images if sweep.data.kind == "synthetic" else 1,
@@ -285,13 +286,13 @@ def _check_values(sweep: Sweep) -> None:
     for fam in ("detr", "faster_rcnn"):
         w = getattr(sweep.model, fam).weights
         named = ("none", "coco") + (("imagenet",) if fam == "faster_rcnn" else ())
-        if w not in named and not Path(w).expanduser().is_file():
+        if w not in named and check_paths and not Path(w).expanduser().is_file():
             raise SweepError(f"{src}: model.{fam}.weights: {w!r} is neither one of {list(named)} "
                              f"nor an existing checkpoint file")
     if sweep.model.faster_rcnn.weights == "coco" and sweep.model.faster_rcnn.backbone != "resnet50":
         raise SweepError(f"{src}: model.faster_rcnn.weights: 'coco' needs backbone 'resnet50', "
                          f"not {sweep.model.faster_rcnn.backbone!r}")
-    if sweep.data.kind == "coco" and not Path(sweep.data.root).expanduser().is_dir():
+    if check_paths and sweep.data.kind == "coco" and not Path(sweep.data.root).expanduser().is_dir():
         raise SweepError(f"{src}: data.root: {sweep.data.root!r} is not a directory "
                          f"(run `python -m detsweep.data coco2017 --root DIR` first)")
     check_resources(sweep.resources, "resources", src)
@@ -323,7 +324,7 @@ def resources_for(sweep: Sweep, regime: str) -> ResourcesConfig:
                   f"resources_by_regime.{regime}", sweep.source)
 
 
-def parse_sweep(raw: Any, source: str = "<memory>") -> Sweep:
+def parse_sweep(raw: Any, source: str = "<memory>", *, check_paths: bool = True) -> Sweep:
     """Validate a parsed YAML document into a `Sweep`. Raises `SweepError`."""
     if not isinstance(raw, dict):
         raise SweepError(f"{source}: the sweep file must be a mapping, got {type(raw).__name__}")
@@ -337,7 +338,7 @@ def parse_sweep(raw: Any, source: str = "<memory>") -> Sweep:
     raw["grid"] = {}
     sweep = dataclasses.replace(_build(Sweep, raw, "", source), source=source)
     sweep = dataclasses.replace(sweep, grid=_check_grid(grid, sweep))
-    _check_values(sweep)
+    _check_values(sweep, check_paths)
     return sweep
 
 
@@ -387,7 +388,7 @@ def _apply_axis(sweep: Sweep, key: str, value: Any, *, where: str) -> Sweep:
     return set_in(sweep, parts, "")
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, *, check_paths: bool = True) -> Sweep:
     """Read and validate a sweep file. Raises `SweepError` with a one-line message."""
     p = Path(path)
     if not p.is_file():
@@ -398,7 +399,7 @@ def load_sweep(path: str | Path) -> Sweep:
         mark = getattr(e, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""
         raise SweepError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
-    return parse_sweep(raw, str(path))
+    return parse_sweep(raw, str(path), check_paths=check_paths)
 
 
 from detsweep.grid import expand, trial_table  # noqa: E402  (re-exported: config.expand)

@@ -93,29 +93,35 @@ def trial_resources(trial: "TrialConfig") -> dict[str, float]:
     return {"CPU": r.ddp_workers * r.cpus_per_worker, "GPU": r.ddp_workers * r.gpus_per_worker}
 
 
+def fits(trial: "TrialConfig", cluster: dict[str, float]) -> int:
+    """How many copies of `trial` the cluster ({"CPU": n, "GPU": m}) holds at once."""
+    need = trial_resources(trial)
+    return min((int(cluster.get(k, 0.0) // v + 1e-9) if v > 0 else 10**6) for k, v in need.items())
+
+
 def max_concurrent(trials: list["TrialConfig"], cluster: dict[str, float]) -> int:
-    """How many trials can run at once on `cluster` ({"CPU": n, "GPU": m}), taking the most
-    demanding trial as the unit so a mixed grid never over-subscribes. At least 1."""
-    fits = []
-    for t in trials:
-        need = trial_resources(t)
-        n = min((int(cluster.get(k, 0.0) // v) if v > 0 else 10**6) for k, v in need.items())
-        fits.append(n)
-    return max(1, min(min(fits), len(trials)))
+    """Tune's `max_concurrent_trials`: as many trials as the least demanding trial allows, at
+    least 1. Ray's scheduler still keeps bigger trials waiting for their workers' resources,
+    and the trial actors hold almost nothing, so a mixed grid never over-subscribes."""
+    return max(1, min(max(fits(t, cluster) for t in trials), len(trials)))
 
 
-def trial_table(trials: list["TrialConfig"], concurrency: int | None = None) -> str:
-    """The plan as a fixed-width table, for `--dry-run` and the start of a run."""
-    rows = [("trial_id", "model", "regime", "backbone", "workers", "cpu/w", "gpu/w", "epochs")]
+def trial_table(trials: list["TrialConfig"], concurrency: int | None = None,
+                cluster: dict[str, float] | None = None) -> str:
+    """The plan as a fixed-width table, for `--dry-run` and the start of a run. With `cluster`,
+    column `fit` says how many copies of each trial the cluster holds at once."""
+    rows = [("trial_id", "model", "regime", "backbone", "workers", "cpu/w", "gpu/w", "epochs")
+            + (("fit",) if cluster else ())]
     for t in trials:
         backbone = (t.detr if t.family == "detr" else t.faster_rcnn).backbone
         r = t.resources
         rows.append((t.trial_id, t.model, t.regime, backbone, str(r.ddp_workers),
-                     _fmt(r.cpus_per_worker), _fmt(r.gpus_per_worker), str(t.train.epochs)))
+                     _fmt(r.cpus_per_worker), _fmt(r.gpus_per_worker), str(t.train.epochs))
+                    + ((str(fits(t, cluster)),) if cluster else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     footer = f"{len(trials)} trials"
     if concurrency is not None:
-        footer += f", {concurrency} at once"
+        footer += f", up to {concurrency} at once"
     return "\n".join(lines + [footer])

@@ -1,0 +1,147 @@
+"""One epoch of training and one pass of prediction: plain torch with explicit arguments, so the
+same code runs under Ray, torchrun or a notebook. The model follows DESIGN.md's detector contract."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterable
+
+import torch
+
+from detsweep import dist
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss; the trial is recorded as failed with this message."""
+
+
+def to_device(images: list[torch.Tensor], targets: list[dict[str, Any]] | None, device: torch.device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    if targets is not None:
+        targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+                   for t in targets]
+    return images, targets
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    epoch: int,
+    grad_clip: float = 0.0,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    meter: Any = None,
+) -> dict[str, float]:
+    """Train for one pass over `loader` ((images, targets) batches, see `collate_fn`).
+
+    `lr_scheduler` is stepped per optimizer step (warm-up + schedule in steps). `meter` is a
+    `metrics.efficiency.PhaseMeter` (or None) told about every batch. Returns the mean over this
+    rank's steps of each weighted loss and of their sum, `loss`.
+    Raises `NonFiniteLossError` as soon as the summed loss is NaN/Inf.
+    """
+    model.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    for images, targets in loader:
+        images, targets = to_device(images, targets, device)
+        with autocast(device, amp_dtype):
+            loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        # note: .item() is a CPU-GPU sync point; once per step is the price of failing fast.
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
+            raise NonFiniteLossError(f"non-finite loss {loss_value} at epoch {epoch} step {steps} ({parts})")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        for k, v in loss_dict.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["loss"] = sums.get("loss", 0.0) + loss_value
+        steps += 1
+        if meter is not None:
+            meter.step(len(images))
+    if steps == 0:
+        raise RuntimeError("the training loader produced no batch; is the dataset empty?")
+    return {k: v / steps for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    category_ids: list[int] | tuple[int, ...],
+    *,
+    amp_dtype: torch.dtype | None = None,
+    meter: Any = None,
+    keep_images: int = 0,
+) -> tuple[list[dict[str, Any]], list[tuple[torch.Tensor, dict, dict]]]:
+    """Run the detector over `loader` and return this rank's detections in COCO results format
+    (`{"image_id", "category_id" (original id), "bbox": [x, y, w, h] absolute, "score"}`),
+    with no score threshold. Also returns the first `keep_images` (image, target, prediction)
+    triples on CPU, for drawing."""
+    model.eval()
+    detections: list[dict[str, Any]] = []
+    kept: list[tuple[torch.Tensor, dict, dict]] = []
+    seen: set[int] = set()  # a padded sampler may hand this rank the same image twice
+    for images, targets in loader:
+        images, _ = to_device(images, None, device)
+        with autocast(device, amp_dtype):
+            outputs = model(images)
+        for image, target, out in zip(images, targets, outputs):
+            boxes_xyxy = out["boxes"].float().cpu()
+            boxes_xywh = torch.cat([boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]], dim=1)
+            image_id = int(target["image_id"])
+            if image_id in seen:
+                continue
+            seen.add(image_id)
+            for box, score, label in zip(boxes_xywh.tolist(), out["scores"].float().cpu().tolist(),
+                                         out["labels"].cpu().tolist()):
+                detections.append({"image_id": image_id, "category_id": int(category_ids[label]),
+                                   "bbox": [round(c, 3) for c in box], "score": float(score)})
+            if len(kept) < keep_images:
+                kept.append((image.cpu(), {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in target.items()},
+                             {k: v.float().cpu() for k, v in out.items()}))
+        if meter is not None:
+            meter.step(len(images))
+    return detections, kept
+
+
+def gather_detections(detections: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All ranks' detections on every rank, deduplicated by image id: `DistributedSampler` pads
+    the last batch by repeating images, and a repeated image must be scored once."""
+    seen_by: dict[int, int] = {}
+    merged: list[dict[str, Any]] = []
+    for r, dets in enumerate(dist.gather_objects(detections)):
+        for d in dets:
+            owner = seen_by.setdefault(d["image_id"], r)
+            if owner == r:
+                merged.append(d)
+    return merged

@@ -1,0 +1,166 @@
+"""`python -m detsweep.run SWEEP.yaml`: load → expand → plan → Tuner.fit (or restore) → results.
+
+Every error in the sweep file is reported in one line, with exit status 2, before Ray starts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from detsweep.config import Sweep, SweepError, TrialConfig, expand, load_sweep, trial_table
+from detsweep.grid import max_concurrent, storage_root
+
+log = logging.getLogger("detsweep.run")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m detsweep.run",
+        description="Run a detection fine-tuning sweep on the Ray cluster it finds (RAY_ADDRESS, or a "
+                    "running cluster), or on a local Ray it starts. Results: <storage>/<sweep>/results.parquet.")
+    p.add_argument("sweep", help="the sweep file (YAML), e.g. sweeps/smoke.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded trial plan and exit; starts nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: finished trials are kept, unfinished ones resume "
+                        "from their last checkpoint")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete an earlier run of this sweep in the output folder and start over")
+    p.add_argument("--output-dir", metavar="DIR", help="override the sweep file's `storage`")
+    p.add_argument("--assume-resources", metavar="CPU=N,GPU=M",
+                   help="with --dry-run: plan concurrency for this cluster instead of this machine "
+                        "(e.g. CPU=48,GPU=4 for one g5.12xlarge)")
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="cap the trials that run at once")
+    p.add_argument("-q", "--quiet", action="store_true", help="less Tune output")
+    return p.parse_args(argv)
+
+
+def _parse_resources(spec: str) -> dict[str, float]:
+    out = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in ("CPU", "GPU") or not value:
+            raise SweepError(f"--assume-resources: {part!r} is not CPU=N or GPU=M")
+        out[key.strip()] = float(value)
+    return out
+
+
+def _local_resources() -> dict[str, float]:
+    """This machine, without importing torch: CPUs, and GPUs as nvidia-smi sees them."""
+    gpus = 0
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+            gpus = sum(1 for ln in out.splitlines() if ln.startswith("GPU "))
+        except (OSError, subprocess.SubprocessError):
+            gpus = 0
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def prepare_data(trials: list[TrialConfig]) -> None:
+    """Generate synthetic datasets once on the driver, before workers race to do it."""
+    from detsweep.data.synthetic import ensure_synthetic
+
+    seen = set()
+    for t in trials:
+        d = t.data
+        key = (d.root, d.train_images, d.val_images, d.image_size, d.num_classes, d.seed)
+        if d.kind == "synthetic" and key not in seen:
+            seen.add(key)
+            ensure_synthetic(d.root, train_images=d.train_images, val_images=d.val_images,
+                             image_size=d.image_size, seed=d.seed, num_classes=d.num_classes)
+
+
+def plan(sweep: Sweep, args: argparse.Namespace) -> tuple[list[TrialConfig], str]:
+    if args.output_dir:
+        sweep = dataclasses.replace(sweep, storage=args.output_dir)
+    trials = expand(sweep)
+    return trials, storage_root(sweep)
+
+
+def concurrency_for(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], cap: int | None) -> int:
+    n = max_concurrent(trials, cluster)
+    for limit in (sweep.max_concurrent_trials, cap):
+        if limit:
+            n = min(n, limit)
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        sweep = load_sweep(args.sweep, check_paths=not args.dry_run)
+        trials, root = plan(sweep, args)
+        if args.resume and args.fresh:
+            raise SweepError("--resume and --fresh exclude each other")
+        assumed = _parse_resources(args.assume_resources) if args.assume_resources else None
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if args.dry_run:
+        cluster = assumed or _local_resources()
+        n = concurrency_for(sweep, trials, cluster, args.max_concurrent)
+        print(f"sweep {sweep.name!r} from {args.sweep} -> {root}")
+        print(f"cluster: {', '.join(f'{k}={v:g}' for k, v in cluster.items())}"
+              f"{' (assumed)' if assumed else ' (this machine)'}")
+        print(trial_table(trials, n, cluster))
+        return 0
+
+    tune_dir = Path(root) / "tune" if "://" not in root else None
+    if tune_dir is not None and tune_dir.exists() and not (args.resume or args.fresh):
+        print(f"error: {root} already holds a run of sweep {sweep.name!r}; pass --resume to continue it, "
+              f"--fresh to start over, or --output-dir for another folder", file=sys.stderr)
+        return 2
+    if args.resume and tune_dir is not None and not tune_dir.exists():
+        print(f"error: --resume: no earlier run of sweep {sweep.name!r} in {root}", file=sys.stderr)
+        return 2
+    if args.fresh and tune_dir is not None and Path(root).exists():
+        shutil.rmtree(root)
+
+    prepare_data(trials)
+    import ray
+
+    from detsweep import sweep as sweep_mod
+
+    # Ray's own rule: RAY_ADDRESS, else a running cluster on this node, else a new local one.
+    ray.init(log_to_driver=not args.quiet)
+    cluster = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    n = concurrency_for(sweep, trials, cluster, args.max_concurrent)
+    print(f"sweep {sweep.name!r}: {len(trials)} trials, {n} at once on "
+          f"{', '.join(f'{k}={v:g}' for k, v in cluster.items())} -> {root}")
+    print(trial_table(trials, n, cluster), flush=True)
+
+    if args.resume:
+        tuner = sweep_mod.restore_tuner(sweep, root=root)
+    else:
+        tuner = sweep_mod.build_tuner(sweep, trials, root=root, concurrency=n)
+    tuner.fit()
+    return summarize(root)
+
+
+def summarize(root: str) -> int:
+    from detsweep.results import ResultsStore
+
+    table = ResultsStore(root).read_results()
+    if table is None:
+        print(f"no results were written under {root}", file=sys.stderr)
+        return 1
+    rows = table.select(["trial_id", "status", "ap", "error"]).to_pylist()
+    print(f"\nresults: {ResultsStore(root).results_uri}")
+    for r in rows:
+        ap = "-" if r["ap"] is None else f"{r['ap']:.4f}"
+        extra = f"  {r['error']}" if r["error"] else ""
+        print(f"  {r['status']:8s} ap={ap:7s} {r['trial_id']}{extra}")
+    print(f"next: python -m detsweep.frontier {ResultsStore(root).results_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

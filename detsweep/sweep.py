@@ -1,0 +1,192 @@
+"""The Tune side: one Tune trial per trial config. Each trial is a function trainable that builds
+and fits a Ray Train `TorchTrainer` (the Train V2 pattern); a driver-side callback turns every
+reported epoch and every ended trial into rows of history.parquet and results.parquet."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import time
+from typing import Any
+
+import ray.tune
+from ray.tune import Callback
+
+from detsweep.config import Sweep, TrialConfig
+from detsweep.results import ResultsStore, provenance
+from detsweep.worker import train_fn_per_worker
+
+log = logging.getLogger(__name__)
+
+TRIAL_ACTOR_CPU = 0.01  # the workers hold the real resources; the trial actor only waits on them
+TUNE_DIR = "tune"  # Tune's experiment folder, under <storage>/<sweep>/
+# Config columns of the results schema, from a trial config dict.
+_CONFIG_COLUMNS = {
+    "model": lambda t: t["model"], "regime": lambda t: t["regime"],
+    "lora_rank": lambda t: t["lora"]["rank"] if t["lora"] else None,
+    "lora_placement": lambda t: t["lora"]["placement"] if t["lora"] else None,
+    "lora_alpha": lambda t: t["lora"]["alpha"] if t["lora"] else None,
+    "backbone": lambda t: t[t["family"]]["backbone"],
+    "num_queries": lambda t: t["detr"]["num_queries"] if t["family"] == "detr" else None,
+    "dec_layers": lambda t: t["detr"]["dec_layers"] if t["family"] == "detr" else None,
+    "epochs": lambda t: t["train"]["epochs"], "lr": lambda t: t["train"]["lr"],
+    "seed": lambda t: t["train"]["seed"], "ddp_workers": lambda t: t["resources"]["ddp_workers"],
+    "gpus_per_worker": lambda t: t["resources"]["gpus_per_worker"],
+    "data": lambda t: f"{t['data']['kind']}:{t['data']['root']}",
+}
+# Tune's own bookkeeping keys and our per-epoch-only keys never become result columns.
+_NOT_COLUMNS = re.compile(r"^(loss.*|lr|epoch|resumed_from_epoch|checkpoint_dir_name|config|"
+                          r"time_.*|timestamp|training_iteration|done|trial_id|date|hostname|node_ip|pid|"
+                          r"iterations_since_restore|experiment_tag|should_checkpoint)$")
+
+
+def axis_column(key: str) -> str:
+    return key.replace(".", "_")
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: fit one trial's TorchTrainer. Imports stay inside: this runs in
+    the trial actor, which should not pay for torch."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = config["trial"]
+    res, ft = trial["resources"], trial["fault_tolerance"]
+    gpus = res["gpus_per_worker"]
+    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})}
+    backend = res["backend"] if res["backend"] != "auto" else ("nccl" if gpus > 0 else "gloo")
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"trial": trial},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(num_workers=res["ddp_workers"], use_gpu=gpus > 0,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            # Named after the trial id, so a resumed trial finds its own checkpoints.
+            name=f"train-{trial['trial_id']}", storage_path=trial["storage"],
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=ft["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft["checkpoints_to_keep"])),
+    )
+    trainer.fit()
+
+
+def error_line(text: str) -> str:
+    """The innermost `SomeError: message` line of a (possibly nested) Ray traceback."""
+    wrappers = ("TrainingFailedError", "RayTaskError", "TuneError", "RayActorError", "WorkerGroupError",
+                "ControllerError", "TrainingFailed")
+    best = None
+    for line in text.splitlines():
+        m = re.match(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt))(?:\([^)]*\))?: (.+)$", line)
+        if m and not any(w in m.group(1) for w in wrappers):
+            best = f"{m.group(1)}: {m.group(2).strip()}"
+    if best is None:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        best = lines[-1] if lines else "unknown error"
+    return best[:2000]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class ResultsCallback(Callback):
+    """Driver side: rows written as trials report and end, each write atomic."""
+
+    def __init__(self, root: str, sweep_name: str, axes: list[str]):
+        self.root, self.sweep_name, self.axes = root, sweep_name, axes
+        self._started: dict[str, tuple[dt.datetime, float]] = {}
+        self._prov: dict[str, Any] | None = None
+
+    @property
+    def store(self) -> ResultsStore:
+        return ResultsStore(self.root)
+
+    def _row(self, trial: Any, status: str, error: str | None) -> dict[str, Any]:
+        cfg = trial.config["trial"]
+        tid = cfg["trial_id"]
+        started, t0 = self._started.get(tid, (_now(), time.time()))
+        last = dict(trial.last_result or {})
+        if self._prov is None:
+            self._prov = provenance()
+        row: dict[str, Any] = {"sweep": self.sweep_name, "trial_id": tid, "status": status, "error": error}
+        row.update({col: fn(cfg) for col, fn in _CONFIG_COLUMNS.items()})
+        row.update({axis_column(k): v for k, v in cfg["axes"].items() if axis_column(k) not in row})
+        row.update({k: v for k, v in last.items() if not _NOT_COLUMNS.match(k)})
+        if "checkpoint_dir_name" in last or last.get("checkpoint_path"):
+            row["checkpoint_path"] = last.get("checkpoint_path")
+        row["wall_s"] = time.time() - t0 if status != "running" else None
+        res = cfg["resources"]
+        if row["wall_s"] is not None:
+            row["gpu_hours"] = row["wall_s"] * res["ddp_workers"] * res["gpus_per_worker"] / 3600.0
+        row.update(self._prov)
+        row["gpu_name"] = last.get("gpu_name")
+        row["started_at"] = started
+        row["finished_at"] = _now() if status != "running" else None
+        return row
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self.store.upsert_trial(row)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        tid = trial.config["trial"]["trial_id"]
+        self._started.setdefault(tid, (_now(), time.time()))
+        self._write(self._row(trial, "running", None))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "epoch" not in result:
+            return
+        keep = {k: v for k, v in result.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and not re.match(r"^(time_|timestamp|training_iteration|iterations_since|pid|done)", k)}
+        self.store.upsert_history([{"sweep": self.sweep_name, "trial_id": trial.config["trial"]["trial_id"],
+                                    "reported_at": _now(), **keep}])
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        cfg = trial.config["trial"]
+        done = (trial.last_result or {}).get("epochs_completed", 0)
+        status = "ok" if done >= cfg["train"]["epochs"] else "stopped"  # a scheduler stopped it early
+        self._write(self._row(trial, status, None))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        err = trial.get_error()
+        self._write(self._row(trial, "error", error_line(str(err)) if err else "unknown error"))
+
+
+def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurrency: int) -> "ray.tune.Tuner":
+    """A fresh Tuner over `trials`: grid search over the expanded list, one Tune trial each."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = None
+    if sweep.scheduler.kind == "asha":
+        scheduler = ASHAScheduler(time_attr="epochs_completed", metric=sweep.scheduler.metric, mode="max",
+                                  max_t=max(t.train.epochs for t in trials),
+                                  grace_period=sweep.scheduler.grace_period,
+                                  reduction_factor=sweep.scheduler.reduction_factor)
+    axes = sorted({k for t in trials for k in t.axes})
+    return ray.tune.Tuner(
+        ray.tune.with_resources(run_trial, {"CPU": TRIAL_ACTOR_CPU}),
+        param_space={"trial": ray.tune.grid_search([t.to_dict() for t in trials])},
+        tune_config=ray.tune.TuneConfig(
+            max_concurrent_trials=concurrency, scheduler=scheduler,
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=ray.tune.RunConfig(
+            name=TUNE_DIR, storage_path=root,
+            callbacks=[ResultsCallback(root, sweep.name, axes)],
+            failure_config=ray.tune.FailureConfig(max_failures=0),  # Train retries; Tune records
+            verbose=1),
+    )
+
+
+def restore_tuner(sweep: Sweep, *, root: str) -> "ray.tune.Tuner":
+    """The interrupted sweep's Tuner: finished trials stay finished, unfinished ones continue
+    from their Train checkpoints, errored ones as `fault_tolerance.on_resume_errored` says."""
+    mode = sweep.fault_tolerance.on_resume_errored
+    return ray.tune.Tuner.restore(
+        f"{root}/{TUNE_DIR}", trainable=ray.tune.with_resources(run_trial, {"CPU": TRIAL_ACTOR_CPU}),
+        resume_unfinished=True, resume_errored=mode == "resume", restart_errored=mode == "restart")
+
+
+def _trial_name(trial: Any) -> str:
+    return trial.config["trial"]["trial_id"]

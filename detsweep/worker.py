@@ -1,0 +1,232 @@
+"""The Ray Train worker: `train_fn_per_worker` builds one trial's model and data, trains and
+evaluates every epoch, and reports. The only `ray.train` calls of detsweep live here.
+
+Nothing heavy is imported at module level: the Tune trial actor and the Train controller
+unpickle this function, and importing torch there would cost ~425 MB per process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+log = logging.getLogger("detsweep.worker")
+
+TRAIN_STATE = "train_state.pt"
+MODEL_STATE = "model.pt"
+META = "meta.json"
+
+
+def _amp_dtype(amp: str, device: Any):
+    import torch
+
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def _lr_lambda(train: Any, steps_per_epoch: int):
+    """Multiplier on each group's base lr, per optimizer step: linear warm-up, then the schedule."""
+    import math
+
+    total = max(1, train.epochs * steps_per_epoch)
+    drop_epoch = train.lr_drop_epoch or max(1, round(2 * train.epochs / 3))  # official: 200 of 300
+
+    def f(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_schedule == "step":
+            return 0.1 if step >= drop_epoch * steps_per_epoch else 1.0
+        if train.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return 1.0
+
+    return f
+
+
+def _model_state(module: Any, regime: str) -> dict:
+    """A LoRA trial keeps only its adapters and heads; other regimes keep the whole model."""
+    if regime == "lora_only":
+        from detsweep.models.lora import lora_state_dict
+
+        return lora_state_dict(module)
+    return module.state_dict()
+
+
+def _load_model_state(module: Any, regime: str, state: dict) -> None:
+    if regime == "lora_only":
+        from detsweep.models.lora import load_lora_state_dict
+
+        load_lora_state_dict(module, state)
+    else:
+        module.load_state_dict(state)
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    import copy
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader
+
+    from detsweep import dist, engine
+    from detsweep.config import TrialConfig
+    from detsweep.data.coco import build_datasets, collate_fn
+    from detsweep.metrics import evaluate_detections
+    from detsweep.metrics.efficiency import PhaseMeter, count_parameters, device_info, peak_rss_mb, reduce_phase_stats
+    from detsweep.models import build_model
+    from detsweep.models.lora import apply_lora, count_lora_params, merge_lora
+    from detsweep.models.regimes import apply_regime
+
+    trial = TrialConfig.from_dict(config["trial"])
+    ctx = ray.train.get_context()
+    logging.basicConfig(level=logging.INFO if ctx.get_world_rank() == 0 else logging.WARNING,
+                        format=f"%(asctime)s {trial.trial_id} r{ctx.get_world_rank()} %(name)s: %(message)s")
+    dist.seed_everything(trial.train.seed)
+    torch.set_num_threads(max(1, int(trial.resources.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    d = trial.data
+    train_ds, val_ds, label_map, val_ann = build_datasets(
+        kind=d.kind, root=d.root, train_images=d.train_images, val_images=d.val_images,
+        image_size=d.image_size, classes=list(d.classes) if d.classes else None, seed=d.seed,
+        num_classes=d.num_classes)
+    family_cfg = trial.detr if trial.family == "detr" else trial.faster_rcnn
+    model = build_model(trial.model, family_cfg, num_classes=label_map.num_classes,
+                        category_ids=list(label_map.category_ids))
+    if trial.regime == "lora_only":
+        apply_lora(model, rank=trial.lora.rank, alpha=trial.lora.alpha, placement=trial.lora.placement,
+                   dropout=trial.lora.dropout)
+    apply_regime(model, trial.regime)
+    counts = count_parameters(model)
+    counts["lora_params"] = count_lora_params(model)
+
+    t = trial.train
+    optimizer = torch.optim.AdamW(model.param_groups(t.lr, t.lr_backbone, t.weight_decay),
+                                  lr=t.lr, weight_decay=t.weight_decay)
+    train_loader = ray.train.torch.prepare_data_loader(DataLoader(
+        train_ds, batch_size=t.batch_size_per_worker, shuffle=True, collate_fn=collate_fn,
+        num_workers=d.loader_workers))
+    val_loader = ray.train.torch.prepare_data_loader(DataLoader(
+        val_ds, batch_size=t.batch_size_per_worker, shuffle=False, collate_fn=collate_fn,
+        num_workers=d.loader_workers))
+    steps_per_epoch = len(train_loader)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t, steps_per_epoch))
+    amp_dtype = _amp_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    start_epoch, history, totals = 0, [], {"train_s": 0.0, "eval_s": 0.0}
+    resumed_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group, or a resumed sweep
+        with checkpoint.as_directory() as ckpt_dir:
+            _load_model_state(model, trial.regime, torch.load(os.path.join(ckpt_dir, MODEL_STATE),
+                                                               map_location="cpu", weights_only=True))
+            state = torch.load(os.path.join(ckpt_dir, TRAIN_STATE), map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, history, totals = state["epoch"] + 1, state["history"], state["totals"]
+        resumed_from = state["epoch"]
+        log.info("resumed from the checkpoint of epoch %d", state["epoch"])
+
+    ddp_model = ray.train.torch.prepare_model(model)
+    module = getattr(ddp_model, "module", ddp_model)
+    info = device_info(device)
+
+    for epoch in range(start_epoch, t.epochs):
+        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        train_meter = PhaseMeter(device)
+        train_meter.start()
+        losses = engine.train_one_epoch(ddp_model, train_loader, optimizer, device, epoch=epoch,
+                                        grad_clip=t.grad_clip, lr_scheduler=lr_scheduler,
+                                        amp_dtype=amp_dtype, scaler=scaler, meter=train_meter)
+        train_stats = train_meter.stop()
+        losses = dist.all_reduce_mean(losses, device)
+
+        eval_module = module
+        if trial.regime == "lora_only" and trial.eval.merge_lora:
+            eval_module = merge_lora(copy.deepcopy(module))  # LoRA costs nothing at inference
+        eval_meter = PhaseMeter(device)
+        eval_meter.start()
+        last = epoch == t.epochs - 1
+        dets, kept = engine.predict(eval_module, val_loader, device, label_map.category_ids,
+                                    amp_dtype=amp_dtype, meter=eval_meter,
+                                    keep_images=8 if (last and trial.eval.visuals) else 0)
+        eval_stats = eval_meter.stop()
+        del eval_module
+        all_dets = engine.gather_detections(dets)
+        phase = dist.gather_objects((train_stats, eval_stats, peak_rss_mb()))
+        totals["train_s"] += max(p[0]["seconds"] for p in phase)
+        totals["eval_s"] += max(p[1]["seconds"] for p in phase)
+
+        metrics: dict[str, Any] | None = None
+        ckpt_dir = None
+        if dist.is_main():
+            ev = trial.eval
+            quality = evaluate_detections(str(val_ann), all_dets, match_iou=ev.calibration.match_iou,
+                                          bins=ev.calibration.bins,
+                                          error_score_threshold=ev.error_score_threshold, backend=ev.backend)
+            tr = reduce_phase_stats([p[0] for p in phase])
+            evs = reduce_phase_stats([p[1] for p in phase])
+            metrics = {
+                "epoch": epoch, "epochs_completed": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                **{f"loss_{k}" if not k.startswith("loss") else k: v for k, v in losses.items()},
+                **{k: v for k, v in quality.items() if k not in ("per_class_ap", "reliability")},
+                "per_class_ap": json.dumps(quality.get("per_class_ap", {})),
+                "reliability": json.dumps(quality.get("reliability", {})),
+                **counts,
+                "peak_vram_train_mb": tr["peak_vram_mb"], "peak_vram_eval_mb": evs["peak_vram_mb"],
+                "peak_rss_mb": max(p[2] for p in phase),
+                "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],
+                "train_s": totals["train_s"], "eval_s": totals["eval_s"], **info,
+            }
+            if resumed_from is not None:
+                metrics["resumed_from_epoch"] = resumed_from
+            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            ckpt_dir = tempfile.mkdtemp(prefix=f"ckpt-{trial.trial_id}-")
+            torch.save(_model_state(module, trial.regime), os.path.join(ckpt_dir, MODEL_STATE))
+            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "epoch": epoch, "history": history, "totals": totals},
+                       os.path.join(ckpt_dir, TRAIN_STATE))
+            with open(os.path.join(ckpt_dir, META), "w") as f:
+                json.dump({"trial_id": trial.trial_id, "epoch": epoch, "regime": trial.regime,
+                           "model": trial.model, "label_map": label_map.as_dict(),
+                           "saved_at": time.time()}, f)
+            _write_artefacts(ckpt_dir, all_dets, history, kept, quality, label_map, last and trial.eval.visuals)
+        metrics = dist.broadcast_object(metrics)
+        ray.train.report(metrics, checkpoint=(ray.train.Checkpoint.from_directory(ckpt_dir)
+                                              if ckpt_dir is not None else None))
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _write_artefacts(out_dir: str, detections: list, history: list, kept: list, quality: dict,
+                     label_map: Any, visuals: bool) -> None:
+    """Beside the checkpoint: the COCO results JSON (re-evaluate offline), and on the last epoch
+    the loss curves, the reliability diagram and predictions drawn on the first val images."""
+    from detsweep.metrics.coco import write_detections_json
+
+    write_detections_json(detections, os.path.join(out_dir, "detections.json"))
+    if not visuals:
+        return
+    from detsweep.metrics.visuals import draw_predictions, plot_loss_curves, plot_reliability
+
+    plot_loss_curves(history, os.path.join(out_dir, "loss_curves.png"))
+    if quality.get("reliability"):
+        plot_reliability(quality["reliability"], os.path.join(out_dir, "reliability.png"))
+    if kept:
+        images = [im for im, _, _ in kept]
+        gts = [{"boxes_xyxy": tg["boxes"], "labels": tg["labels"]} for _, tg, _ in kept]
+        preds = [{"boxes_xyxy": p["boxes"], "scores": p["scores"], "labels": p["labels"]} for _, _, p in kept]
+        draw_predictions(images, preds, gts, list(label_map.names), os.path.join(out_dir, "predictions"))
