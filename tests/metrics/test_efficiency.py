@@ -1,0 +1,111 @@
+"""Efficiency metrics: parameter counts, PhaseMeter on CPU (and CUDA when present), reductions, RSS."""
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+
+from detsweep.metrics.efficiency import (
+    PhaseMeter, count_parameters, device_info, gpu_hours, peak_rss_mb, reduce_phase_stats,
+)
+
+
+def test_count_parameters_frozen_and_tied():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 4, bias=False))  # 15 + 12
+    model[0].weight.requires_grad_(False)  # 12 frozen
+    assert count_parameters(model) == {"total_params": 27, "trainable_params": 15, "trainable_frac": 15 / 27}
+    tied = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 3, bias=False))
+    tied[1].weight = tied[0].weight
+    assert count_parameters(tied)["total_params"] == 9
+    assert count_parameters(torch.nn.Identity()) == {"total_params": 0, "trainable_params": 0, "trainable_frac": 0.0}
+
+
+def test_phase_meter_excludes_warmup_steps_on_cpu():
+    meter = PhaseMeter(torch.device("cpu"), warmup_steps=2)
+    meter.start()
+    for _ in range(2):  # slow warm-up steps
+        time.sleep(0.3)
+        meter.step(4)
+    for _ in range(3):
+        time.sleep(0.02)
+        meter.step(4)
+    out = meter.stop()
+    assert out["images"] == 20
+    assert out["seconds"] >= 0.66
+    assert out["peak_vram_mb"] is None
+    # 12 images over >= 0.06 s: at most 200/s; counting the warm-up would give ~30/s.
+    assert 60 < out["images_per_s"] <= 200
+
+
+def test_phase_meter_falls_back_to_all_steps():
+    meter = PhaseMeter("cpu", warmup_steps=2)
+    meter.start()
+    for _ in range(2):
+        time.sleep(0.05)
+        meter.step(3)
+    out = meter.stop()
+    assert out["images"] == 6
+    assert 0 < out["images_per_s"] <= 6 / 0.1
+
+
+def test_phase_meter_misuse_and_empty_phase():
+    meter = PhaseMeter("cpu")
+    with pytest.raises(RuntimeError, match=r"PhaseMeter.step\(\) called before start\(\)"):
+        meter.step(1)
+    with pytest.raises(RuntimeError, match=r"PhaseMeter.stop\(\) called before start\(\)"):
+        meter.stop()
+    meter.start()
+    out = meter.stop()
+    assert (out["images"], out["images_per_s"], out["peak_vram_mb"]) == (0, 0.0, None)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0, got -1"):
+        PhaseMeter("cpu", warmup_steps=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_phase_meter_peak_vram_on_cuda():
+    device = torch.device("cuda")
+    big = torch.empty(256 << 20, dtype=torch.uint8, device=device)  # 256 MiB before start: reset drops it
+    del big
+    meter = PhaseMeter(device, warmup_steps=1)
+    meter.start()
+    for _ in range(3):
+        x = torch.empty(64 << 20, dtype=torch.uint8, device=device)  # 64 MiB per step
+        meter.step(2)
+        del x
+    out = meter.stop()
+    assert 64 <= out["peak_vram_mb"] < 200
+    assert out["images_per_s"] > 0
+    assert device_info(device)["gpu_name"] == torch.cuda.get_device_name(0)
+
+
+def test_reduce_phase_stats():
+    ranks = [
+        {"seconds": 10.0, "images": 100, "images_per_s": 12.5, "peak_vram_mb": None},
+        {"seconds": 11.0, "images": 90, "images_per_s": 10.0, "peak_vram_mb": None},
+    ]
+    assert reduce_phase_stats(ranks) == {"seconds": 11.0, "images": 190, "images_per_s": 22.5, "peak_vram_mb": None}
+    ranks[0]["peak_vram_mb"], ranks[1]["peak_vram_mb"] = 900.0, 1200.0
+    assert reduce_phase_stats(ranks)["peak_vram_mb"] == 1200.0
+    with pytest.raises(ValueError, match="at least one rank, got an empty list"):
+        reduce_phase_stats([])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_peak_rss_matches_proc_high_water_mark():
+    with open("/proc/self/status") as f:
+        vm_hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    assert peak_rss_mb() == pytest.approx(vm_hwm_kib / 1024, rel=0.05)
+    assert peak_rss_mb() > 10
+
+
+def test_device_info_and_gpu_hours():
+    assert device_info("cpu") == {"device": "cpu", "gpu_name": None}
+    with pytest.raises(ValueError, match=r"device type 'meta' is not supported; allowed: \['cpu', 'cuda'\]"):
+        device_info("meta")
+    assert gpu_hours(7200, 0.5) == 1.0
+    assert gpu_hours(1800, 4) == 2.0
+    with pytest.raises(ValueError, match="got wall_s=-1, gpus_held=1"):
+        gpu_hours(-1, 1)
