@@ -44,7 +44,8 @@ class SetCriterion(nn.Module):
         self.losses = list(losses)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef  # down-weights the many "no object" predictions
-        self.register_buffer("empty_weight", empty_weight)
+        # Not persistent: derived from eos_coef, and keeps a detector's checkpoint to DETR's official keys.
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def loss_labels(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices,
                     num_boxes: float, log: bool = True) -> dict[str, Tensor]:

@@ -1,0 +1,179 @@
+"""Loading DETR checkpoints (official COCO DETR-R50 or a local file) into a possibly smaller DETR.
+
+Adapts the class head (by COCO category id), the number of queries and of decoder layers, then loads strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor
+
+from detsweep.models.detr import DETR
+
+log = logging.getLogger(__name__)
+
+# Official DETR-R50 trained on COCO 2017 (42.0 AP); torch hub names the cached file after the URL.
+DETR_R50_COCO_URL = "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth"
+# torch.hub's own rule (HASH_REGEX): the sha256 prefix is the first `-<hex>.` run of the file name.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+_DEC_LAYER_KEY = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.")
+# (block type, blocks per layer1..4) -> torchvision ResNet name.
+_RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
+            ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101"}
+
+
+def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | None = None) -> dict[str, Any]:
+    """Load `weights` into `detr` in place and return a summary of what was adapted.
+
+    weights: "none" (keep the random init), "coco" (official DETR-R50 COCO checkpoint via torch hub, cached and
+    sha256-checked), or a path to a checkpoint (`{"model": state_dict}` official layout or a bare state dict).
+    category_ids: the dataset's original COCO category ids, sorted, one per contiguous label; when the checkpoint
+    has a different number of classes they select its class rows (+ the "no object" row). Without them, or when
+    an id is not a class of the checkpoint, the class head keeps its fresh init.
+    Queries and decoder layers beyond the model's are dropped (first ones kept); anything else that differs raises.
+    """
+    if weights == "none":
+        return {"source": "none"}
+    if weights == "coco":
+        state, source = _coco_state_dict(), "coco"
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"DETR weights file {str(path)!r} does not exist; weights must be 'none', "
+                                    "'coco' or the path of a checkpoint file")
+        state, source = _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path)), str(path)
+    own = detr.state_dict()
+    summary: dict[str, Any] = {"source": source}
+    _check_backbone(state, own)
+    summary["class_embed"] = _adapt_class_embed(state, own, category_ids)
+    summary["num_queries"] = _adapt_queries(state, own)
+    summary["dec_layers"] = _adapt_decoder_layers(state, own)
+    _check_layout(state, own)
+    detr.load_state_dict(state, strict=True)
+    log.info("loaded DETR weights from %s: %s", source, summary)
+    return summary
+
+
+def _coco_state_dict() -> dict[str, Tensor]:
+    url = DETR_R50_COCO_URL  # read at call time: tests point it at a local file:// checkpoint
+    filename = os.path.basename(urlparse(url).path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cached.exists():
+        # torch hub checks the hash only while downloading; a truncated or foreign cached file would otherwise
+        # fail later with an unpickling error, or load silently.
+        _verify_hash_prefix(cached)
+    checkpoint = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+    return _unwrap(checkpoint, url)
+
+
+def _verify_hash_prefix(path: Path) -> None:
+    match = _HASH_IN_NAME.search(path.name)
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise RuntimeError(f"cached checkpoint {path} has sha256 {digest.hexdigest()[:16]}..., but its name says it "
+                           f"starts with {match.group(1)!r}: the file is corrupt or not the official one; delete it "
+                           "to download it again")
+
+
+def _unwrap(checkpoint: Any, source: str) -> dict[str, Tensor]:
+    """{"model": sd} (official) or a bare state dict -> state dict without `module.` / `detr.` prefixes."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{source}: expected a DETR state dict or {{'model': state_dict}}, got "
+                         f"{type(checkpoint).__name__} with keys {list(checkpoint)[:5] if isinstance(checkpoint, dict) else []}")
+    # DDP-wrapped models and our DETRDetector save the same DETR keys under a prefix.
+    for prefix in ("module.", "detr."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _resnet_name(state: dict[str, Tensor]) -> str:
+    blocks = tuple(len({k.split(".")[4] for k in state if k.startswith(f"backbone.0.body.layer{i}.")})
+                   for i in range(1, 5))
+    kind = "bottleneck" if "backbone.0.body.layer1.0.conv3.weight" in state else "basic"
+    return _RESNETS.get((kind, blocks), f"an unknown ResNet ({kind} blocks {blocks})")
+
+
+def _check_backbone(state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+    theirs, ours = _resnet_name(state), _resnet_name(own)
+    if theirs != ours:
+        raise ValueError(f"checkpoint backbone is {theirs} but the model's is {ours}; build the model with "
+                         f"the checkpoint's backbone or use weights='none'")
+
+
+def _adapt_class_embed(state: dict[str, Tensor], own: dict[str, Tensor], category_ids: list[int] | None) -> str:
+    ckpt_rows, our_rows = state["class_embed.weight"].shape[0], own["class_embed.weight"].shape[0]
+    if ckpt_rows == our_rows:
+        return "loaded"
+    ckpt_classes = ckpt_rows - 1  # the last row is "no object"
+    if category_ids is not None:
+        if len(category_ids) != our_rows - 1:
+            raise ValueError(f"category_ids has {len(category_ids)} ids but the model has {our_rows - 1} classes")
+        if all(0 <= c < ckpt_classes for c in category_ids):
+            rows = torch.tensor(list(category_ids) + [ckpt_classes])
+            for key in ("class_embed.weight", "class_embed.bias"):
+                state[key] = state[key][rows]
+            log.info("class_embed: kept checkpoint rows %s (+ no-object row %d)", list(category_ids), ckpt_classes)
+            return "selected"
+        log.warning("class_embed: category_ids %s are not all in 0..%d (the checkpoint's classes); keeping a fresh "
+                    "class head", list(category_ids), ckpt_classes - 1)
+    else:
+        log.info("class_embed: checkpoint has %d classes, model %d, no category_ids; keeping a fresh class head",
+                 ckpt_classes, our_rows - 1)
+    for key in ("class_embed.weight", "class_embed.bias"):
+        state[key] = own[key]
+    return "reinitialised"
+
+
+def _adapt_queries(state: dict[str, Tensor], own: dict[str, Tensor]) -> str:
+    ckpt_q, our_q = state["query_embed.weight"].shape[0], own["query_embed.weight"].shape[0]
+    if ckpt_q < our_q:
+        raise ValueError(f"checkpoint has {ckpt_q} queries but the model {our_q}; use num_queries <= {ckpt_q}")
+    if ckpt_q == our_q:
+        return "loaded"
+    state["query_embed.weight"] = state["query_embed.weight"][:our_q]
+    log.info("query_embed: kept the first %d of the checkpoint's %d queries", our_q, ckpt_q)
+    return f"truncated {ckpt_q}->{our_q}"
+
+
+def _num_dec_layers(state: dict[str, Tensor]) -> int:
+    return len({m.group(1) for k in state if (m := _DEC_LAYER_KEY.match(k))})
+
+
+def _adapt_decoder_layers(state: dict[str, Tensor], own: dict[str, Tensor]) -> str:
+    ckpt_k, our_k = _num_dec_layers(state), _num_dec_layers(own)
+    if ckpt_k < our_k:
+        raise ValueError(f"checkpoint has {ckpt_k} decoder layers but the model {our_k}; use dec_layers <= {ckpt_k}")
+    if ckpt_k == our_k:
+        return "loaded"
+    for key in list(state):
+        m = _DEC_LAYER_KEY.match(key)
+        if m and int(m.group(1)) >= our_k:
+            del state[key]
+    # The decoder's final `norm` is shared by all layers' outputs, so it is kept.
+    log.info("decoder: kept the first %d of the checkpoint's %d layers", our_k, ckpt_k)
+    return f"truncated {ckpt_k}->{our_k}"
+
+
+def _check_layout(state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError("checkpoint does not fit this DETR (different hidden_dim, enc_layers, dim_feedforward or "
+                         f"pre_norm?): missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}")
