@@ -7,6 +7,7 @@ and one `<archive>.complete` marker per archive, so a second run makes no reques
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -131,9 +132,14 @@ def _fetch_into(url: str, part: Path, *, chunk: int, timeout: float) -> None:
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5],
             delay=1.0, leave=False,
         ) as bar:
-            while block := response.read(chunk):
-                f.write(block)
-                bar.update(len(block))
+            try:
+                while block := response.read(chunk):
+                    f.write(block)
+                    bar.update(len(block))
+            except (http.client.HTTPException, OSError) as e:  # dropped connection: keep .part to resume
+                raise OSError(
+                    f"download of {url} interrupted at {f.tell()} bytes ({type(e).__name__}); run again to resume"
+                ) from None
     if total is not None and part.stat().st_size != total:
         raise OSError(
             f"download of {url} ended early: {part.stat().st_size} of {total} bytes; run again to resume"
