@@ -1,0 +1,290 @@
+"""Torchvision's Faster R-CNN (ResNet-FPN) behind detsweep's detector contract.
+
+Labels are contiguous 0..K-1 outside and torchvision's 1..K inside (0 is its background).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import (
+    ResNet18_Weights,
+    ResNet34_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
+    WeightsEnum,
+)
+from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+WEIGHTS = ("none", "coco", "imagenet")  # or a path to a torchvision-layout state dict
+
+# ImageNet weights of torchvision's detection recipe (its legacy `pretrained_backbone=True`).
+_IMAGENET = {
+    "resnet18": ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": ResNet101_Weights.IMAGENET1K_V1,
+}
+
+# torchvision's COCO layout: 91 rows, row 0 background, row c = COCO category id c (ids 1..90).
+_COCO_ROWS = 91
+_CLS_W = "roi_heads.box_predictor.cls_score.weight"
+_CLS_B = "roi_heads.box_predictor.cls_score.bias"
+_BOX_W = "roi_heads.box_predictor.bbox_pred.weight"
+_BOX_B = "roi_heads.box_predictor.bbox_pred.bias"
+_ADAPTATIONS = {
+    "selected": "rows selected by category_ids",
+    "kept": "kept as is",
+    "fresh": "freshly initialised",
+}
+
+# Evaluation sees every detection (DESIGN "Metric definitions": AP with no score threshold);
+# torchvision's default 0.05 threshold truncates the precision/recall curve and lowers AP.
+_BOX_SCORE_THRESH = 0.0
+_BOX_DETECTIONS_PER_IMG = 100  # COCO's maxDets
+
+
+class FasterRCNNDetector(nn.Module):
+    """torchvision FasterRCNN (`.model`) with contiguous labels 0..K-1 on both sides.
+
+    Train: `forward(images, targets)` with images `list[Tensor[3,H,W]]` in 0..1 and targets
+    `list[{"boxes": Tensor[N,4] xyxy absolute pixels, "labels": Tensor[N] int64 in 0..K-1}]`
+    returns torchvision's loss dict: loss_classifier, loss_box_reg, loss_objectness,
+    loss_rpn_box_reg (scalars).
+    Eval: `forward(images)` returns per image `{"boxes": Tensor[D,4] xyxy absolute pixels of the
+    input image, "scores": Tensor[D], "labels": Tensor[D] int64 in 0..K-1}`, D <= 100,
+    with no score threshold.
+    """
+
+    def __init__(self, model: FasterRCNN, num_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if self.training:
+            if targets is None:
+                raise ValueError("FasterRCNNDetector in train mode needs targets (got None)")
+            return self.model(images, [self._to_torchvision(t) for t in targets])
+        detections = self.model(images)
+        return [{**d, "labels": d["labels"] - 1} for d in detections]
+
+    def _to_torchvision(self, target: dict[str, Tensor]) -> dict[str, Tensor]:
+        labels = target["labels"]
+        # An out-of-range label (e.g. a raw COCO category id) would silently train the wrong
+        # class or crash deep inside cross-entropy; one small sync per step buys a clear error.
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"target labels must be contiguous in 0..{self.num_classes - 1}, "
+                f"got {sorted(set(labels.tolist()))}"
+            )
+        return {**target, "labels": labels + 1}
+
+    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer param groups of trainable params only: FPN/RPN/heads at `lr`, then the
+        ResNet body (`model.backbone.body`) at `lr_backbone`; empty groups are left out."""
+        body_ids = {id(p) for p in self.model.backbone.body.parameters()}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        rest = [p for p in trainable if id(p) not in body_ids]
+        body = [p for p in trainable if id(p) in body_ids]
+        groups = [
+            {"params": rest, "lr": lr, "weight_decay": weight_decay},
+            {"params": body, "lr": lr_backbone, "weight_decay": weight_decay},
+        ]
+        return [g for g in groups if g["params"]]
+
+
+def weights_enum(backbone: str, weights: str) -> WeightsEnum | None:
+    """The torchvision weights enum that `weights` names for `backbone` (None for "none").
+
+    "coco" -> FasterRCNN_ResNet50_FPN_Weights.COCO_V1 (whole detector, resnet50 only);
+    "imagenet" -> the backbone's IMAGENET1K_V1 classification weights.
+    """
+    _check_choice("backbone", backbone, BACKBONES)
+    _check_choice("weights", weights, WEIGHTS)
+    if weights == "coco":
+        if backbone != "resnet50":
+            raise ValueError(
+                f"weights='coco' exists only for backbone 'resnet50' (torchvision's COCO_V1), "
+                f"got backbone={backbone!r}; use weights='imagenet' or 'none' for it"
+            )
+        return FasterRCNN_ResNet50_FPN_Weights.COCO_V1
+    if weights == "imagenet":
+        return _IMAGENET[backbone]
+    return None
+
+
+def build_faster_rcnn(
+    *,
+    num_classes: int,
+    backbone: str = "resnet50",
+    weights: str = "none",
+    min_size: int = 800,
+    max_size: int = 1333,
+    trainable_backbone_layers: int | None = None,
+    category_ids: Sequence[int] | None = None,
+) -> FasterRCNNDetector:
+    """Build torchvision's Faster R-CNN ResNet-FPN for `num_classes` foreground classes.
+
+    With backbone="resnet50" the module tree is exactly `fasterrcnn_resnet50_fpn`'s.
+    weights: "none" (random init, BatchNorm2d, every layer trainable, as torchvision does from
+    scratch); "coco" (COCO_V1 detector, resnet50 only); "imagenet" (ImageNet backbone, fresh
+    FPN/RPN/heads); or a path to a torchvision-layout state dict (bare, `{"model": sd}`, or
+    a FasterRCNNDetector's own `model.`-prefixed one). Pretrained weights use FrozenBatchNorm2d.
+    trainable_backbone_layers: 0..5 counted from layer4; None -> 3 when pretrained, 5 from scratch.
+    category_ids: the dataset's original category ids, sorted, one per contiguous label; with a
+    COCO-layout checkpoint (91 rows) and ids in 1..90 the pretrained class rows are kept.
+    """
+    _check_choice("backbone", backbone, BACKBONES)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    for name, value in (("min_size", min_size), ("max_size", max_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if category_ids is not None:
+        category_ids = _check_category_ids(category_ids, num_classes)
+
+    is_path = weights not in WEIGHTS
+    if is_path and not Path(weights).expanduser().is_file():
+        raise FileNotFoundError(
+            f"weights={weights!r} is neither one of {list(WEIGHTS)} nor an existing checkpoint file"
+        )
+    enum = None if is_path else weights_enum(backbone, weights)
+    pretrained = weights != "none"
+    layers = _trainable_layers(trainable_backbone_layers, pretrained)
+
+    body = resnet_fpn_backbone(
+        backbone_name=backbone,
+        weights=enum if weights == "imagenet" else None,
+        # Pretrained statistics stay fixed: detection batches are too small for BatchNorm.
+        norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d,
+        trainable_layers=layers,
+    )
+    model = FasterRCNN(
+        body,
+        num_classes=num_classes + 1,  # + torchvision's background class 0
+        min_size=min_size,
+        max_size=max_size,
+        box_score_thresh=_BOX_SCORE_THRESH,
+        box_detections_per_img=_BOX_DETECTIONS_PER_IMG,
+    )
+
+    if weights == "coco":
+        state = enum.get_state_dict(progress=True, check_hash=True)
+        load_detector_state_dict(model, state, category_ids=category_ids, source="COCO_V1")
+        # COCO_V1 was trained before torchvision fixed FrozenBatchNorm2d's eps (pytorch/vision#2933);
+        # torchvision's own builder resets it to 0 for exactly these weights.
+        _set_frozen_bn_eps(model, 0.0)
+    elif is_path:
+        checkpoint = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
+        load_detector_state_dict(model, checkpoint, category_ids=category_ids, source=str(weights))
+    return FasterRCNNDetector(model, num_classes)
+
+
+def load_detector_state_dict(
+    model: FasterRCNN,
+    checkpoint: Mapping[str, Any],
+    *,
+    category_ids: Sequence[int] | None = None,
+    source: str = "checkpoint",
+) -> str:
+    """Load a torchvision-layout Faster R-CNN state dict into `model`, adapting the box predictor.
+
+    Predictor rows, in order of preference:
+    - "selected": a COCO-layout checkpoint (91 rows) and `category_ids` all in 1..90 -> rows
+      [0] + category_ids of cls_score, and rows 4*id..4*id+3 of bbox_pred;
+    - "kept": the checkpoint has as many classes as `model` -> loaded as they are;
+    - "fresh": otherwise `model`'s freshly initialised predictor stays.
+    Everything else loads with strict=True. Returns which of the three happened.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{source}: expected a state dict, got {type(checkpoint).__name__}")
+    if isinstance(checkpoint.get("model"), Mapping):  # {"model": sd}, as DETR's checkpoints
+        checkpoint = checkpoint["model"]
+    state = dict(checkpoint)
+    if state and all(k.startswith("model.") for k in state):  # a FasterRCNNDetector's state_dict
+        state = {k[len("model."):]: v for k, v in state.items()}
+    missing = [k for k in (_CLS_W, _CLS_B, _BOX_W, _BOX_B) if k not in state]
+    if missing:
+        raise ValueError(f"{source}: not a torchvision Faster R-CNN state dict, missing {missing}")
+
+    ckpt_rows = state[_CLS_W].shape[0]
+    ours = model.roi_heads.box_predictor
+    our_rows = ours.cls_score.out_features
+    if category_ids is not None and len(category_ids) + 1 != our_rows:
+        raise ValueError(
+            f"{len(category_ids)} category_ids for a model with {our_rows - 1} classes: one id per class"
+        )
+    coco_ids = category_ids is not None and all(1 <= c < _COCO_ROWS for c in category_ids)
+    if ckpt_rows == _COCO_ROWS and coco_ids:
+        rows = torch.tensor([0, *category_ids])
+        box_rows = (rows[:, None] * 4 + torch.arange(4)).flatten()
+        state[_CLS_W], state[_CLS_B] = state[_CLS_W][rows], state[_CLS_B][rows]
+        state[_BOX_W], state[_BOX_B] = state[_BOX_W][box_rows], state[_BOX_B][box_rows]
+        how = "selected"
+    elif ckpt_rows == our_rows:
+        how = "kept"
+    else:
+        state[_CLS_W], state[_CLS_B] = ours.cls_score.weight.detach(), ours.cls_score.bias.detach()
+        state[_BOX_W], state[_BOX_B] = ours.bbox_pred.weight.detach(), ours.bbox_pred.bias.detach()
+        how = "fresh"
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{source}: does not fit this Faster R-CNN (backbone or layout differs): {err}"
+        ) from err
+    logger.info(
+        "%s: loaded; box predictor %s (checkpoint %d class rows, model %d)%s",
+        source,
+        _ADAPTATIONS[how],
+        ckpt_rows,
+        our_rows,
+        "" if category_ids is None else f", category_ids={list(category_ids)}",
+    )
+    return how
+
+
+def _trainable_layers(requested: int | None, pretrained: bool) -> int:
+    if requested is not None and (not isinstance(requested, int) or not 0 <= requested <= 5):
+        raise ValueError(f"trainable_backbone_layers must be an int in 0..5 or None, got {requested!r}")
+    if not pretrained:
+        # Freezing random weights makes no sense; torchvision's builder forces 5 here too.
+        if requested not in (None, 5):
+            logger.warning("weights='none': trainable_backbone_layers=%d ignored, training all 5", requested)
+        return 5
+    return 3 if requested is None else requested
+
+
+def _check_category_ids(category_ids: Sequence[int], num_classes: int) -> list[int]:
+    ids = list(category_ids)
+    if len(ids) != num_classes:
+        raise ValueError(
+            f"category_ids has {len(ids)} entries but num_classes={num_classes}: one id per class"
+        )
+    if any(not isinstance(c, int) or isinstance(c, bool) for c in ids) or ids != sorted(set(ids)):
+        raise ValueError(f"category_ids must be distinct ints in ascending order, got {ids}")
+    return ids
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+def _set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.eps = eps

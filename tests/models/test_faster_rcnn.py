@@ -1,0 +1,306 @@
+"""Faster R-CNN baseline: detector contract, torchvision layout, weight loading and adaptation."""
+
+import math
+import os
+import subprocess
+import sys
+from urllib.parse import urlparse
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import ResNet18_Weights, ResNet50_Weights
+from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detsweep.models.faster_rcnn import (
+    build_faster_rcnn,
+    load_detector_state_dict,
+    weights_enum,
+)
+
+K = 3
+TINY = {"backbone": "resnet18", "min_size": 64, "max_size": 96}
+LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+PREDICTOR = (
+    "roi_heads.box_predictor.cls_score.weight",
+    "roi_heads.box_predictor.cls_score.bias",
+    "roi_heads.box_predictor.bbox_pred.weight",
+    "roi_heads.box_predictor.bbox_pred.bias",
+)
+
+
+def _batch():
+    torch.manual_seed(0)
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 78.0, 30.0]]), "labels": torch.tensor([0, 2])},
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+    ]
+    return images, targets
+
+
+def _save(tmp_path, state, name="ckpt.pth"):
+    path = tmp_path / name
+    torch.save(state, path)
+    return str(path)
+
+
+def _cached_hub_file(torch_home, url):
+    """Where torch.hub looks for `url`'s weights under TORCH_HOME; a file there skips the download."""
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / os.path.basename(urlparse(url).path)
+
+
+# --- contract -----------------------------------------------------------------------------------
+
+
+def test_train_returns_finite_torchvision_losses_and_backpropagates():
+    torch.manual_seed(0)
+    detector = build_faster_rcnn(num_classes=K, **TINY).train()
+    images, targets = _batch()
+    losses = detector(images, targets)
+    assert set(losses) == LOSS_KEYS
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+    predictor = detector.model.roi_heads.box_predictor
+    assert predictor.cls_score.weight.grad.abs().sum() > 0
+    assert detector.model.backbone.body.conv1.weight.grad is not None  # from scratch: all trainable
+
+
+def test_target_labels_reach_torchvision_shifted_by_one():
+    detector = build_faster_rcnn(num_classes=K, **TINY).train()
+    seen = []
+    # roi_heads(features, proposals, image_sizes, targets): the targets torchvision trains on.
+    detector.model.roi_heads.register_forward_pre_hook(lambda m, args: seen.append([t["labels"] for t in args[3]]))
+    images, targets = _batch()
+    detector(images, targets)
+    assert [t.tolist() for t in seen[0]] == [[1, 3], [2]]
+    assert [t["labels"].tolist() for t in targets] == [[0, 2], [1]]  # caller's targets untouched
+
+
+def test_out_of_range_target_label_is_a_clear_error():
+    detector = build_faster_rcnn(num_classes=K, **TINY).train()
+    images, targets = _batch()
+    targets[1]["labels"] = torch.tensor([K])
+    with pytest.raises(ValueError, match=r"^target labels must be contiguous in 0\.\.2, got \[3\]$"):
+        detector(images, targets)
+    with pytest.raises(ValueError, match="needs targets"):
+        detector(images)
+
+
+def test_eval_returns_contiguous_labels_inside_the_image_without_score_threshold():
+    torch.manual_seed(0)
+    detector = build_faster_rcnn(num_classes=K, **TINY).eval()
+    assert detector.model.roi_heads.score_thresh == 0.0
+    assert detector.model.roi_heads.detections_per_img == 100
+    images, _ = _batch()
+    with torch.no_grad():
+        detections = detector(images)
+    assert len(detections) == len(images)
+    for image, det in zip(images, detections):
+        h, w = image.shape[1:]
+        n = det["boxes"].shape[0]
+        assert 0 < n <= 100
+        assert det["boxes"].shape == (n, 4) and det["scores"].shape == (n,) and det["labels"].shape == (n,)
+        assert det["labels"].dtype == torch.int64
+        assert det["labels"].min() >= 0 and det["labels"].max() <= K - 1  # never K, never -1
+        boxes = det["boxes"]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+        assert ((det["scores"] >= 0) & (det["scores"] <= 1)).all()
+
+
+# --- architecture -------------------------------------------------------------------------------
+
+
+def test_resnet50_layout_equals_torchvision_fasterrcnn_resnet50_fpn():
+    ours = build_faster_rcnn(num_classes=90, backbone="resnet50").model.state_dict()
+    ref = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91
+    ).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet34", "resnet50", "resnet101"])
+def test_backbones_build_with_k_plus_one_predictor_rows(backbone):
+    predictor = build_faster_rcnn(num_classes=K, backbone=backbone).model.roi_heads.box_predictor
+    assert predictor.cls_score.weight.shape == (K + 1, 1024)
+    assert predictor.bbox_pred.weight.shape == (4 * (K + 1), 1024)
+
+
+def test_from_scratch_uses_batchnorm_and_trains_every_layer():
+    model = build_faster_rcnn(num_classes=K, **TINY).model
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.body.modules())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_param_groups_split_backbone_body_from_the_rest():
+    detector = build_faster_rcnn(num_classes=K, **TINY)
+    heads, body = detector.param_groups(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4)
+    assert (heads["lr"], body["lr"], heads["weight_decay"]) == (1e-4, 1e-5, 1e-4)
+    body_params = list(detector.model.backbone.body.parameters())
+    assert {id(p) for p in body["params"]} == {id(p) for p in body_params}
+    assert len(heads["params"]) + len(body["params"]) == len(list(detector.parameters()))
+
+    for p in body_params:
+        p.requires_grad_(False)
+    detector.model.rpn.requires_grad_(False)
+    (only,) = detector.param_groups(lr=1e-4, lr_backbone=1e-5, weight_decay=0.0)  # empty body group dropped
+    assert only["lr"] == 1e-4
+    assert {id(p) for p in only["params"]} == {id(p) for p in detector.parameters() if p.requires_grad}
+
+
+# --- weights: local checkpoints ----------------------------------------------------------------
+
+
+def test_coco_layout_checkpoint_keeps_the_rows_of_the_dataset_categories(tmp_path):
+    torch.manual_seed(1)
+    coco = build_faster_rcnn(num_classes=90, **TINY).model.state_dict()  # 91 rows, row = COCO id
+    path = _save(tmp_path, coco)
+    ids = [3, 17, 88]
+    detector = build_faster_rcnn(num_classes=3, weights=path, category_ids=ids, **TINY)
+    loaded = detector.model.state_dict()
+
+    rows = [0, *ids]
+    assert torch.equal(loaded[PREDICTOR[0]], coco[PREDICTOR[0]][rows])
+    assert torch.equal(loaded[PREDICTOR[1]], coco[PREDICTOR[1]][rows])
+    box_rows = [4 * r + j for r in rows for j in range(4)]
+    assert torch.equal(loaded[PREDICTOR[2]], coco[PREDICTOR[2]][box_rows])
+    assert torch.equal(loaded[PREDICTOR[3]], coco[PREDICTOR[3]][box_rows])
+    assert all(torch.equal(v, coco[k]) for k, v in loaded.items() if k not in PREDICTOR)
+
+
+def test_pretrained_checkpoint_freezes_batchnorm_and_the_first_layers(tmp_path):
+    path = _save(tmp_path, build_faster_rcnn(num_classes=K, **TINY).model.state_dict())
+    body = build_faster_rcnn(num_classes=K, weights=path, **TINY).model.backbone.body
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+    trainable = {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}  # torchvision's default of 3
+    body0 = build_faster_rcnn(num_classes=K, weights=path, trainable_backbone_layers=0, **TINY).model.backbone.body
+    assert not any(p.requires_grad for p in body0.parameters())
+
+
+def test_checkpoint_without_category_ids_gets_a_fresh_predictor(tmp_path):
+    torch.manual_seed(2)
+    source = build_faster_rcnn(num_classes=90, **TINY).model.state_dict()
+    path = _save(tmp_path, {"model": source})  # the {"model": sd} layout
+    loaded = build_faster_rcnn(num_classes=K, weights=path, **TINY).model.state_dict()
+    assert loaded[PREDICTOR[0]].shape == (K + 1, 1024) and loaded[PREDICTOR[2]].shape == (4 * (K + 1), 1024)
+    assert all(torch.equal(v, source[k]) for k, v in loaded.items() if k not in PREDICTOR)
+
+
+def test_ids_outside_coco_range_also_get_a_fresh_predictor():
+    model = build_faster_rcnn(num_classes=90, **TINY).model
+    target = build_faster_rcnn(num_classes=K, **TINY).model
+    how = load_detector_state_dict(target, model.state_dict(), category_ids=[5, 95, 200])
+    assert how == "fresh"
+
+
+def test_same_classes_load_strictly_from_a_detector_state_dict(tmp_path):
+    torch.manual_seed(3)
+    source = build_faster_rcnn(num_classes=K, **TINY)
+    path = _save(tmp_path, source.state_dict())  # FasterRCNNDetector's own "model."-prefixed keys
+    loaded = build_faster_rcnn(num_classes=K, weights=path, category_ids=[10, 20, 95], **TINY).model.state_dict()
+    expected = source.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.items())
+
+
+def test_checkpoint_of_another_backbone_is_a_clear_error(tmp_path):
+    path = _save(tmp_path, build_faster_rcnn(num_classes=K, **TINY).model.state_dict())
+    with pytest.raises(ValueError, match=r"ckpt\.pth: does not fit this Faster R-CNN"):
+        build_faster_rcnn(num_classes=K, backbone="resnet34", weights=path)
+    bad = _save(tmp_path, {"backbone.body.conv1.weight": torch.zeros(1)}, "bad.pth")
+    with pytest.raises(ValueError, match="not a torchvision Faster R-CNN state dict, missing"):
+        build_faster_rcnn(num_classes=K, weights=bad, **TINY)
+
+
+# --- weights: torchvision enums (offline, through torch.hub's cache) ---------------------------
+
+
+def test_weights_enum_selection():
+    assert weights_enum("resnet50", "coco") is FasterRCNN_ResNet50_FPN_Weights.COCO_V1
+    assert weights_enum("resnet18", "imagenet") is ResNet18_Weights.IMAGENET1K_V1
+    assert weights_enum("resnet50", "imagenet") is ResNet50_Weights.IMAGENET1K_V1
+    assert weights_enum("resnet101", "none") is None
+
+
+def test_coco_weights_load_through_torch_hub_and_adapt_rows(tmp_path, monkeypatch):
+    torch.manual_seed(4)
+    coco = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91
+    ).state_dict()
+    torch.save(coco, _cached_hub_file(tmp_path, FasterRCNN_ResNet50_FPN_Weights.COCO_V1.url))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = build_faster_rcnn(num_classes=2, weights="coco", category_ids=[1, 62], min_size=64, max_size=64).model
+    loaded = model.state_dict()
+    assert torch.equal(loaded[PREDICTOR[0]], coco[PREDICTOR[0]][[0, 1, 62]])
+    assert torch.equal(loaded["backbone.body.layer3.0.conv1.weight"], coco["backbone.body.layer3.0.conv1.weight"])
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen and all(m.eps == 0.0 for m in frozen)  # COCO_V1 was trained with eps 0
+
+
+def test_imagenet_weights_load_the_backbone_only(tmp_path, monkeypatch):
+    torch.manual_seed(5)
+    resnet = torchvision.models.resnet18().state_dict()
+    torch.save(resnet, _cached_hub_file(tmp_path, ResNet18_Weights.IMAGENET1K_V1.url))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = build_faster_rcnn(num_classes=K, weights="imagenet", **TINY).model
+    assert torch.equal(model.backbone.body.layer4[1].conv2.weight, resnet["layer4.1.conv2.weight"])
+    assert torch.equal(model.backbone.body.bn1.running_var, resnet["bn1.running_var"])
+    assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            {"backbone": "resnet18", "weights": "coco"},
+            ValueError,
+            "weights='coco' exists only for backbone 'resnet50' (torchvision's COCO_V1), got backbone='resnet18'; "
+            "use weights='imagenet' or 'none' for it",
+        ),
+        (
+            {"weights": "/nonexistent/frcnn.pth"},
+            FileNotFoundError,
+            "weights='/nonexistent/frcnn.pth' is neither one of ['none', 'coco', 'imagenet'] "
+            "nor an existing checkpoint file",
+        ),
+        (
+            {"backbone": "resnet152"},
+            ValueError,
+            "backbone='resnet152' is not one of ['resnet18', 'resnet34', 'resnet50', 'resnet101']",
+        ),
+        ({"category_ids": [1, 2]}, ValueError, "category_ids has 2 entries but num_classes=3: one id per class"),
+        ({"category_ids": [3, 2, 1]}, ValueError, "category_ids must be distinct ints in ascending order, got [3, 2, 1]"),
+        (
+            {"trainable_backbone_layers": 6},
+            ValueError,
+            "trainable_backbone_layers must be an int in 0..5 or None, got 6",
+        ),
+        ({"num_classes": 0}, ValueError, "num_classes must be an int >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_name_the_value_and_the_choices(kwargs, error, message):
+    with pytest.raises(error) as info:
+        build_faster_rcnn(**{"num_classes": K, **kwargs})
+    assert str(info.value) == message
+
+
+def test_module_does_not_import_ray():
+    code = "import sys, detsweep.models.faster_rcnn; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_loading_with_category_ids_of_another_length_is_a_clear_error():
+    model = build_faster_rcnn(num_classes=K, **TINY).model
+    with pytest.raises(ValueError, match=r"^2 category_ids for a model with 3 classes: one id per class$"):
+        load_detector_state_dict(model, model.state_dict(), category_ids=[1, 2])
