@@ -1,0 +1,184 @@
+"""DETR on the torchvision detector contract: normalisation, target conversion, loss weighting, post-processing.
+
+Train: `detector(images, targets) -> {loss name: weighted loss}`; eval: `detector(images) -> [{boxes, scores, labels}]`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detsweep.models.boxes import box_xyxy_to_cxcywh
+from detsweep.models.criterion import PostProcess, SetCriterion
+from detsweep.models.detr import DETR, build_detr
+from detsweep.models.matcher import HungarianMatcher
+from detsweep.models.weights import load_detr_weights
+
+log = logging.getLogger(__name__)
+
+# torchvision's ImageNet statistics, as in the official DETR transforms.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resized_hw(h: int, w: int, min_size: int, max_size: int | None) -> tuple[int, int]:
+    """Official `get_size_with_aspect_ratio`: shorter side -> min_size unless the longer would exceed max_size."""
+    size = min_size
+    if max_size is not None:
+        short, long = float(min(h, w)), float(max(h, w))
+        if long / short * size > max_size:
+            size = int(round(max_size * short / long))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+class DETRDetector(nn.Module):
+    """Wraps `detr`, `criterion` and `postprocess` so the engine treats DETR like a torchvision detector.
+
+    Attributes:
+        last_stats: after each train-mode forward, the unweighted diagnostics that are not losses
+            (`class_error`, `cardinality_error`, `cardinality_error_<i>`), detached scalar tensors. They are kept
+            out of the returned dict so `sum(loss_dict.values())` is exactly the official weighted total.
+        category_ids: the original category id of each contiguous label (or None), for checkpoints.
+        weights_summary: what `load_detr_weights` loaded, truncated or re-initialised.
+    """
+
+    def __init__(self, detr: DETR, criterion: SetCriterion, postprocess: PostProcess, *,
+                 min_size: int | None = None, max_size: int | None = None,
+                 category_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if min_size is None and max_size is not None:
+            raise ValueError(f"max_size={max_size} needs min_size as well (min_size=None means no resize)")
+        for name, value in (("min_size", min_size), ("max_size", max_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of pixels or None, got {value}")
+        self.detr = detr
+        self.criterion = criterion
+        self.postprocess = postprocess
+        self.min_size = min_size
+        self.max_size = max_size
+        self.category_ids = list(category_ids) if category_ids is not None else None
+        self.num_classes = detr.num_classes
+        self.weights_summary: dict[str, Any] = {"source": "none"}
+        self.last_stats: dict[str, Tensor] = {}
+        # Not persistent: constants, so checkpoints hold only DETR's own (official) keys under `detr.`.
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+
+    def _prepare(self, images: list[Tensor]) -> list[Tensor]:
+        """Resize (if configured) and ImageNet-normalise each [3, H, W] image in 0..1."""
+        out = []
+        for img in images:
+            if self.min_size is not None:
+                h, w = resized_hw(img.shape[-2], img.shape[-1], self.min_size, self.max_size)
+                if (h, w) != tuple(img.shape[-2:]):
+                    img = F.interpolate(img[None], size=(h, w), mode="bilinear", align_corners=False,
+                                        antialias=True)[0]
+            out.append((img - self.image_mean) / self.image_std)
+        return out
+
+    def _targets_to_official(self, targets: list[dict[str, Tensor]], sizes_hw: list[tuple[int, int]]
+                             ) -> list[dict[str, Tensor]]:
+        """xyxy absolute boxes -> cxcywh normalised by the image's own (unpadded, pre-resize) size."""
+        if len(targets) != len(sizes_hw):
+            raise ValueError(f"got {len(sizes_hw)} images but {len(targets)} targets")
+        converted = []
+        for i, (t, (h, w)) in enumerate(zip(targets, sizes_hw)):
+            boxes_xyxy, labels = t["boxes"], t["labels"]
+            if boxes_xyxy.dim() != 2 or boxes_xyxy.shape[-1] != 4 or len(labels) != len(boxes_xyxy):
+                raise ValueError(f"target {i}: boxes must be [N, 4] with N labels, got boxes "
+                                 f"{tuple(boxes_xyxy.shape)} and labels {tuple(labels.shape)}")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"target {i}: labels must be contiguous in 0..{self.num_classes - 1}, got "
+                                 f"{sorted(set(labels.tolist()))}")
+            # Same order as the official Normalize transform: convert, then divide by (w, h, w, h).
+            scale = boxes_xyxy.new_tensor([w, h, w, h], dtype=torch.float32)
+            boxes_cxcywh_norm = box_xyxy_to_cxcywh(boxes_xyxy.float()) / scale
+            converted.append({"boxes": boxes_cxcywh_norm, "labels": labels.to(torch.int64)})
+        return converted
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """images: list of [3, H_i, W_i] float in 0..1.
+
+        Train mode: targets (required) per image {"boxes": [N, 4] xyxy absolute pixels, "labels": [N] int64
+        in 0..K-1}; returns the weighted losses (`loss_ce`, `loss_bbox`, `loss_giou` and `_<i>` aux copies).
+        Eval mode: returns per image {"boxes": [Q, 4] xyxy in the input image's pixels, "scores": [Q],
+        "labels": [Q] in 0..K-1}, all Q queries, no score threshold.
+        """
+        if not isinstance(images, (list, tuple)) or any(img.dim() != 3 or img.shape[0] != 3 for img in images):
+            raise ValueError("images must be a list of [3, H, W] tensors, got "
+                             f"{[tuple(i.shape) for i in images] if isinstance(images, (list, tuple)) else type(images)}")
+        sizes_hw = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        if self.training and targets is None:
+            raise ValueError("targets are required in train mode; call .eval() for predictions")
+        outputs = self.detr(self._prepare(list(images)))
+        if not self.training:
+            target_sizes = torch.tensor(sizes_hw, dtype=torch.float32, device=outputs["pred_boxes"].device)
+            return self.postprocess(outputs, target_sizes)
+        losses = self.criterion(outputs, self._targets_to_official(targets, sizes_hw))
+        weights = self.criterion.weight_dict
+        self.last_stats = {k: v.detach() for k, v in losses.items() if k not in weights}
+        return {k: v * weights[k] for k, v in losses.items() if k in weights}
+
+    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW param groups of the trainable parameters: backbone at lr_backbone, the rest at lr.
+
+        Empty groups are left out (e.g. a frozen backbone). Call after the regime has set requires_grad.
+        """
+        for name, value in (("lr", lr), ("lr_backbone", lr_backbone), ("weight_decay", weight_decay)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        backbone_ids = {id(p) for p in self.detr.backbone.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"name": "transformer_and_heads", "params": [p for p in trainable if id(p) not in backbone_ids],
+             "lr": lr, "weight_decay": weight_decay},
+            {"name": "backbone", "params": [p for p in trainable if id(p) in backbone_ids],
+             "lr": lr_backbone, "weight_decay": weight_decay},
+        ]
+        return [g for g in groups if g["params"]]
+
+
+def detr_weight_dict(dec_layers: int, aux_loss: bool, ce: float = 1.0, bbox: float = 5.0,
+                     giou: float = 2.0) -> dict[str, float]:
+    """Official loss weights (ce 1, bbox 5, giou 2), copied for each aux decoder layer `_0.._{dec_layers-2}`."""
+    weight_dict = {"loss_ce": ce, "loss_bbox": bbox, "loss_giou": giou}
+    if aux_loss:
+        base = dict(weight_dict)
+        for i in range(dec_layers - 1):
+            weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+    return weight_dict
+
+
+def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_dim: int = 256, nheads: int = 8,
+                        enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048,
+                        num_queries: int = 100, dropout: float = 0.1, aux_loss: bool = True,
+                        pre_norm: bool = False, min_size: int | None = None, max_size: int | None = None,
+                        weights: str = "none", category_ids: Sequence[int] | None = None) -> DETRDetector:
+    """DETR for `num_classes` contiguous labels with the official recipe: matcher costs 1/5/2, loss weights
+    1/5/2 (+ aux copies), eos_coef 0.1. `weights`: "none", "coco" or a checkpoint path (see `load_detr_weights`);
+    `category_ids`: original COCO id of each label, sorted, used to keep pretrained class rows.
+    """
+    if category_ids is not None and len(category_ids) != num_classes:
+        raise ValueError(f"category_ids has {len(category_ids)} ids but num_classes is {num_classes}; "
+                         "give one original category id per contiguous label")
+    detr = build_detr(backbone=backbone, hidden_dim=hidden_dim, nheads=nheads, enc_layers=enc_layers,
+                      dec_layers=dec_layers, dim_feedforward=dim_feedforward, num_queries=num_queries,
+                      num_classes=num_classes, dropout=dropout, aux_loss=aux_loss, pre_norm=pre_norm)
+    summary = load_detr_weights(detr, weights, category_ids=list(category_ids) if category_ids is not None else None)
+    matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
+    criterion = SetCriterion(num_classes, matcher, detr_weight_dict(dec_layers, aux_loss), eos_coef=0.1,
+                             losses=["labels", "boxes", "cardinality"])
+    detector = DETRDetector(detr, criterion, PostProcess(), min_size=min_size, max_size=max_size,
+                            category_ids=category_ids)
+    detector.weights_summary = summary
+    return detector
