@@ -223,17 +223,19 @@ def build_datasets(
     image_size: int,
     classes: Sequence[str] | None,
     seed: int = 0,
+    num_classes: int = 5,
 ) -> tuple[CocoDetection, CocoDetection, LabelMap, Path]:
     """Build `(train_set, val_set, label_map, val_ann_file)` from a sweep's data section.
 
-    kind "synthetic": generated on first use (`train_images`/`val_images`/`image_size`/`seed`
-    are generation parameters). kind "coco": `root/images/{train2017,val2017}` and
+    kind "synthetic": generated on first use (`train_images`/`val_images`/`image_size`/`seed`/
+    `num_classes` are generation parameters). kind "coco": `root/images/{train2017,val2017}` and
     `root/annotations/instances_{train,val}2017.json`; `train_images`/`val_images` of 0 or None
-    mean all images, otherwise the first N image ids (sorted); `image_size` is unused (the
-    detectors resize). With `classes`, training keeps only images holding at least one object of
-    those classes, while val keeps all its images so false positives still count. `val_ann_file`
-    is the exact ground truth COCOeval must score: restricted to the chosen classes and images
-    (a cached derived file when either applies).
+    mean all images, otherwise the first N image ids (sorted); `image_size` and `num_classes`
+    are unused (the detectors resize; the annotation file has the classes).
+    With `classes`, training keeps only images holding at least one object of those classes,
+    while val keeps all its images so false positives still count. `val_ann_file` is the exact
+    ground truth COCOeval must score: restricted to the chosen classes and images (a cached
+    derived file when either applies).
     """
     if kind not in DATA_KINDS:
         raise ValueError(f"data kind {kind!r} is not one of {list(DATA_KINDS)}")
@@ -241,9 +243,10 @@ def build_datasets(
         from detsweep.data.synthetic import ensure_synthetic
 
         folder = ensure_synthetic(root, train_images=int(train_images or 0), val_images=int(val_images or 0),
-                                  image_size=image_size, seed=seed)
+                                  image_size=image_size, seed=seed, num_classes=num_classes)
         train_dir, val_dir = folder / "images" / "train", folder / "images" / "val"
-        train_ann, val_ann = folder / "annotations" / "instances_train.json", folder / "annotations" / "instances_val.json"
+        train_ann = folder / "annotations" / "instances_train.json"
+        val_ann = folder / "annotations" / "instances_val.json"
         train_limit = val_limit = None  # generation parameters, already applied
     else:
         root = Path(root).expanduser()

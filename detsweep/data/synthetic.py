@@ -116,7 +116,9 @@ def _validate(*, train_images: int, val_images: int, image_size: int, num_classe
         raise ValueError(f"synthetic num_classes must be in 1..{len(SHAPE_CLASSES)}, got {num_classes}")
 
 
-def _generate(out: Path, name: str, *, train_images: int, val_images: int, image_size: int, seed: int, num_classes: int) -> None:
+def _generate(
+    out: Path, name: str, *, train_images: int, val_images: int, image_size: int, seed: int, num_classes: int
+) -> None:
     classes = SHAPE_CLASSES[:num_classes]
     categories = [{"id": c.category_id, "name": c.name, "supercategory": "shape"} for c in classes]
     next_image_id, next_ann_id = 1, 1  # ids unique across splits, as in COCO

@@ -194,6 +194,12 @@ def test_build_synthetic(tmp_path):
     assert image.shape == (3, 64, 64) and target["labels"].max() < 5 and len(target["boxes"]) >= 1
 
 
+def test_build_synthetic_num_classes(tmp_path):
+    _, _, lm, _ = build_datasets(kind="synthetic", root=tmp_path, train_images=2, val_images=1, image_size=48,
+                                 classes=None, num_classes=3)
+    assert lm.category_ids == (3, 7, 12) and lm.names == ("red_square", "green_circle", "blue_triangle")
+
+
 def test_build_synthetic_class_subset_filters_val_gt_for_cocoeval(tmp_path):
     kw = dict(kind="synthetic", root=tmp_path, train_images=12, val_images=6, image_size=64, seed=0)
     train, val, lm, val_ann = build_datasets(classes=["magenta_ring", "red_square"], **kw)

@@ -172,7 +172,7 @@ def test_resume_from_truncated_part_uses_range(tmp_path, server):
 def test_interrupted_transfer_resumes_on_next_call(tmp_path, server):
     server.files["/blob.bin"] = BLOB
     dest = tmp_path / "blob.bin"
-    with pytest.raises(OSError, match=r"truncate/blob.bin ended early: 150000 of 300000 bytes; run again to resume"):
+    with pytest.raises(OSError, match=r"/truncate/blob.bin ended early: 150000 of 300000 bytes; run again to resume"):
         download_file(f"{server.url}/truncate/blob.bin", dest, expected=("sha256", _sha256(BLOB)))
     assert (tmp_path / "blob.bin.part").stat().st_size == 150_000 and not dest.exists()
     download_file(f"{server.url}/blob.bin", dest, expected=("sha256", _sha256(BLOB)))
