@@ -1,0 +1,424 @@
+"""Pareto analysis of a results table: non-dominated sorting, normalised hypervolume, and
+seed-replicate aggregation with Student-t confidence intervals. No file IO, plots or Ray here.
+
+Hypervolume normalisation (every objective is mapped to a *minimised* value in [0, 1]):
+
+- ``unit`` columns, already in [0, 1] (AP/AR, ECE, Brier, trainable_frac): ``s = x``;
+- ``log`` columns (parameter counts, ``*_params``): ``s = log10(max(x, 1)) / log10(max(x_max, 10))``,
+  because parameter counts span decades (LoRA ~1e5 vs full ~4e7);
+- ``scale`` columns (everything else: memory, seconds, ...): ``s = x / x_max`` when all x >= 0,
+  else min-max ``(x - x_min) / (x_max - x_min)``;
+- a ``max`` objective is then flipped, ``v = 1 - s``; a ``min`` objective keeps ``v = s``.
+
+``x_max``/``x_min`` come from the valid trial rows. The reference point is 1.1 on every
+normalised axis (10 % beyond the worst value, so the front's extreme points still add volume);
+the largest possible hypervolume is therefore 1.1**k for k objectives.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import moocore
+import numpy as np
+import pyarrow as pa
+from scipy import stats
+
+from detsweep.results import RESULTS_SCHEMA
+
+DIRECTIONS = ("max", "min")
+REFERENCE_POINT = 1.1
+CI_LEVEL = 0.95
+# Columns whose values are bounded in [0, 1] by definition (COCO AP/AR, calibration errors).
+UNIT_COLUMNS = frozenset({
+    "ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
+    "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large",
+    "ece", "brier", "trainable_frac",
+})
+# Columns that describe a trial's configuration; replicates share all of them except the seed.
+_CONFIG_COLUMNS = ["sweep", "model", "regime", "lora_rank", "lora_placement", "lora_alpha", "backbone",
+                   "num_queries", "dec_layers", "epochs", "lr", "ddp_workers", "gpus_per_worker", "data"]
+_ADDED_COLUMNS = ("pareto_rank", "dominated_by")
+# Rows per block in the numpy dominance checks: 512 x 10k bools per objective ~ 5 MB.
+_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective: a results column and whether it is maximised or minimised."""
+
+    column: str
+    direction: str
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(
+                f"objective {self.column!r}: direction {self.direction!r} is not one of {list(DIRECTIONS)}"
+            )
+
+    @property
+    def maximise(self) -> bool:
+        return self.direction == "max"
+
+    def __str__(self) -> str:
+        return f"{self.column}:{self.direction}"
+
+
+def parse_objectives(spec: str) -> list[Objective]:
+    """Parse ``"ap:max,trainable_params:min"`` into objectives; one-line ValueError on a bad spec."""
+    objectives: list[Objective] = []
+    for item in (part.strip() for part in spec.split(",")):
+        column, sep, direction = item.partition(":")
+        if not sep or not column:
+            raise ValueError(
+                f"objective {item!r} is not of the form COLUMN:DIRECTION with DIRECTION in {list(DIRECTIONS)}"
+            )
+        objectives.append(Objective(column.strip(), direction.strip()))
+    columns = [o.column for o in objectives]
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicated:
+        raise ValueError(f"objective columns repeated: {duplicated}")
+    return objectives
+
+
+def to_minimisation(values: np.ndarray, maximise: Sequence[bool]) -> np.ndarray:
+    """[n, k] objective values -> [n, k] values where smaller is better (max columns negated)."""
+    values = np.asarray(values, dtype=np.float64)
+    sign = np.where(np.asarray(maximise, dtype=bool), -1.0, 1.0)
+    return values * sign
+
+
+def _dominance_block(points: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """dom[i, j] = candidates[j] dominates points[i] (minimisation). points [b, k], candidates [m, k] -> [b, m]."""
+    weakly = np.ones((len(points), len(candidates)), dtype=bool)
+    strictly = np.zeros_like(weakly)
+    for d in range(points.shape[1]):
+        p = points[:, d, None]
+        c = candidates[None, :, d]
+        weakly &= c <= p
+        strictly |= c < p
+    # Equal points are weakly but not strictly better, so duplicates never dominate each other.
+    return weakly & strictly
+
+
+def pareto_ranks(values: np.ndarray, maximise: Sequence[bool], method: str = "moocore") -> np.ndarray:
+    """Non-dominated sorting of finite objective values.
+
+    values: [n, k] raw objective values; maximise: k flags.
+    Returns int64 [n]: 1 for the front, 2 for the next layer, ... Equal points share a rank.
+    method: ``"moocore"`` (C; O(n log n) in 2-D) or ``"numpy"`` (reference implementation).
+    """
+    points = to_minimisation(values, maximise)
+    if points.ndim != 2 or len(maximise) != points.shape[1]:
+        raise ValueError(f"values must be [n, {len(maximise)}], got shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise ValueError("pareto_ranks needs finite values; drop rows with NaN/inf first")
+    if len(points) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if method == "moocore":
+        return moocore.pareto_rank(points).astype(np.int64) + 1
+    if method == "numpy":
+        return _pareto_ranks_numpy(points)
+    raise ValueError(f"method {method!r} is not one of ['moocore', 'numpy']")
+
+
+def _pareto_ranks_numpy(points: np.ndarray) -> np.ndarray:
+    """Rank = length of the longest chain of dominators ending at a point (dominance is transitive).
+
+    After a lexicographic sort every dominator of a point precedes it, so one pass in sorted
+    order fills the ranks; dominance is checked block-wise against all earlier points.
+    """
+    n = len(points)
+    order = np.lexsort(points.T[::-1])
+    sorted_points = points[order]
+    ranks_sorted = np.zeros(n, dtype=np.int64)
+    for start in range(0, n, _BLOCK):
+        stop = min(start + _BLOCK, n)
+        dom = _dominance_block(sorted_points[start:stop], sorted_points[:stop])
+        for offset in range(stop - start):
+            i = start + offset
+            earlier = dom[offset, :i]
+            ranks_sorted[i] = 1 + (ranks_sorted[:i][earlier].max() if earlier.any() else 0)
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[order] = ranks_sorted
+    return ranks
+
+
+def front_dominators(values: np.ndarray, maximise: Sequence[bool], ranks: np.ndarray) -> list[list[int]]:
+    """For every row, the indices of rank-1 rows that dominate it (empty for the front).
+
+    values: [n, k] raw objective values, ranks: [n] from ``pareto_ranks``.
+    """
+    points = to_minimisation(values, maximise)
+    front = np.flatnonzero(ranks == 1)
+    result: list[list[int]] = []
+    for start in range(0, len(points), _BLOCK):
+        dom = _dominance_block(points[start:start + _BLOCK], points[front])
+        result.extend(front[row].tolist() for row in dom)
+    return result
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """How one objective column is mapped to a minimised value in [0, 1] (see module docstring)."""
+
+    column: str
+    direction: str
+    kind: str  # unit | log | scale | minmax
+    low: float
+    high: float
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """[n] raw values -> [n] minimised normalised values."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.kind == "unit":
+            s = x
+        elif self.kind == "log":
+            s = np.log10(np.maximum(x, 1.0)) / np.log10(self.high)
+        elif self.kind == "scale":
+            s = x / self.high
+        else:
+            s = (x - self.low) / (self.high - self.low)
+        return 1.0 - s if self.direction == "max" else s
+
+    def describe(self) -> str:
+        flip = "1 - " if self.direction == "max" else ""
+        if self.kind == "unit":
+            return f"{flip}{self.column}"
+        if self.kind == "log":
+            return f"{flip}log10({self.column}) / log10({self.high:.6g})"
+        if self.kind == "scale":
+            return f"{flip}{self.column} / {self.high:.6g}"
+        return f"{flip}({self.column} - {self.low:.6g}) / {self.high - self.low:.6g}"
+
+
+def fit_normalisation(values: np.ndarray, objectives: Sequence[Objective]) -> list[Normalisation]:
+    """Choose each objective's mapping from the [n, k] finite raw values of the valid rows."""
+    values = np.asarray(values, dtype=np.float64)
+    result = []
+    for j, obj in enumerate(objectives):
+        col = values[:, j]
+        lo = float(col.min()) if len(col) else 0.0
+        hi = float(col.max()) if len(col) else 1.0
+        if obj.column in UNIT_COLUMNS:
+            result.append(Normalisation(obj.column, obj.direction, "unit", 0.0, 1.0))
+        elif obj.column.endswith("_params"):
+            # Floor at 10 so log10(high) > 0 even for a degenerate sweep.
+            result.append(Normalisation(obj.column, obj.direction, "log", 1.0, max(hi, 10.0)))
+        elif lo >= 0.0:
+            result.append(Normalisation(obj.column, obj.direction, "scale", 0.0, hi if hi > 0 else 1.0))
+        else:
+            result.append(Normalisation(obj.column, obj.direction, "minmax", lo, hi if hi > lo else lo + 1.0))
+    return result
+
+
+def normalise(values: np.ndarray, norms: Sequence[Normalisation]) -> np.ndarray:
+    """[n, k] raw values -> [n, k] minimised values in [0, 1] (for rows inside the fitted range)."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.column_stack([norm.apply(values[:, j]) for j, norm in enumerate(norms)]) if len(norms) else values
+
+
+def hypervolume(points_min: np.ndarray, reference: Sequence[float] | float) -> float:
+    """Volume dominated by [n, k] minimised points and bounded by ``reference`` (moocore).
+
+    Points not strictly better than the reference on every axis add nothing.
+    """
+    points_min = np.asarray(points_min, dtype=np.float64)
+    if len(points_min) == 0:
+        return 0.0
+    ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), (points_min.shape[1],))
+    inside = np.all(points_min < ref, axis=1)
+    if not inside.any():
+        return 0.0
+    return float(moocore.hypervolume(points_min[inside], ref=ref))
+
+
+def confidence_interval(samples: np.ndarray) -> tuple[float, float, float, float]:
+    """(mean, std, ci_low, ci_high) of [n] samples; std with ddof=1, two-sided 95 % Student-t CI.
+
+    With n < 2 the std and CI are NaN: one seed says nothing about seed variance.
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    n = len(samples)
+    if n == 0:
+        return (math.nan,) * 4
+    mean = float(samples.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    std = float(samples.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + CI_LEVEL / 2, df=n - 1)) * std / math.sqrt(n)
+    return mean, std, mean - half, mean + half
+
+
+def group_replicates(keys: Sequence[tuple]) -> list[list[int]]:
+    """Row indices grouped by equal config key, groups and members in first-seen order.
+
+    keys: one hashable tuple per row (config values without the seed); NaN must already be None.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def intervals_overlap(low_a: np.ndarray, high_a: np.ndarray, low_b: np.ndarray, high_b: np.ndarray) -> bool:
+    """True when the CIs overlap on every objective; a NaN interval (n < 2) overlaps anything."""
+    unknown = np.isnan(low_a) | np.isnan(high_a) | np.isnan(low_b) | np.isnan(high_b)
+    overlap = (low_a <= high_b) & (low_b <= high_a)
+    return bool(np.all(unknown | overlap))
+
+
+def not_separable(low: np.ndarray, high: np.ndarray, ranks: np.ndarray) -> list[list[int]]:
+    """For each front member, the dominated rows whose CI overlaps its CI on every objective.
+
+    low/high: [g, k] CI bounds per config; ranks: [g] Pareto ranks of the config means.
+    Returns one list per row (empty for dominated rows and for separable front members).
+    """
+    dominated = np.flatnonzero(ranks > 1)
+    result: list[list[int]] = [[] for _ in range(len(ranks))]
+    for f in np.flatnonzero(ranks == 1):
+        result[f] = [int(d) for d in dominated if intervals_overlap(low[f], high[f], low[d], high[d])]
+    return result
+
+
+class FrontierError(ValueError):
+    """A user error (bad objective, unusable file); the CLI prints it on one line and exits 2."""
+
+
+@dataclass
+class Frontier:
+    """The front of one results table. values: [n, k] raw objective values (NaN where missing)."""
+
+    sweep: str
+    objectives: list[Objective]
+    table: pa.Table  # every input row + pareto_rank (null when excluded) + dominated_by
+    values: np.ndarray
+    valid: np.ndarray  # [n] bool: status ok and every objective finite
+    norms: list[Normalisation]
+    hypervolume: float
+    excluded: list[dict]
+    notes: list[str] = field(default_factory=list)
+    replicates: pa.Table | None = None  # one row per seed-group, ranked on the means
+    replicates_hypervolume: float | None = None
+
+    @property
+    def reference(self) -> list[float]:
+        return [REFERENCE_POINT] * len(self.objectives)
+
+    @property
+    def ranks(self) -> list[int | None]:
+        return self.table.column("pareto_rank").to_pylist()
+
+
+def resolve_objectives(table: pa.Table, objectives: list[Objective]) -> tuple[list[Objective], list[str]]:
+    """Check objective columns exist and are numeric; swap in peak_rss_mb for an all-null VRAM column."""
+    numeric = [f.name for f in table.schema
+               if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)) and f.name not in _ADDED_COLUMNS]
+    resolved, notes = [], []
+    for obj in objectives:
+        if obj.column not in numeric:
+            raise FrontierError(f"objective column {obj.column!r} is not a numeric column of the results; "
+                                f"numeric columns: {numeric}")
+        if table.column(obj.column).null_count == len(table):
+            stand_in = "peak_rss_mb"
+            if obj.column.startswith("peak_vram") and stand_in in numeric and \
+                    table.column(stand_in).null_count < len(table) and stand_in not in [o.column for o in objectives]:
+                notes.append(f"{obj.column} is null in every row (no CUDA): {stand_in} stands in for it")
+                obj = Objective(stand_in, obj.direction)
+            else:
+                raise FrontierError(f"objective column {obj.column!r} is null in every row")
+        resolved.append(obj)
+    return resolved, notes
+
+
+def _column_values(table: pa.Table, column: str) -> np.ndarray:
+    return np.array([math.nan if v is None else v for v in table.column(column).to_pylist()], dtype=np.float64)
+
+
+def _column(table: pa.Table, name: str) -> list:
+    return table.column(name).to_pylist() if name in table.column_names else [None] * len(table)
+
+
+def compute_frontier(table: pa.Table, objectives: list[Objective], sweep: str | None = None) -> Frontier:
+    """Rank the valid rows (status ok, every objective finite); the others get a null rank."""
+    table = table.drop_columns([c for c in _ADDED_COLUMNS if c in table.column_names])
+    objectives, notes = resolve_objectives(table, objectives)
+    values = np.column_stack([_column_values(table, o.column) for o in objectives])
+    status = _column(table, "status")
+    trial_ids = [str(t) for t in _column(table, "trial_id")]
+    valid = np.array([s == "ok" for s in status]) & np.isfinite(values).all(axis=1)
+    maximise = [o.maximise for o in objectives]
+
+    idx = np.flatnonzero(valid)
+    ranks_valid = pareto_ranks(values[idx], maximise)
+    dominators = front_dominators(values[idx], maximise, ranks_valid)
+    ranks: list[int | None] = [None] * len(table)
+    dominated_by: list[list[str] | None] = [None] * len(table)
+    for i, rank, doms in zip(idx, ranks_valid, dominators):
+        ranks[i] = int(rank)
+        dominated_by[i] = [trial_ids[idx[j]] for j in doms]
+    out = table.append_column("pareto_rank", pa.array(ranks, pa.int32()))
+    out = out.append_column("dominated_by", pa.array(dominated_by, pa.list_(pa.string())))
+
+    norms = fit_normalisation(values[idx], objectives)
+    front = values[idx][ranks_valid == 1]
+    hv = hypervolume(normalise(front, norms), REFERENCE_POINT)
+    errors = _column(table, "error")
+    excluded = [
+        {"trial_id": trial_ids[i], "status": status[i],
+         "reason": errors[i] or ("missing " + ", ".join(o.column for j, o in enumerate(objectives)
+                                                        if not np.isfinite(values[i, j]))
+                                 if status[i] == "ok" else "no error message")}
+        for i in np.flatnonzero(~valid)
+    ]
+    if sweep is None:
+        names = sorted({s for s in _column(table, "sweep") if s})
+        sweep = ", ".join(names) or "unnamed sweep"
+    result = Frontier(sweep, objectives, out, values, valid, norms, hv, excluded, notes)
+    _add_replicates(result)
+    return result
+
+
+def _add_replicates(fr: Frontier) -> None:
+    """Aggregate seeds of equal configs (mean, std, 95 % t-CI) and rank the means; only if some n >= 2."""
+    table = fr.table
+    group_cols = [c for c in _CONFIG_COLUMNS if c in table.column_names] + [
+        c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in _ADDED_COLUMNS]
+    idx = np.flatnonzero(fr.valid)
+    config_values = [_column(table, c) for c in group_cols]
+
+    def key_of(i: int) -> tuple:
+        return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in (col[i] for col in config_values))
+
+    groups = [[int(idx[j]) for j in members] for members in group_replicates([key_of(i) for i in idx])]
+    if not any(len(g) >= 2 for g in groups):
+        return
+    trial_ids = [str(t) for t in _column(table, "trial_id")]
+    k = len(fr.objectives)
+    summary = np.array([[confidence_interval(fr.values[g, j]) for j in range(k)] for g in groups])  # [g, k, 4]
+    means, low, high = summary[:, :, 0], summary[:, :, 2], summary[:, :, 3]
+    maximise = [o.maximise for o in fr.objectives]
+    ranks = pareto_ranks(means, maximise)
+    config_ids = [trial_ids[g[0]] for g in groups]
+    dominators = front_dominators(means, maximise, ranks)
+    overlaps = not_separable(low, high, ranks)
+
+    out = table.take([g[0] for g in groups]).select(group_cols)
+    columns: dict[str, pa.Array] = {
+        "config_id": pa.array(config_ids, pa.string()),
+        "trial_ids": pa.array([[trial_ids[i] for i in g] for g in groups], pa.list_(pa.string())),
+        "n": pa.array([len(g) for g in groups], pa.int32()),
+    }
+    for j, obj in enumerate(fr.objectives):
+        for s, stat in enumerate(("mean", "std", "ci_low", "ci_high")):
+            columns[f"{obj.column}_{stat}"] = pa.array(summary[:, j, s], pa.float64(), from_pandas=True)
+    columns["pareto_rank"] = pa.array(ranks, pa.int32())
+    columns["dominated_by"] = pa.array([[config_ids[d] for d in doms] for doms in dominators], pa.list_(pa.string()))
+    columns["not_separable"] = pa.array(
+        [f"not separable at n={len(groups[i])}" if overlaps[i] else None for i in range(len(groups))], pa.string())
+    columns["not_separable_from"] = pa.array([[config_ids[d] for d in o] for o in overlaps], pa.list_(pa.string()))
+    for name, array in columns.items():
+        out = out.append_column(name, array)
+    fr.replicates = out
+    fr.replicates_hypervolume = hypervolume(normalise(means[ranks == 1], fr.norms), REFERENCE_POINT)
