@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,7 +313,7 @@ def _write_val_subset(val_ann: Path, label_map: LabelMap, limit: int | None) -> 
             coco = load_coco_json(val_ann)
             ids = sorted(int(im["id"]) for im in coco["images"])
             subset = filter_coco(coco, label_map.category_ids, ids[:limit] if limit else None)
-            tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
+            tmp = cache_dir / f".{name}.{uuid.uuid4().hex}.tmp"  # unique across nodes sharing a volume
             tmp.write_text(json.dumps(subset))
             os.replace(tmp, out)
             return out
