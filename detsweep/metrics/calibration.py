@@ -1,6 +1,6 @@
 """Detection calibration: COCO-style greedy matching, then ECE / NLL / Brier and reliability bins.
 
-Pure numpy. The matching helpers here are shared with `errors.py`.
+Pure numpy. The vectorised matching helpers here are shared with `errors.py`.
 """
 from __future__ import annotations
 
@@ -10,36 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from detsweep.metrics.coco import check_detections, load_ground_truth
+from detsweep.metrics.coco import (
+    DetectionArrays,
+    Detections,
+    GroundTruthArrays,
+    check_detections,
+    detection_arrays,
+    gt_arrays,
+    load_ground_truth,
+)
 
 NLL_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] so NLL stays finite (DESIGN.md)
 _MAX_PAIRS_PER_CHUNK = 1 << 22  # bounds memory of the det x GT pair arrays (~4M pairs, ~200 MB)
-
-
-@dataclass(frozen=True)
-class GroundTruthArrays:
-    """Non-crowd ground-truth boxes as arrays, in `gt["annotations"]` order.
-
-    Crowd boxes (`iscrowd=1`) are dropped: a detection on a crowd region can never count as correct
-    here (pycocotools instead ignores such detections; at ~1% crowd boxes on COCO the difference is small).
-    """
-
-    image_ids: np.ndarray  # [G] int64
-    category_ids: np.ndarray  # [G] int64, original COCO ids
-    boxes_xywh: np.ndarray  # [G, 4] float64, absolute pixels
-
-
-@dataclass(frozen=True)
-class DetectionArrays:
-    """Detections as arrays, in input order."""
-
-    image_ids: np.ndarray  # [D] int64
-    category_ids: np.ndarray  # [D] int64, original COCO ids
-    boxes_xywh: np.ndarray  # [D, 4] float64, absolute pixels
-    scores: np.ndarray  # [D] float64
-
-    def subset(self, keep: np.ndarray) -> "DetectionArrays":
-        return DetectionArrays(self.image_ids[keep], self.category_ids[keep], self.boxes_xywh[keep], self.scores[keep])
 
 
 @dataclass(frozen=True)
@@ -54,25 +36,6 @@ class Overlaps:
     cand_det: np.ndarray  # [P] detection index
     cand_gt: np.ndarray  # [P] GT index into GroundTruthArrays
     cand_iou: np.ndarray  # [P]
-
-
-def gt_arrays(gt: dict) -> GroundTruthArrays:
-    anns = [a for a in gt.get("annotations", []) if not a.get("iscrowd", 0)]
-    return GroundTruthArrays(
-        image_ids=np.array([a["image_id"] for a in anns], dtype=np.int64),
-        category_ids=np.array([a["category_id"] for a in anns], dtype=np.int64),
-        boxes_xywh=np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4),
-    )
-
-
-def detection_arrays(detections: list[dict]) -> DetectionArrays:
-    n = len(detections)
-    return DetectionArrays(
-        image_ids=np.fromiter((d["image_id"] for d in detections), np.int64, count=n),
-        category_ids=np.fromiter((d["category_id"] for d in detections), np.int64, count=n),
-        boxes_xywh=np.array([d["bbox"] for d in detections], dtype=np.float64).reshape(-1, 4),
-        scores=np.fromiter((d["score"] for d in detections), np.float64, count=n),
-    )
 
 
 def box_iou_xywh_pairs(a_xywh: np.ndarray, b_xywh: np.ndarray) -> np.ndarray:
@@ -161,7 +124,7 @@ def greedy_match(overlaps: Overlaps, dets: DetectionArrays, n_gt: int) -> tuple[
     return det_matched, gt_matched
 
 
-def match_detections(gt: dict | str | Path, detections: list[dict], *, iou_threshold: float = 0.5) -> np.ndarray:
+def match_detections(gt: dict | str | Path, detections: Detections, *, iou_threshold: float = 0.5) -> np.ndarray:
     """Mark each detection correct (True) or not by COCO-style greedy matching (DESIGN.md).
 
     Per image, detections are taken in descending score; ties keep input order (stable sort). Each is
@@ -173,9 +136,9 @@ def match_detections(gt: dict | str | Path, detections: list[dict], *, iou_thres
     if not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
     gt = load_ground_truth(gt)
-    check_detections(gt, detections)
-    gts = gt_arrays(gt)
     dets = detection_arrays(detections)
+    check_detections(gt, dets)
+    gts = gt_arrays(gt)
     matched, _ = greedy_match(pairwise_overlaps(gts, dets, iou_threshold), dets, len(gts.image_ids))
     return matched
 
@@ -247,15 +210,16 @@ def reliability(confidences: Any, correct: Any, n_bins: int = 10) -> dict[str, l
 
 
 def calibration_metrics(
-    gt: dict | str | Path, detections: list[dict], *, match_iou: float = 0.5, bins: int = 10
+    gt: dict | str | Path, detections: Detections, *, match_iou: float = 0.5, bins: int = 10
 ) -> dict[str, Any]:
     """ECE / NLL / Brier of detection scores against greedy-matching correctness (DESIGN.md).
 
     Every detection counts (no score threshold). Returns `{"ece", "nll", "brier", "n_detections",
     "reliability"}`; with zero detections ece/nll/brier are None and n_detections is 0.
     """
-    correct = match_detections(gt, detections, iou_threshold=match_iou)
-    scores = np.fromiter((d["score"] for d in detections), np.float64, count=len(detections))
+    dets = detection_arrays(detections)
+    correct = match_detections(gt, dets, iou_threshold=match_iou)
+    scores = dets.scores
     return {
         "ece": ece(scores, correct, bins),
         "nll": nll(scores, correct),

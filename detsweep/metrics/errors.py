@@ -6,17 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from detsweep.metrics.calibration import detection_arrays, greedy_match, gt_arrays, pairwise_overlaps
-from detsweep.metrics.coco import check_detections, load_ground_truth
+from detsweep.metrics.calibration import greedy_match, pairwise_overlaps
+from detsweep.metrics.coco import Detections, check_detections, detection_arrays, gt_arrays, load_ground_truth
 
 # Foreground / background IoU thresholds of TIDE (Bolya et al., ECCV 2020).
 FG_IOU = 0.5
 BG_IOU = 0.1
 
 
-def error_taxonomy(gt: dict | str | Path, detections: list[dict], *, score_threshold: float = 0.3) -> dict[str, int]:
+def error_taxonomy(gt: dict | str | Path, detections: Detections, *, score_threshold: float = 0.3) -> dict[str, int]:
     """Count detection errors by kind, TIDE-style, over detections with score >= `score_threshold`.
 
     True positives come from the greedy matching at IoU 0.5 (`calibration.match_detections`: per image
@@ -39,9 +37,9 @@ def error_taxonomy(gt: dict | str | Path, detections: list[dict], *, score_thres
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold!r}")
     gt = load_ground_truth(gt)
-    check_detections(gt, detections)
-    gts = gt_arrays(gt)
     all_dets = detection_arrays(detections)
+    check_detections(gt, all_dets)
+    gts = gt_arrays(gt)
     dets = all_dets.subset(all_dets.scores >= score_threshold)
     overlaps = pairwise_overlaps(gts, dets, FG_IOU)
     tp, gt_matched = greedy_match(overlaps, dets, len(gts.image_ids))

@@ -144,7 +144,8 @@ def test_img_ids_restricts_evaluation():
 
 
 def test_unknown_backend_lists_allowed():
-    with pytest.raises(ValueError, match=r"unknown COCO eval backend 'detectron'; allowed: \['pycocotools', 'faster_coco_eval'\]"):
+    expected = r"unknown COCO eval backend 'detectron'; allowed: \['pycocotools', 'faster_coco_eval'\]"
+    with pytest.raises(ValueError, match=expected):
         coco_eval(make_gt(), [], backend="detectron")
 
 
@@ -167,3 +168,53 @@ def test_write_detections_json_is_atomic_and_plain(tmp_path):
     assert json.loads(path.read_text()) == [{"image_id": 1, "category_id": 7, "bbox": [1.0, 2.0, 3.0, 4.0],
                                              "score": 0.5}]
     assert sorted(p.name for p in path.parent.iterdir()) == ["dets.json"]  # no temporary file left
+
+
+def test_evaluate_detections_flat_row_and_extras():
+    from detsweep.metrics import evaluate_detections
+    from detsweep.metrics.calibration import calibration_metrics
+    from detsweep.metrics.errors import error_taxonomy
+
+    gt = make_gt()
+    dets = noisy_detections(gt)
+    row = evaluate_detections(gt, dets, match_iou=0.6, bins=5, error_score_threshold=0.2)
+    columns = [*STAT_NAMES, "ece", "nll", "brier", "n_detections",
+               "err_cls", "err_loc", "err_dup", "err_bkg", "err_missed"]
+    assert sorted(row) == sorted([*columns, "per_class_ap", "reliability"])
+    assert {k: row[k] for k in STAT_NAMES} == {k: v for k, v in coco_eval(gt, dets).items() if k in STAT_NAMES}
+    calib = calibration_metrics(gt, dets, match_iou=0.6, bins=5)
+    assert (row["ece"], row["nll"], row["brier"], row["n_detections"]) == \
+        (calib["ece"], calib["nll"], calib["brier"], len(dets))
+    assert len(row["reliability"]["count"]) == 5
+    assert {k: row[k] for k in error_taxonomy(gt, dets)} == error_taxonomy(gt, dets, score_threshold=0.2)
+    empty = evaluate_detections(gt, [])
+    assert (empty["ap"], empty["ece"], empty["n_detections"], empty["err_missed"]) == (0.0, None, 0, 18)
+
+
+def test_metrics_package_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, detsweep.metrics, detsweep.metrics.coco, detsweep.metrics.calibration, "
+            "detsweep.metrics.errors; print(sorted(m for m in ('torch', 'matplotlib', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = "import sys, detsweep.metrics.efficiency, detsweep.metrics.visuals; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
+
+
+def test_detection_arrays_input_gives_same_numbers():
+    from detsweep.metrics import detection_arrays
+
+    gt = make_gt()
+    dets = noisy_detections(gt)
+    arrays = detection_arrays(dets)
+    assert len(arrays) == len(dets) and arrays.boxes_xywh.shape == (len(dets), 4)
+    assert coco_eval(gt, arrays) == coco_eval(gt, dets)
+
+
+def test_non_finite_detection_is_rejected():
+    dets = [{"image_id": 1, "category_id": 3, "bbox": [0, 0, float("nan"), 5], "score": 0.5}]
+    with pytest.raises(ValueError, match=r"must be finite, got score 0.5 bbox \[0.0, 0.0, nan, 5.0\] \(image_id 1\)"):
+        coco_eval(make_gt(), dets)
