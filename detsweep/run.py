@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     from detsweep import sweep as sweep_mod
 
     # Ray's own rule: RAY_ADDRESS, else a running cluster on this node, else a new local one.
-    ray.init(log_to_driver=not args.quiet)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=not args.quiet)
     cluster = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     n = concurrency_for(sweep, trials, cluster, args.max_concurrent)
     print(f"sweep {sweep.name!r}: {len(trials)} trials, {n} at once on "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
 import time
 from typing import Any
@@ -13,7 +14,7 @@ import ray.tune
 from ray.tune import Callback
 
 from detsweep.config import Sweep, TrialConfig
-from detsweep.results import ResultsStore, provenance
+from detsweep.results import RESULTS_SCHEMA, ResultsStore, infer_extra_columns, provenance
 from detsweep.worker import train_fn_per_worker
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,24 @@ _CONFIG_COLUMNS = {
     "gpus_per_worker": lambda t: t["resources"]["gpus_per_worker"],
     "data": lambda t: f"{t['data']['kind']}:{t['data']['root']}",
 }
-# Tune's own bookkeeping keys and our per-epoch-only keys never become result columns.
-_NOT_COLUMNS = re.compile(r"^(loss.*|lr|epoch|resumed_from_epoch|checkpoint_dir_name|config|"
-                          r"time_.*|timestamp|training_iteration|done|trial_id|date|hostname|node_ip|pid|"
-                          r"iterations_since_restore|experiment_tag|should_checkpoint)$")
+# Grid axes that already have a config column of their own get no extra column.
+_AXES_WITH_COLUMNS = {"lora.rank", "lora.placement", "lora.alpha", "train.lr", "train.seed", "train.epochs",
+                      "model.detr.num_queries", "model.detr.dec_layers", "model.detr.backbone",
+                      "model.faster_rcnn.backbone", "resources.ddp_workers", "resources.gpus_per_worker"}
+# Reported keys that are not result columns (per-epoch values, Tune's bookkeeping, provenance
+# that the driver fills in itself).
+_SKIP_REPORTED = {"sweep", "trial_id", "status", "error", "wall_s", "gpu_hours", "started_at", "finished_at",
+                  "detsweep_version", "git_sha", "torch_version", "ray_version", "hostname"}
 
 
-def axis_column(key: str) -> str:
-    return key.replace(".", "_")
+def extra_axis_columns(trials: list[TrialConfig]) -> dict[str, Any]:
+    """Result columns for the grid axes that have none: dotted key with `.` -> `_`."""
+    values: dict[str, list[Any]] = {}
+    for t in trials:
+        for k, v in t.axes.items():
+            if k not in _AXES_WITH_COLUMNS:
+                values.setdefault(k, []).append(v)
+    return infer_extra_columns(values)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -94,8 +105,8 @@ def _now() -> dt.datetime:
 class ResultsCallback(Callback):
     """Driver side: rows written as trials report and end, each write atomic."""
 
-    def __init__(self, root: str, sweep_name: str, axes: list[str]):
-        self.root, self.sweep_name, self.axes = root, sweep_name, axes
+    def __init__(self, root: str, sweep_name: str, extra_columns: dict[str, Any]):
+        self.root, self.sweep_name, self.extra_columns = root, sweep_name, extra_columns
         self._started: dict[str, tuple[dt.datetime, float]] = {}
         self._prov: dict[str, Any] | None = None
 
@@ -112,10 +123,9 @@ class ResultsCallback(Callback):
             self._prov = provenance()
         row: dict[str, Any] = {"sweep": self.sweep_name, "trial_id": tid, "status": status, "error": error}
         row.update({col: fn(cfg) for col, fn in _CONFIG_COLUMNS.items()})
-        row.update({axis_column(k): v for k, v in cfg["axes"].items() if axis_column(k) not in row})
-        row.update({k: v for k, v in last.items() if not _NOT_COLUMNS.match(k)})
-        if "checkpoint_dir_name" in last or last.get("checkpoint_path"):
-            row["checkpoint_path"] = last.get("checkpoint_path")
+        row.update({k.replace(".", "_"): v for k, v in cfg["axes"].items()
+                    if k.replace(".", "_") in self.extra_columns})
+        row.update({k: v for k, v in last.items() if k in RESULTS_SCHEMA.names and k not in _SKIP_REPORTED})
         row["wall_s"] = time.time() - t0 if status != "running" else None
         res = cfg["resources"]
         if row["wall_s"] is not None:
@@ -127,7 +137,7 @@ class ResultsCallback(Callback):
         return row
 
     def _write(self, row: dict[str, Any]) -> None:
-        self.store.upsert_trial(row)
+        self.store.upsert_trial(row, self.extra_columns)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = trial.config["trial"]["trial_id"]
@@ -150,8 +160,15 @@ class ResultsCallback(Callback):
         self._write(self._row(trial, status, None))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        err = trial.get_error()
-        self._write(self._row(trial, "error", error_line(str(err)) if err else "unknown error"))
+        # Tune has just written the traceback to the trial's local error file; its copy in
+        # storage (`trial.get_error()`) is only synced later.
+        text = ""
+        if trial.error_file and os.path.exists(trial.error_file):
+            with open(trial.error_file) as f:
+                text = f.read()
+        elif trial.get_error() is not None:
+            text = str(trial.get_error())
+        self._write(self._row(trial, "error", error_line(text) if text else "unknown error"))
 
 
 def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurrency: int) -> "ray.tune.Tuner":
@@ -164,7 +181,6 @@ def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurren
                                   max_t=max(t.train.epochs for t in trials),
                                   grace_period=sweep.scheduler.grace_period,
                                   reduction_factor=sweep.scheduler.reduction_factor)
-    axes = sorted({k for t in trials for k in t.axes})
     return ray.tune.Tuner(
         ray.tune.with_resources(run_trial, {"CPU": TRIAL_ACTOR_CPU}),
         param_space={"trial": ray.tune.grid_search([t.to_dict() for t in trials])},
@@ -173,7 +189,7 @@ def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurren
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=ray.tune.RunConfig(
             name=TUNE_DIR, storage_path=root,
-            callbacks=[ResultsCallback(root, sweep.name, axes)],
+            callbacks=[ResultsCallback(root, sweep.name, extra_axis_columns(trials))],
             failure_config=ray.tune.FailureConfig(max_failures=0),  # Train retries; Tune records
             verbose=1),
     )

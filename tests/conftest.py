@@ -1,0 +1,29 @@
+"""Shared test fixtures: a real local Ray cluster, tiny sweep files on synthetic data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray for the session: 4 logical CPUs and 4 logical GPUs on this CPU-only
+    machine (logical GPUs let tests check fractional placement; the models stay on CPU)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")

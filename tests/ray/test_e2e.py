@@ -1,0 +1,99 @@
+"""End to end on a real local Ray: TorchTrainer with 2 DDP workers (gloo), real COCOeval, a real
+Parquet file. One sweep with a trial per DETR regime plus a Faster R-CNN trial whose checkpoint
+file is corrupt, so it fails while the others go on."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from detsweep import run
+
+pytestmark = pytest.mark.ray
+
+
+def tiny_sweep(tmp: Path, synthetic_root: Path, **overrides) -> dict:
+    sweep = {
+        "name": "e2e",
+        "data": {"kind": "synthetic", "root": str(synthetic_root), "train_images": 8, "val_images": 4,
+                 "image_size": 64, "num_classes": 3},
+        "model": {
+            "detr": {"backbone": "resnet18", "num_queries": 8, "hidden_dim": 32, "nheads": 2, "enc_layers": 1,
+                     "dec_layers": 1, "dim_feedforward": 64, "dropout": 0.0},
+            "faster_rcnn": {"backbone": "resnet18", "min_size": 64, "max_size": 64},
+        },
+        "lora": {"rank": 4, "placement": "attention_ffn"},
+        "train": {"epochs": 2, "batch_size_per_worker": 2},
+        "resources": {"ddp_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0},
+        "grid": {"model": ["detr_r50"], "regime": ["full"]},
+        "storage": str(tmp / "results"),
+    }
+    for key, value in overrides.items():
+        sweep[key] = value
+    return sweep
+
+
+def write_sweep(tmp: Path, sweep: dict) -> Path:
+    path = tmp / f"{sweep['name']}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"this is not a torch checkpoint")
+    sweep = tiny_sweep(tmp_path, synthetic_root)
+    sweep["model"]["faster_rcnn"]["weights"] = str(corrupt)
+    sweep["grid"] = {"model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full", "lora_only", "partial"]}
+    path = write_sweep(tmp_path, sweep)
+
+    assert run.main([str(path), "--max-concurrent", "2"]) == 0
+
+    root = tmp_path / "results" / "e2e"
+    table = pq.read_table(root / "results.parquet")
+    rows = {r["trial_id"]: r for r in table.to_pylist()}
+    assert set(rows) == {"detr_r50-full", "detr_r50-lora_only-r4-attention_ffn", "detr_r50-partial",
+                         "fasterrcnn_r50_fpn-full"}
+    failed = rows.pop("fasterrcnn_r50_fpn-full")
+    assert failed["status"] == "error"
+    assert "corrupt.pth" in failed["error"] or "checkpoint" in failed["error"].lower(), failed["error"]
+    for tid, r in rows.items():
+        assert r["status"] == "ok", (tid, r["error"])
+        assert r["error"] is None
+        for k in ("ap", "ap50", "ap75", "ar100"):
+            assert 0.0 <= r[k] <= 1.0, (tid, k, r[k])
+        assert r["epochs_completed"] == 2 and r["ddp_workers"] == 2
+        assert r["train_s"] > 0 and r["eval_s"] > 0 and r["wall_s"] > r["train_s"]
+        assert r["train_images_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["peak_vram_train_mb"] is None and r["device"] == "cpu"
+        assert r["n_detections"] == 4 * 8  # every query of every val image, no threshold, no duplicates
+        assert r["torch_version"].startswith("2.14.1") and r["ray_version"] == "2.60.0"
+        assert r["started_at"] < r["finished_at"]
+    full, lora, partial = (rows["detr_r50-full"], rows["detr_r50-lora_only-r4-attention_ffn"],
+                           rows["detr_r50-partial"])
+    assert full["total_params"] == partial["total_params"]
+    assert lora["total_params"] == full["total_params"] + lora["lora_params"]
+    assert lora["trainable_params"] < partial["trainable_params"] < full["trainable_params"]
+    assert lora["lora_rank"] == 4 and full["lora_rank"] is None
+    assert table.schema.field("lora_rank").type == "int32"
+
+    history = pq.read_table(root / "history.parquet").to_pylist()
+    epochs = sorted((h["trial_id"], h["epoch"]) for h in history)
+    assert epochs == sorted((tid, e) for tid in rows for e in (0, 1))
+
+    # Each ok trial's last checkpoint holds the COCO results JSON, re-evaluable offline.
+    ckpt = Path(rows["detr_r50-partial"]["checkpoint_path"])
+    dets = json.loads((ckpt / "detections.json").read_text())
+    assert len(dets) == 32 and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
+    assert (ckpt / "loss_curves.png").exists()
+    # The LoRA checkpoint holds adapters and heads only: far smaller than the full one.
+    lora_ckpt = Path(lora["checkpoint_path"]) / "model.pt"
+    full_ckpt = Path(full["checkpoint_path"]) / "model.pt"
+    assert lora_ckpt.stat().st_size < full_ckpt.stat().st_size / 5
+    # Tune writes TensorBoard event files per trial.
+    assert glob.glob(str(root / "tune" / "detr_r50-full" / "events.out.tfevents.*"))
