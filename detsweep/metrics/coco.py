@@ -228,8 +228,16 @@ def _index(coco_cls: type, gt: dict, annotations: list[dict]) -> Any:
 
 
 def _copy_annotations(annotations: list[dict]) -> list[dict]:
-    # Shallow copies: both COCOeval implementations write an "ignore" key into each GT dict.
-    return [dict(a) for a in annotations]
+    """Shallow copies (both COCOeval implementations write an "ignore" key into each GT dict),
+    with the optional-looking keys COCOeval nevertheless requires: `area` (w*h of the box) and `iscrowd`."""
+    copies = []
+    for a in annotations:
+        a = dict(a)
+        if "area" not in a:
+            a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])
+        a.setdefault("iscrowd", 0)
+        copies.append(a)
+    return copies
 
 
 def _result_annotations(dets: DetectionArrays) -> list[dict]:

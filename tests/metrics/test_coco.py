@@ -218,3 +218,11 @@ def test_non_finite_detection_is_rejected():
     dets = [{"image_id": 1, "category_id": 3, "bbox": [0, 0, float("nan"), 5], "score": 0.5}]
     with pytest.raises(ValueError, match=r"must be finite, got score 0.5 bbox \[0.0, 0.0, nan, 5.0\] \(image_id 1\)"):
         coco_eval(make_gt(), dets)
+
+
+def test_gt_without_area_or_iscrowd_is_evaluated_from_the_box():
+    gt = make_gt()
+    dets = noisy_detections(gt)
+    bare = {**gt, "annotations": [{k: v for k, v in a.items() if k not in ("area", "iscrowd")}
+                                  for a in gt["annotations"]]}
+    assert coco_eval(bare, dets) == coco_eval(gt, dets)  # make_gt's area is exactly w*h
