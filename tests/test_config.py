@@ -1,0 +1,191 @@
+"""The sweep file: every bad input is one line naming file, key, value and what is allowed;
+grid expansion prunes meaningless combinations and gives stable ids."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detsweep.config import (LORA_PLACEMENTS, MODELS, REGIMES, SweepError, TrialConfig, expand, load_sweep,
+                             parse_sweep)
+from detsweep.grid import max_concurrent
+
+REPO = Path(__file__).resolve().parents[1]
+SEED000_GRID = {"model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full", "lora_only", "partial"],
+                "lora.rank": [4, 8, 16], "lora.placement": ["attention_only", "attention_ffn"]}
+
+BAD = [
+    ({"name": "x", "grid": {"lora.placement": ["attn"]}},
+     "f.yaml: grid.lora.placement: 'attn' is not one of ['attention_only', 'attention_ffn', 'decoder_only', 'qv_only']"),
+    ({"name": "x", "grid": {"model": ["yolo"]}},
+     "f.yaml: grid.model: 'yolo' is not one of ['detr_r50', 'fasterrcnn_r50_fpn']"),
+    ({"name": "x", "grid": {"regime": ["half"]}},
+     "f.yaml: grid.regime: 'half' is not one of ['full', 'lora_only', 'partial']"),
+    ({"name": "x", "train": {"lr": "fast"}}, "f.yaml: train.lr: 'fast' must be of type float"),
+    ({"name": "x", "train": {"epochs": 1.5}}, "f.yaml: train.epochs: 1.5 must be of type int"),
+    ({"name": "x", "train": {"epochs": 0}}, "f.yaml: train.epochs: 0 must be > 0"),
+    ({"name": "x", "trian": {}},
+     "f.yaml: trian: unknown key; allowed keys are ['name', 'data', 'model', 'lora', 'train', 'eval', "
+     "'resources', 'resources_by_regime', 'fault_tolerance', 'grid', 'scheduler', 'storage', "
+     "'max_concurrent_trials']"),
+    ({"name": "x", "model": {"detr": {"layers": 3}}},
+     "f.yaml: model.detr.layers: unknown key; allowed keys are ['backbone', 'weights', 'num_queries', "
+     "'hidden_dim', 'nheads', 'enc_layers', 'dec_layers', 'dim_feedforward', 'dropout', 'aux_loss', "
+     "'min_size', 'max_size', 'regimes']"),
+    ({"name": "x", "model": {"detr": {"backbone": "vit"}}},
+     "f.yaml: model.detr.backbone: 'vit' is not one of ['resnet18', 'resnet34', 'resnet50', 'resnet101']"),
+    ({"name": "x", "resources": {"ddp_workers": 2, "gpus_per_worker": 0.5}},
+     "f.yaml: resources.gpus_per_worker: 0.5 is fractional, which needs ddp_workers: 1 (got 2); NCCL "
+     "cannot run two ranks of one trial on one GPU"),
+    ({"name": "x", "resources_by_regime": {"lora_only": {"ddp_workers": 2, "gpus_per_worker": 0.25}}},
+     "f.yaml: resources_by_regime.lora_only.gpus_per_worker: 0.25 is fractional, which needs ddp_workers: 1 "
+     "(got 2); NCCL cannot run two ranks of one trial on one GPU"),
+    ({"name": "x", "scheduler": "hyperband"}, "f.yaml: scheduler.kind: 'hyperband' is not one of ['none', 'asha']"),
+    ({"name": "x", "grid": {"train.foo": [1]}},
+     "f.yaml: grid.train.foo: unknown key 'train.foo'; allowed keys are ['epochs', 'batch_size_per_worker', "
+     "'lr', 'lr_backbone', 'weight_decay', 'grad_clip', 'lr_schedule', 'lr_drop_epoch', 'warmup_steps', "
+     "'amp', 'seed']"),
+    ({"name": "x", "grid": {"train.lr": 0.1}}, "f.yaml: grid.train.lr: 0.1 must be a non-empty list"),
+    ({"name": "x", "grid": {"train.seed": [0, "one"]}}, "f.yaml: grid.train.seed: 'one' must be of type int"),
+    ({"name": "x", "model": {"detr": {"weights": "/nonexistent/detr.pth"}}},
+     "f.yaml: model.detr.weights: '/nonexistent/detr.pth' is neither one of ['none', 'coco'] nor an existing "
+     "checkpoint file"),
+    ({"name": "x", "data": {"kind": "coco", "root": "/nonexistent/coco"}},
+     "f.yaml: data.root: '/nonexistent/coco' is not a directory (run `python -m detsweep.data coco2017 "
+     "--root DIR` first)"),
+    ({"name": "x", "eval": {"calibration": {"match_iou": 1.5}}},
+     "f.yaml: eval.calibration.match_iou: 1.5 must be in (0, 1]"),
+    ({"data": {}}, "f.yaml: name: required key is missing"),
+    (["not", "a", "mapping"], "f.yaml: the sweep file must be a mapping, got list"),
+]
+
+
+@pytest.mark.parametrize("raw,message", BAD, ids=[m.split(": ")[1] for _, m in BAD])
+def test_bad_sweep_is_one_line(raw, message):
+    with pytest.raises(SweepError) as e:
+        parse_sweep(raw, "f.yaml")
+    assert str(e.value) == message
+    assert "\n" not in str(e.value)
+
+
+def test_seed000_matrix_expands_to_its_nine_real_trials():
+    trials = expand(parse_sweep({"name": "s", "grid": SEED000_GRID}))
+    assert [t.trial_id for t in trials] == [
+        "detr_r50-full",
+        "detr_r50-lora_only-r4-attention_only", "detr_r50-lora_only-r4-attention_ffn",
+        "detr_r50-lora_only-r8-attention_only", "detr_r50-lora_only-r8-attention_ffn",
+        "detr_r50-lora_only-r16-attention_only", "detr_r50-lora_only-r16-attention_ffn",
+        "detr_r50-partial", "fasterrcnn_r50_fpn-full"]
+    by_id = {t.trial_id: t for t in trials}
+    assert by_id["detr_r50-full"].lora is None
+    assert by_id["detr_r50-lora_only-r16-attention_ffn"].lora.rank == 16
+    # Faster R-CNN's partial regime is available when its family lists it.
+    sweep = parse_sweep({"name": "s", "grid": SEED000_GRID, "model": {"faster_rcnn": {"regimes": ["full", "partial"]}}})
+    assert [t.trial_id for t in expand(sweep)][-2:] == ["fasterrcnn_r50_fpn-full", "fasterrcnn_r50_fpn-partial"]
+
+
+def test_extra_axes_name_the_trial_and_are_deduplicated_where_meaningless():
+    sweep = parse_sweep({"name": "s", "grid": {
+        "model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full"], "train.seed": [0, 1],
+        "model.detr.dec_layers": [6, 3]}})
+    ids = [t.trial_id for t in expand(sweep)]
+    assert ids == ["detr_r50-full-seed0-dec_layers6", "detr_r50-full-seed0-dec_layers3",
+                   "detr_r50-full-seed1-dec_layers6", "detr_r50-full-seed1-dec_layers3",
+                   "fasterrcnn_r50_fpn-full-seed0", "fasterrcnn_r50_fpn-full-seed1"]
+    t = expand(sweep)[1]
+    assert t.detr.dec_layers == 3 and t.train.seed == 0 and t.axes == {"train.seed": 0, "model.detr.dec_layers": 3}
+
+
+def test_trial_ids_are_stable_and_configs_round_trip():
+    a = expand(parse_sweep({"name": "s", "grid": SEED000_GRID}))
+    b = expand(parse_sweep({"name": "s", "grid": dict(reversed(list(SEED000_GRID.items())))}))
+    assert sorted(t.trial_id for t in a) == sorted(t.trial_id for t in b)
+    for t in a:
+        assert TrialConfig.from_dict(t.to_dict()) == t
+
+
+def test_resources_by_regime_and_concurrency_for_a_four_gpu_node():
+    sweep = parse_sweep({"name": "s", "grid": SEED000_GRID,
+                         "resources": {"ddp_workers": 2, "cpus_per_worker": 8, "gpus_per_worker": 1},
+                         "resources_by_regime": {"lora_only": {"ddp_workers": 1, "cpus_per_worker": 4,
+                                                               "gpus_per_worker": 0.5}}})
+    trials = expand(sweep)
+    lora = [t for t in trials if t.regime == "lora_only"]
+    assert all(t.resources.gpus_per_worker == 0.5 and t.resources.ddp_workers == 1 for t in lora)
+    assert max_concurrent(lora, {"CPU": 48, "GPU": 4}) == 6  # 8 fit, 6 exist
+    assert max_concurrent([t for t in trials if t.regime == "full"], {"CPU": 48, "GPU": 4}) == 2
+    assert max_concurrent(trials, {"CPU": 2, "GPU": 0}) == 1
+
+
+def test_validator_names_equal_the_models_own_registries():
+    from detsweep.models import MODEL_FAMILIES
+    from detsweep.models.lora import PLACEMENT_NAMES
+    from detsweep.models.regimes import REGIMES as MODEL_REGIMES
+
+    assert MODELS == MODEL_FAMILIES
+    assert tuple(LORA_PLACEMENTS) == tuple(PLACEMENT_NAMES)
+    assert tuple(REGIMES) == tuple(MODEL_REGIMES)
+
+
+def test_shipped_sweeps_load(tmp_path):
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        sweep = load_sweep(path, check_paths=False)
+        assert expand(sweep), path
+    smoke = expand(load_sweep(REPO / "sweeps" / "smoke.yaml"))
+    assert {t.regime for t in smoke} == {"full", "lora_only", "partial"}
+    assert {(t.lora.rank, t.lora.placement) for t in smoke if t.lora} == {
+        (4, "attention_only"), (4, "attention_ffn"), (8, "attention_only"), (8, "attention_ffn")}
+    full = expand(load_sweep(REPO / "sweeps" / "full.yaml", check_paths=False))
+    assert len(full) == 9
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "detsweep.run", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_cli_bad_file_exits_2_with_one_line_and_no_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "grid": {"lora.placement": ["attn"]}}))
+    out = _cli(str(path), "--dry-run")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: {path}: grid.lora.placement: 'attn' is not one of ['attention_only', 'attention_ffn', "
+        f"'decoder_only', 'qv_only']"]
+    missing = _cli(str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such sweep file"
+    path.write_text("name: [unclosed")
+    assert _cli(str(path)).returncode == 2
+
+
+def test_cli_dry_run_prints_the_plan_and_starts_nothing():
+    out = _cli("sweeps/full.yaml", "--dry-run", "--assume-resources", "CPU=48,GPU=4")
+    assert out.returncode == 0, out.stderr
+    assert "9 trials, up to 8 at once" in out.stdout
+    assert "detr_r50-lora_only-r16-attention_ffn" in out.stdout
+    assert "cluster: CPU=48, GPU=4 (assumed)" in out.stdout
+    assert "ray" not in out.stderr.lower()
+
+
+def test_cli_help():
+    out = _cli("--help")
+    assert out.returncode == 0 and "--dry-run" in out.stdout and "--resume" in out.stdout
+
+
+def test_ray_stays_at_the_edges():
+    """Only run.py, sweep.py and worker.py may import ray."""
+    allowed = {"run.py", "sweep.py", "worker.py"}
+    offenders = []
+    for path in (REPO / "detsweep").rglob("*.py"):
+        if path.name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                offenders.append(str(path.relative_to(REPO)))
+    assert offenders == []
