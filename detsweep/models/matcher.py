@@ -30,10 +30,11 @@ class HungarianMatcher(nn.Module):
         """
         bs, num_queries = outputs["pred_logits"].shape[:2]
         # Batched over all images at once (one big matrix, then split): cheaper than a loop over images.
-        out_prob = outputs["pred_logits"].flatten(0, 1).softmax(-1)
-        out_bbox = outputs["pred_boxes"].flatten(0, 1)
+        # float32 costs even under autocast: near-ties in bf16 would make the assignment arbitrary.
+        out_prob = outputs["pred_logits"].flatten(0, 1).float().softmax(-1)
+        out_bbox = outputs["pred_boxes"].flatten(0, 1).float()
         tgt_ids = torch.cat([t["labels"] for t in targets])
-        tgt_bbox = torch.cat([t["boxes"] for t in targets]).to(out_bbox.dtype)
+        tgt_bbox = torch.cat([t["boxes"] for t in targets]).float()
         # -p[target class] approximates the NLL; the constant 1 of (1 - p) does not change the assignment.
         cost_class = -out_prob[:, tgt_ids]
         cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,33 @@ def test_user_errors_name_the_bad_value():
         build_detr_detector(**SMALL, max_size=100)
     with pytest.raises(ValueError, match=r"category_ids has 2 ids but num_classes is 3"):
         build_detr_detector(**SMALL, category_ids=[1, 2])
+
+
+def test_train_step_under_bf16_autocast_gives_finite_losses():
+    torch.manual_seed(0)
+    detector = build_detr_detector(**SMALL).train()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 8.0, 40.0, 60.0], [30.0, 10.0, 70.0, 30.0]]),
+                "labels": torch.tensor([2, 0])},
+               {"boxes": torch.tensor([[0.0, 0.0, 64.0, 48.0]]), "labels": torch.tensor([1])}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = detector(images, targets)
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total.dtype == torch.float32
+    total.backward()
+    assert torch.isfinite(detector.detr.class_embed.weight.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_tiny
+def test_cuda_matches_cpu(ref, fixture_detector):
+    images = _raw_images(ref)
+    on_gpu = copy.deepcopy(fixture_detector).to("cuda").eval()
+    with torch.no_grad():
+        cpu = fixture_detector.eval()(images)
+        gpu = on_gpu([img.cuda() for img in images])
+    for c, g in zip(cpu, gpu):
+        # cuDNN may use TF32 convolutions: looser than the CPU parity tolerance.
+        torch.testing.assert_close(g["scores"].cpu(), c["scores"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(g["boxes"].cpu(), c["boxes"], atol=0.5, rtol=0)
