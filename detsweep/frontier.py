@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +16,115 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from detsweep import pareto
-from detsweep.pareto import Frontier, FrontierError, compute_frontier
+from detsweep.pareto import Normalisation, Objective
 from detsweep.results import write_parquet_atomic
-
-log = logging.getLogger(__name__)
 
 DEFAULT_OBJECTIVES = "ap:max,trainable_params:min,peak_vram_train_mb:min,ece:min"
 METADATA_KEY = b"detsweep.frontier"
-# Label every point up to this many; beyond it only the front is labelled, to stay readable.
+# Label every point up to this many; beyond it only the connected trade-off, to stay readable.
 _LABEL_ALL_MAX = 30
+
+
+class FrontierError(ValueError):
+    """A user error (bad objective, unusable file); the CLI prints it on one line and exits 2."""
+
+
+@dataclass
+class Frontier:
+    """The front of one results table. values: [n, k] raw objective values (NaN where missing)."""
+
+    sweep: str
+    objectives: list[Objective]
+    table: pa.Table  # every input row + pareto_rank (null when excluded) + dominated_by
+    values: np.ndarray
+    valid: np.ndarray  # [n] bool: status ok and every objective finite
+    norms: list[Normalisation]
+    hypervolume: float
+    excluded: list[dict]
+    notes: list[str] = field(default_factory=list)
+    replicates: pa.Table | None = None  # one row per seed-group, ranked on the means
+    replicates_hypervolume: float | None = None
+
+    @property
+    def reference(self) -> list[float]:
+        return [pareto.REFERENCE_POINT] * len(self.objectives)
+
+    @property
+    def ranks(self) -> list[int | None]:
+        return self.table.column("pareto_rank").to_pylist()
+
+
+def resolve_objectives(table: pa.Table, objectives: list[Objective]) -> tuple[list[Objective], list[str]]:
+    """Check objective columns exist and are numeric; swap in peak_rss_mb for an all-null VRAM column."""
+    numeric = [f.name for f in table.schema
+               if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)) and f.name not in pareto.ADDED_COLUMNS]
+    resolved, notes = [], []
+    for obj in objectives:
+        if obj.column not in numeric:
+            raise FrontierError(f"objective column {obj.column!r} is not a numeric column of the results; "
+                                f"numeric columns: {numeric}")
+        if table.column(obj.column).null_count == len(table):
+            stand_in = "peak_rss_mb"
+            if obj.column.startswith("peak_vram") and stand_in in numeric and \
+                    table.column(stand_in).null_count < len(table) and stand_in not in [o.column for o in objectives]:
+                notes.append(f"{obj.column} is null in every row (no CUDA): {stand_in} stands in for it")
+                obj = Objective(stand_in, obj.direction)
+            else:
+                raise FrontierError(f"objective column {obj.column!r} is null in every row")
+        resolved.append(obj)
+    return resolved, notes
+
+
+def _column(table: pa.Table, name: str) -> list:
+    return table.column(name).to_pylist() if name in table.column_names else [None] * len(table)
+
+
+def _column_values(table: pa.Table, column: str) -> np.ndarray:
+    return np.array([math.nan if v is None else v for v in table.column(column).to_pylist()], dtype=np.float64)
+
+
+def compute_frontier(table: pa.Table, objectives: list[Objective], sweep: str | None = None) -> Frontier:
+    """Rank the valid rows (status ok, every objective finite); the others get a null rank.
+
+    The returned table is ``table`` plus ``pareto_rank`` (int32; 1 = front) and ``dominated_by``
+    (list of the front trial_ids dominating the row; empty on the front, null when excluded).
+    """
+    table = table.drop_columns([c for c in pareto.ADDED_COLUMNS if c in table.column_names])
+    objectives, notes = resolve_objectives(table, objectives)
+    values = np.column_stack([_column_values(table, o.column) for o in objectives])
+    status = _column(table, "status")
+    trial_ids = [str(t) for t in _column(table, "trial_id")]
+    valid = np.array([s == "ok" for s in status]) & np.isfinite(values).all(axis=1)
+    maximise = [o.maximise for o in objectives]
+
+    idx = np.flatnonzero(valid)
+    ranks_valid = pareto.pareto_ranks(values[idx], maximise)
+    dominators = pareto.front_dominators(values[idx], maximise, ranks_valid)
+    ranks: list[int | None] = [None] * len(table)
+    dominated_by: list[list[str] | None] = [None] * len(table)
+    for i, rank, doms in zip(idx, ranks_valid, dominators):
+        ranks[i] = int(rank)
+        dominated_by[i] = [trial_ids[idx[j]] for j in doms]
+    out = table.append_column("pareto_rank", pa.array(ranks, pa.int32()))
+    out = out.append_column("dominated_by", pa.array(dominated_by, pa.list_(pa.string())))
+
+    norms = pareto.fit_normalisation(values[idx], objectives)
+    front = values[idx][ranks_valid == 1]
+    hv = pareto.hypervolume(pareto.normalise(front, norms), pareto.REFERENCE_POINT)
+    errors = _column(table, "error")
+    excluded = []
+    for i in np.flatnonzero(~valid):
+        missing = [o.column for j, o in enumerate(objectives) if not np.isfinite(values[i, j])]
+        reason = errors[i] or (f"missing {', '.join(missing)}" if status[i] == "ok" else "no error message")
+        excluded.append({"trial_id": trial_ids[i], "status": status[i], "reason": reason})
+    if sweep is None:
+        names = sorted({s for s in _column(table, "sweep") if s})
+        sweep = ", ".join(names) or "unnamed sweep"
+    result = Frontier(sweep, objectives, out, values, valid, norms, hv, excluded, notes)
+    replicates = pareto.aggregate_replicates(out, values, valid, objectives, norms)
+    if replicates is not None:
+        result.replicates, result.replicates_hypervolume = replicates
+    return result
 
 
 def _metadata(fr: Frontier, hypervolume: float | None) -> dict[bytes, bytes]:
@@ -42,6 +142,9 @@ def write_outputs(fr: Frontier, out_dir: Path, plots: bool = True) -> list[Path]
         written.append(out_dir / "replicates.parquet")
         meta = _metadata(fr, fr.replicates_hypervolume)
         write_parquet_atomic(fr.replicates.replace_schema_metadata(meta), str(written[-1]))
+    stale = out_dir / "replicates.parquet"
+    if fr.replicates is None and stale.exists():  # left by an earlier run that had seed replicates
+        stale.unlink()
     images = plot_frontier(fr, out_dir) if plots else []
     report_path = out_dir / "report.md"
     report_path.write_text(render_markdown(fr, [p.name for p in images]))
@@ -70,7 +173,10 @@ def _plot_points(fr: Frontier) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
 
 
 def plot_frontier(fr: Frontier, out_dir: Path) -> list[Path]:
-    """One PNG per cost objective: headline objective (y) vs that objective (x), front highlighted."""
+    """One PNG per cost objective: headline objective (y) vs that objective (x), front highlighted.
+
+    Every point is labelled up to _LABEL_ALL_MAX points; beyond that only the connected 2-D trade-off.
+    """
     from matplotlib.figure import Figure  # the Figure API renders with Agg and never opens a display
 
     labels, values, half, ranks = _plot_points(fr)
@@ -89,10 +195,12 @@ def plot_frontier(fr: Frontier, out_dir: Path) -> list[Path]:
                            (front, dict(color="C3", label="Pareto front (all objectives)"))):
             ax.errorbar(values[sel, x], values[sel, y], xerr=half[sel, x], yerr=half[sel, y], fmt="o",
                         markersize=5, capsize=2, **style)
-        order = front[np.argsort(values[front, x])]
-        ax.plot(values[order, x], values[order, y], "-", color="C3", alpha=0.6)
-        to_label = range(len(labels)) if len(labels) <= _LABEL_ALL_MAX else front
-        for i in to_label:
+        # The full front is a k-D set; the line joins the members that are also the 2-D trade-off in this view.
+        pair = [fr.objectives[y].maximise, obj.maximise]
+        in_view = front[pareto.pareto_ranks(values[front][:, [y, x]], pair) == 1] if len(front) else front
+        order = in_view[np.argsort(values[in_view, x])]
+        ax.plot(values[order, x], values[order, y], "-", color="C3", alpha=0.6, label="trade-off in this view")
+        for i in range(len(labels)) if len(labels) <= _LABEL_ALL_MAX else order:
             ax.annotate(labels[i], (values[i, x], values[i, y]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         if obj.column.endswith("_params"):

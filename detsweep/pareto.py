@@ -1,5 +1,5 @@
-"""Pareto analysis of a results table: non-dominated sorting, normalised hypervolume, and
-seed-replicate aggregation with Student-t confidence intervals. No file IO, plots or Ray here.
+"""Pareto algorithms: non-dominated sorting, normalised hypervolume, and seed-replicate
+aggregation with Student-t confidence intervals. No file IO, plots or Ray here.
 
 Hypervolume normalisation (every objective is mapped to a *minimised* value in [0, 1]):
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import moocore
 import numpy as np
@@ -39,7 +39,7 @@ UNIT_COLUMNS = frozenset({
 # Columns that describe a trial's configuration; replicates share all of them except the seed.
 _CONFIG_COLUMNS = ["sweep", "model", "regime", "lora_rank", "lora_placement", "lora_alpha", "backbone",
                    "num_queries", "dec_layers", "epochs", "lr", "ddp_workers", "gpus_per_worker", "data"]
-_ADDED_COLUMNS = ("pareto_rank", "dominated_by")
+ADDED_COLUMNS = ("pareto_rank", "dominated_by")  # what the frontier adds to a results table
 # Rows per block in the numpy dominance checks: 512 x 10k bools per objective ~ 5 MB.
 _BLOCK = 512
 
@@ -109,9 +109,10 @@ def pareto_ranks(values: np.ndarray, maximise: Sequence[bool], method: str = "mo
     Returns int64 [n]: 1 for the front, 2 for the next layer, ... Equal points share a rank.
     method: ``"moocore"`` (C; O(n log n) in 2-D) or ``"numpy"`` (reference implementation).
     """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or len(maximise) != values.shape[1]:
+        raise ValueError(f"values must be [n, {len(maximise)}], got shape {values.shape}")
     points = to_minimisation(values, maximise)
-    if points.ndim != 2 or len(maximise) != points.shape[1]:
-        raise ValueError(f"values must be [n, {len(maximise)}], got shape {points.shape}")
     if not np.isfinite(points).all():
         raise ValueError("pareto_ranks needs finite values; drop rows with NaN/inf first")
     if len(points) == 0:
@@ -282,110 +283,22 @@ def not_separable(low: np.ndarray, high: np.ndarray, ranks: np.ndarray) -> list[
     return result
 
 
-class FrontierError(ValueError):
-    """A user error (bad objective, unusable file); the CLI prints it on one line and exits 2."""
-
-
-@dataclass
-class Frontier:
-    """The front of one results table. values: [n, k] raw objective values (NaN where missing)."""
-
-    sweep: str
-    objectives: list[Objective]
-    table: pa.Table  # every input row + pareto_rank (null when excluded) + dominated_by
-    values: np.ndarray
-    valid: np.ndarray  # [n] bool: status ok and every objective finite
-    norms: list[Normalisation]
-    hypervolume: float
-    excluded: list[dict]
-    notes: list[str] = field(default_factory=list)
-    replicates: pa.Table | None = None  # one row per seed-group, ranked on the means
-    replicates_hypervolume: float | None = None
-
-    @property
-    def reference(self) -> list[float]:
-        return [REFERENCE_POINT] * len(self.objectives)
-
-    @property
-    def ranks(self) -> list[int | None]:
-        return self.table.column("pareto_rank").to_pylist()
-
-
-def resolve_objectives(table: pa.Table, objectives: list[Objective]) -> tuple[list[Objective], list[str]]:
-    """Check objective columns exist and are numeric; swap in peak_rss_mb for an all-null VRAM column."""
-    numeric = [f.name for f in table.schema
-               if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)) and f.name not in _ADDED_COLUMNS]
-    resolved, notes = [], []
-    for obj in objectives:
-        if obj.column not in numeric:
-            raise FrontierError(f"objective column {obj.column!r} is not a numeric column of the results; "
-                                f"numeric columns: {numeric}")
-        if table.column(obj.column).null_count == len(table):
-            stand_in = "peak_rss_mb"
-            if obj.column.startswith("peak_vram") and stand_in in numeric and \
-                    table.column(stand_in).null_count < len(table) and stand_in not in [o.column for o in objectives]:
-                notes.append(f"{obj.column} is null in every row (no CUDA): {stand_in} stands in for it")
-                obj = Objective(stand_in, obj.direction)
-            else:
-                raise FrontierError(f"objective column {obj.column!r} is null in every row")
-        resolved.append(obj)
-    return resolved, notes
-
-
-def _column_values(table: pa.Table, column: str) -> np.ndarray:
-    return np.array([math.nan if v is None else v for v in table.column(column).to_pylist()], dtype=np.float64)
-
-
 def _column(table: pa.Table, name: str) -> list:
     return table.column(name).to_pylist() if name in table.column_names else [None] * len(table)
 
 
-def compute_frontier(table: pa.Table, objectives: list[Objective], sweep: str | None = None) -> Frontier:
-    """Rank the valid rows (status ok, every objective finite); the others get a null rank."""
-    table = table.drop_columns([c for c in _ADDED_COLUMNS if c in table.column_names])
-    objectives, notes = resolve_objectives(table, objectives)
-    values = np.column_stack([_column_values(table, o.column) for o in objectives])
-    status = _column(table, "status")
-    trial_ids = [str(t) for t in _column(table, "trial_id")]
-    valid = np.array([s == "ok" for s in status]) & np.isfinite(values).all(axis=1)
-    maximise = [o.maximise for o in objectives]
+def aggregate_replicates(table: pa.Table, values: np.ndarray, valid: np.ndarray, objectives: Sequence[Objective],
+                         norms: Sequence[Normalisation]) -> tuple[pa.Table, float] | None:
+    """Seed replicates: valid trials equal in every config column but ``seed`` form one config.
 
-    idx = np.flatnonzero(valid)
-    ranks_valid = pareto_ranks(values[idx], maximise)
-    dominators = front_dominators(values[idx], maximise, ranks_valid)
-    ranks: list[int | None] = [None] * len(table)
-    dominated_by: list[list[str] | None] = [None] * len(table)
-    for i, rank, doms in zip(idx, ranks_valid, dominators):
-        ranks[i] = int(rank)
-        dominated_by[i] = [trial_ids[idx[j]] for j in doms]
-    out = table.append_column("pareto_rank", pa.array(ranks, pa.int32()))
-    out = out.append_column("dominated_by", pa.array(dominated_by, pa.list_(pa.string())))
-
-    norms = fit_normalisation(values[idx], objectives)
-    front = values[idx][ranks_valid == 1]
-    hv = hypervolume(normalise(front, norms), REFERENCE_POINT)
-    errors = _column(table, "error")
-    excluded = [
-        {"trial_id": trial_ids[i], "status": status[i],
-         "reason": errors[i] or ("missing " + ", ".join(o.column for j, o in enumerate(objectives)
-                                                        if not np.isfinite(values[i, j]))
-                                 if status[i] == "ok" else "no error message")}
-        for i in np.flatnonzero(~valid)
-    ]
-    if sweep is None:
-        names = sorted({s for s in _column(table, "sweep") if s})
-        sweep = ", ".join(names) or "unnamed sweep"
-    result = Frontier(sweep, objectives, out, values, valid, norms, hv, excluded, notes)
-    _add_replicates(result)
-    return result
-
-
-def _add_replicates(fr: Frontier) -> None:
-    """Aggregate seeds of equal configs (mean, std, 95 % t-CI) and rank the means; only if some n >= 2."""
-    table = fr.table
+    values: [n, k] raw objective values of ``table``'s rows; valid: [n] bool.
+    Returns (one row per config: config columns, config_id (first trial id), trial_ids, n,
+    ``<objective>_{mean,std,ci_low,ci_high}`` (95 % Student-t), pareto_rank / dominated_by of the means,
+    not_separable / not_separable_from; hypervolume of the means' front), or None when every n is 1.
+    """
     group_cols = [c for c in _CONFIG_COLUMNS if c in table.column_names] + [
-        c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in _ADDED_COLUMNS]
-    idx = np.flatnonzero(fr.valid)
+        c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in ADDED_COLUMNS]
+    idx = np.flatnonzero(valid)
     config_values = [_column(table, c) for c in group_cols]
 
     def key_of(i: int) -> tuple:
@@ -393,12 +306,12 @@ def _add_replicates(fr: Frontier) -> None:
 
     groups = [[int(idx[j]) for j in members] for members in group_replicates([key_of(i) for i in idx])]
     if not any(len(g) >= 2 for g in groups):
-        return
+        return None
     trial_ids = [str(t) for t in _column(table, "trial_id")]
-    k = len(fr.objectives)
-    summary = np.array([[confidence_interval(fr.values[g, j]) for j in range(k)] for g in groups])  # [g, k, 4]
+    k = len(objectives)
+    summary = np.array([[confidence_interval(values[g, j]) for j in range(k)] for g in groups])  # [g, k, 4]
     means, low, high = summary[:, :, 0], summary[:, :, 2], summary[:, :, 3]
-    maximise = [o.maximise for o in fr.objectives]
+    maximise = [o.maximise for o in objectives]
     ranks = pareto_ranks(means, maximise)
     config_ids = [trial_ids[g[0]] for g in groups]
     dominators = front_dominators(means, maximise, ranks)
@@ -410,7 +323,7 @@ def _add_replicates(fr: Frontier) -> None:
         "trial_ids": pa.array([[trial_ids[i] for i in g] for g in groups], pa.list_(pa.string())),
         "n": pa.array([len(g) for g in groups], pa.int32()),
     }
-    for j, obj in enumerate(fr.objectives):
+    for j, obj in enumerate(objectives):
         for s, stat in enumerate(("mean", "std", "ci_low", "ci_high")):
             columns[f"{obj.column}_{stat}"] = pa.array(summary[:, j, s], pa.float64(), from_pandas=True)
     columns["pareto_rank"] = pa.array(ranks, pa.int32())
@@ -420,5 +333,4 @@ def _add_replicates(fr: Frontier) -> None:
     columns["not_separable_from"] = pa.array([[config_ids[d] for d in o] for o in overlaps], pa.list_(pa.string()))
     for name, array in columns.items():
         out = out.append_column(name, array)
-    fr.replicates = out
-    fr.replicates_hypervolume = hypervolume(normalise(means[ranks == 1], fr.norms), REFERENCE_POINT)
+    return out, hypervolume(normalise(means[ranks == 1], norms), REFERENCE_POINT)

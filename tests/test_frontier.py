@@ -143,3 +143,14 @@ def test_library_modules_never_import_ray_or_torch():
     code = ("import sys, detsweep.frontier, detsweep.pareto, detsweep.results; "
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_rerun_without_replicates_removes_stale_file(tmp_path, capsys):
+    src = tmp_path / "results.parquet"
+    rows = [_trial(f"s{s}", "full", 0.3 + s / 100, 1000, 10.0, 0.1, seed=s) for s in range(2)]
+    write_parquet_atomic(rows_to_table(rows), str(src))
+    assert frontier.main([str(src), "--objectives", "ap:max,ece:min", "--no-plots"]) == 0
+    assert (tmp_path / "replicates.parquet").exists()
+    write_parquet_atomic(rows_to_table(rows[:1]), str(src))
+    assert frontier.main([str(src), "--objectives", "ap:max,ece:min", "--no-plots"]) == 0
+    assert not (tmp_path / "replicates.parquet").exists()

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from detsweep import pareto
-from detsweep.pareto import Objective, compute_frontier, parse_objectives
+from detsweep.frontier import compute_frontier
+from detsweep.pareto import Objective, parse_objectives
 from detsweep.results import rows_to_table
 
 
