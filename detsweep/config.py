@@ -62,7 +62,7 @@ class FasterRCNNConfig:
     weights: str = "none"  # none | coco | imagenet | /path/to/state_dict.pth
     min_size: int = 800
     max_size: int = 1333
-    trainable_backbone_layers: int = 3
+    trainable_backbone_layers: int | None = None  # None: 3 when pretrained, all 5 from scratch
     # Faster R-CNN is the baseline: by default only fully fine-tuned (seed 000's matrix).
     regimes: tuple[Literal["full", "partial"], ...] = ("full",)
 
@@ -130,7 +130,8 @@ class FaultToleranceConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     kind: Literal["none", "asha"] = "none"
-    metric: str = "ap"
+    metric: str = "ap"  # any reported number: ap, ap50, loss, ece, ...
+    mode: Literal["max", "min"] = "max"
     grace_period: int = 1
     reduction_factor: int = 2
 
@@ -149,7 +150,9 @@ class Sweep:
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     storage: str = "~/detsweep_results"
-    max_concurrent_trials: int | None = None  # None: computed from the cluster's resources
+    # None: computed from the cluster's resources when the sweep starts. Set it on an autoscaling
+    # cluster that starts with no GPU nodes, where the resources present are not the ones to come.
+    max_concurrent_trials: int | None = None
     source: str = "<memory>"  # the file it came from, for error messages
 
 

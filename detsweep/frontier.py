@@ -193,8 +193,11 @@ def plot_frontier(fr: Frontier, out_dir: Path) -> list[Path]:
             ax.scatter(fr.values[fr.valid, x], fr.values[fr.valid, y], s=8, color="0.75", label="single seeds")
         for sel, style in ((rest, dict(color="0.6", label="dominated")),
                            (front, dict(color="C3", label="Pareto front (all objectives)"))):
-            ax.errorbar(values[sel, x], values[sel, y], xerr=half[sel, x], yerr=half[sel, y], fmt="o",
-                        markersize=5, capsize=2, **style)
+            if fr.replicates is not None:
+                ax.errorbar(values[sel, x], values[sel, y], xerr=half[sel, x], yerr=half[sel, y], fmt="o",
+                            markersize=5, capsize=2, **style)
+            else:  # plain markers: zero-length error bars cost seconds for 10k points
+                ax.plot(values[sel, x], values[sel, y], "o", markersize=5, **style)
         # The full front is a k-D set; the line joins the members that are also the 2-D trade-off in this view.
         pair = [fr.objectives[y].maximise, obj.maximise]
         in_view = front[pareto.pareto_ranks(values[front][:, [y, x]], pair) == 1] if len(front) else front
@@ -210,7 +213,7 @@ def plot_frontier(fr: Frontier, out_dir: Path) -> list[Path]:
         suffix = " (seed means, 95 % CI)" if fr.replicates is not None else ""
         ax.set_title(f"{fr.sweep}: {fr.objectives[y].column} vs {obj.column}{suffix}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides points
         path = out_dir / f"frontier_{fr.objectives[y].column}_vs_{obj.column}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         paths.append(path)

@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--assume-resources", metavar="CPU=N,GPU=M",
                    help="with --dry-run: plan concurrency for this cluster instead of this machine "
                         "(e.g. CPU=48,GPU=4 for one g5.12xlarge)")
-    p.add_argument("--max-concurrent", type=int, metavar="N", help="cap the trials that run at once")
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="trials at once (default: the sweep's max_concurrent_trials, else as many as the "
+                        "cluster's current resources fit; set it on an autoscaling cluster)")
     p.add_argument("-q", "--quiet", action="store_true", help="less Tune output")
     return p.parse_args(argv)
 
@@ -83,12 +85,9 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> tuple[list[TrialConfig], str
     return trials, storage_root(sweep)
 
 
-def concurrency_for(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], cap: int | None) -> int:
-    n = max_concurrent(trials, cluster)
-    for limit in (sweep.max_concurrent_trials, cap):
-        if limit:
-            n = min(n, limit)
-    return n
+def concurrency_for(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], override: int | None) -> int:
+    """--max-concurrent, else the sweep's `max_concurrent_trials`, else what `cluster` holds."""
+    return override or sweep.max_concurrent_trials or max_concurrent(trials, cluster)
 
 
 def main(argv: list[str] | None = None) -> int:

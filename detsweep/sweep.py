@@ -177,7 +177,8 @@ def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurren
 
     scheduler = None
     if sweep.scheduler.kind == "asha":
-        scheduler = ASHAScheduler(time_attr="epochs_completed", metric=sweep.scheduler.metric, mode="max",
+        scheduler = ASHAScheduler(time_attr="epochs_completed", metric=sweep.scheduler.metric,
+                                  mode=sweep.scheduler.mode,
                                   max_t=max(t.train.epochs for t in trials),
                                   grace_period=sweep.scheduler.grace_period,
                                   reduction_factor=sweep.scheduler.reduction_factor)

@@ -69,7 +69,7 @@ def _load_model_state(module: Any, regime: str, state: dict) -> None:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    import copy
+    import dataclasses
 
     import ray.train
     import ray.train.torch
@@ -82,7 +82,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from detsweep.metrics import evaluate_detections
     from detsweep.metrics.efficiency import PhaseMeter, count_parameters, device_info, peak_rss_mb, reduce_phase_stats
     from detsweep.models import build_model
-    from detsweep.models.lora import apply_lora, count_lora_params, merge_lora
+    from detsweep.models.lora import apply_lora, count_lora_params, merged_state_dict
     from detsweep.models.regimes import apply_regime
 
     trial = TrialConfig.from_dict(config["trial"])
@@ -140,6 +140,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     ddp_model = ray.train.torch.prepare_model(model)
     module = getattr(ddp_model, "module", ddp_model)
+    # LoRA trials evaluate a plain copy of the base architecture holding the merged weights, so
+    # adapters cost nothing at inference.
+    merged_eval = trial.regime == "lora_only" and trial.eval.merge_lora
+    eval_module = build_model(trial.model, dataclasses.replace(family_cfg, weights="none"),
+                              num_classes=label_map.num_classes).to(device) if merged_eval else module
     info = device_info(device)
 
     for epoch in range(start_epoch, t.epochs):
@@ -153,9 +158,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         train_stats = train_meter.stop()
         losses = dist.all_reduce_mean(losses, device)
 
-        eval_module = module
-        if trial.regime == "lora_only" and trial.eval.merge_lora:
-            eval_module = merge_lora(copy.deepcopy(module))  # LoRA costs nothing at inference
+        if merged_eval:
+            eval_module.load_state_dict(merged_state_dict(module))
         eval_meter = PhaseMeter(device)
         eval_meter.start()
         last = epoch == t.epochs - 1
@@ -163,7 +167,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                                     amp_dtype=amp_dtype, meter=eval_meter,
                                     keep_images=8 if (last and trial.eval.visuals) else 0)
         eval_stats = eval_meter.stop()
-        del eval_module
         all_dets = engine.gather_detections(dets)
         phase = dist.gather_objects((train_stats, eval_stats, peak_rss_mb()))
         totals["train_s"] += max(p[0]["seconds"] for p in phase)

@@ -12,13 +12,13 @@ FIXTURES = REPO.parent / "shared" / "fixtures"
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray for the session: 4 logical CPUs and 4 logical GPUs on this CPU-only
-    machine (logical GPUs let tests check fractional placement; the models stay on CPU)."""
+    """One real local Ray for the session: 4 logical CPUs and 1 logical GPU on this CPU-only
+    machine (a logical GPU lets tests check fractional placement; the models stay on CPU)."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     yield ray
     ray.shutdown()

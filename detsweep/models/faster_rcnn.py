@@ -188,7 +188,9 @@ def build_faster_rcnn(
         # torchvision's own builder resets it to 0 for exactly these weights.
         _set_frozen_bn_eps(model, 0.0)
     elif is_path:
-        checkpoint = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
+        from detsweep.models.weights import load_checkpoint_file
+
+        checkpoint = load_checkpoint_file(weights)
         load_detector_state_dict(model, checkpoint, category_ids=category_ids, source=str(weights))
     return FasterRCNNDetector(model, num_classes)
 

@@ -49,7 +49,7 @@ def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | Non
         if not path.is_file():
             raise FileNotFoundError(f"DETR weights file {str(path)!r} does not exist; weights must be 'none', "
                                     "'coco' or the path of a checkpoint file")
-        state, source = _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path)), str(path)
+        state, source = _unwrap(load_checkpoint_file(path), str(path)), str(path)
     own = detr.state_dict()
     summary: dict[str, Any] = {"source": source}
     _check_backbone(state, own)
@@ -177,3 +177,14 @@ def _check_layout(state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
     if missing or unexpected or shapes:
         raise ValueError("checkpoint does not fit this DETR (different hidden_dim, enc_layers, dim_feedforward or "
                          f"pre_norm?): missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}")
+
+
+def load_checkpoint_file(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU, with a one-line error naming the file when it
+    is not a readable torch checkpoint (truncated download, wrong file)."""
+    try:
+        return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises many types for a corrupt file (pickle, zip, IndexError)
+        raise ValueError(f"could not load checkpoint file {str(path)!r}: {type(e).__name__}: {e}") from e

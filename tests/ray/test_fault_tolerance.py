@@ -1,0 +1,157 @@
+"""What a cluster day needs, on one machine with a real local Ray: fractional-GPU packing on
+logical GPUs, ASHA early stopping, resuming after the driver dies, and a trial surviving the loss
+of a worker."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from detsweep import run
+from tests.ray.test_e2e import tiny_sweep, write_sweep
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rows(root: Path) -> dict[str, dict]:
+    return {r["trial_id"]: r for r in pq.read_table(root / "results.parquet").to_pylist()}
+
+
+def _max_overlap(rows: list[dict]) -> int:
+    events = sorted([(r["started_at"], 1) for r in rows] + [(r["finished_at"], -1) for r in rows],
+                    key=lambda e: (e[0], e[1]))
+    now = best = 0
+    for _, delta in events:
+        now += delta
+        best = max(best, now)
+    return best
+
+
+def test_fractional_gpu_trials_share_a_gpu(ray_cluster, tmp_path, synthetic_root, capsys):
+    """1 logical GPU, trials of one worker on 0.5 GPU: the plan says 2 at once, and 2 ran at once."""
+    sweep = tiny_sweep(tmp_path, synthetic_root, name="frac")
+    sweep["train"]["epochs"] = 1
+    sweep["resources"] = {"ddp_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0.5, "backend": "gloo"}
+    sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.seed": [0, 1, 2]}
+    assert run.main([str(write_sweep(tmp_path, sweep))]) == 0
+    assert "3 trials, up to 2 at once" in capsys.readouterr().out  # 1 GPU / 0.5 per trial
+    rows = list(_rows(tmp_path / "results" / "frac").values())
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert all(r["gpus_per_worker"] == 0.5 for r in rows)
+    assert _max_overlap(rows) == 2
+
+
+def test_asha_stops_weak_trials_and_frees_their_workers(ray_cluster, tmp_path, synthetic_root):
+    sweep = tiny_sweep(tmp_path, synthetic_root, name="asha")
+    sweep["data"]["train_images"] = 16
+    sweep["train"].update(epochs=3, lr_schedule="constant")
+    sweep["scheduler"] = {"kind": "asha", "metric": "loss", "mode": "min", "grace_period": 1, "reduction_factor": 2}
+    # The same init and data order: the trial that barely learns loses at the first rung.
+    sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.lr": [1.0e-3, 1.0e-12, 1.0e-11]}
+    sweep["max_concurrent_trials"] = 1
+    assert run.main([str(write_sweep(tmp_path, sweep))]) == 0  # returns at all: stopped trials freed their workers
+    rows = _rows(tmp_path / "results" / "asha")
+    assert rows["detr_r50-full-lr0.001"]["status"] == "ok"
+    assert rows["detr_r50-full-lr0.001"]["epochs_completed"] == 3
+    stopped = [r for r in rows.values() if r["status"] == "stopped"]
+    assert stopped, {k: (r["status"], r["epochs_completed"]) for k, r in rows.items()}
+    for r in stopped:
+        assert r["epochs_completed"] < 3 and r["ap"] is not None and r["error"] is None
+
+
+def _driver(sweep_path: Path, *extra: str) -> subprocess.Popen:
+    """`python -m detsweep.run` in its own process, attached to the test's Ray cluster; its output
+    goes to a file beside the sweep (a pipe nobody reads would block it)."""
+    import ray
+
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, TUNE_GLOBAL_CHECKPOINT_S="0",
+               PYTHONPATH=str(REPO))
+    log = open(sweep_path.with_suffix(f".{len(extra)}.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "detsweep.run", str(sweep_path), *extra], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    proc.log_path = log.name
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    return Path(proc.log_path).read_text()[-5000:]
+
+
+def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, synthetic_root):
+    sweep = tiny_sweep(tmp_path, synthetic_root, name="resume")
+    sweep["grid"] = {"model": ["detr_r50"], "regime": ["full", "partial"]}
+    sweep["max_concurrent_trials"] = 1
+    path = write_sweep(tmp_path, sweep)
+    root = tmp_path / "results" / "resume"
+
+    driver = _driver(path)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (root / "results.parquet").exists() and any(
+                r["status"] == "ok" for r in _rows(root).values()):
+            break
+        assert driver.poll() is None, _output(driver)
+        time.sleep(0.5)
+    else:
+        pytest.fail("the first trial did not finish in time")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = _rows(root)
+    (first,) = [t for t, r in before.items() if r["status"] == "ok"]
+
+    resumed = _driver(path, "--resume")
+    resumed.wait(timeout=400)
+    assert resumed.returncode == 0, _output(resumed)
+    after = pq.read_table(root / "results.parquet").to_pylist()
+    assert sorted(r["trial_id"] for r in after) == ["detr_r50-full", "detr_r50-partial"]  # once each
+    assert all(r["status"] == "ok" for r in after), [(r["trial_id"], r["error"]) for r in after]
+    by_id = {r["trial_id"]: r for r in after}
+    assert by_id[first]["finished_at"] == before[first]["finished_at"]  # not re-run
+    history = pq.read_table(root / "history.parquet").to_pylist()
+    assert sorted((h["trial_id"], h["epoch"]) for h in history) == [
+        ("detr_r50-full", 0), ("detr_r50-full", 1), ("detr_r50-partial", 0), ("detr_r50-partial", 1)]
+
+
+def _train_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd:
+            found.append(p)
+    return found
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, synthetic_root):
+    sweep = tiny_sweep(tmp_path, synthetic_root, name="workerkill")
+    sweep["data"]["train_images"] = 16
+    sweep["train"]["epochs"] = 4
+    sweep["fault_tolerance"] = {"max_failures": 1, "checkpoints_to_keep": 2}
+    path = write_sweep(tmp_path, sweep)
+    root = tmp_path / "results" / "workerkill"
+
+    driver = _driver(path)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(root.glob("train-*/checkpoint_*")):
+        assert driver.poll() is None, _output(driver)
+        time.sleep(0.2)
+    workers = _train_workers()
+    assert workers, "no Ray Train worker process found"
+    workers[-1].send_signal(signal.SIGKILL)
+    driver.wait(timeout=400)
+    assert driver.returncode == 0, _output(driver)
+
+    (row,) = _rows(root).values()
+    assert row["status"] == "ok" and row["epochs_completed"] == 4, row["error"]
+    history = pq.read_table(root / "history.parquet").to_pylist()
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # each epoch once, none orphaned
+    resumed = [h for h in history if h.get("resumed_from_epoch") is not None]
+    assert resumed and resumed[0]["resumed_from_epoch"] >= 0  # restarted from a checkpoint, not scratch
+    assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
