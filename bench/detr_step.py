@@ -108,7 +108,7 @@ def write_section(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after 1 warm-up step)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after 1 warm-up step)")
     parser.add_argument("--cuda-steps", type=int, default=20, help="timed steps per variant on CUDA")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -122,7 +122,7 @@ def main() -> None:
     import torch
 
     devices = [("cpu", args.steps)] + ([("cuda", args.cuda_steps)] if torch.cuda.is_available() else [])
-    rows = []
+    rows, load_before = [], os.getloadavg()[0]
     for device_name, steps in devices:
         for variant in VARIANTS:
             rows.append(run_in_subprocess(variant, device_name, steps))
@@ -134,8 +134,9 @@ def main() -> None:
         "images with 2 boxes each; one step = forward + SetCriterion + backward + clip 0.1 + AdamW. "
         f"Timed over {args.steps} CPU steps" + (f" / {args.cuda_steps} CUDA steps" if gpu else "")
         + " after one warm-up step; each variant in a fresh process.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU threads visible (shared), torch {torch.__version__}"
-        + (f", GPU {gpu}" if gpu else ", no GPU") + ".",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU threads visible (shared; 1-min load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after: CPU timings scale with it), torch "
+        f"{torch.__version__}" + (f", GPU {gpu}" if gpu else ", no GPU") + ".",
         "`full`: stem + layer1 frozen (official), layer2-4 + transformer + heads train. "
         "`frozen_backbone`: no backbone parameter trains, so DETR runs the backbone under `torch.no_grad()` "
         "(lora_only; partial trains layer4 so it sits in between). "

@@ -5,6 +5,7 @@ Adapts the class head (by COCO category id), the number of queries and of decode
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 DETR_R50_COCO_URL = "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth"
 # torch.hub's own rule (HASH_REGEX): the sha256 prefix is the first `-<hex>.` run of the file name.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+# Checkpoints written by the official main.py keep its argparse Namespace under "args"; allowing that one
+# plain-data class keeps them loadable with weights_only=True (which runs no arbitrary code).
+_OFFICIAL_SAFE_GLOBALS = [argparse.Namespace]
 _DEC_LAYER_KEY = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.")
 # (block type, blocks per layer1..4) -> torchvision ResNet name.
 _RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
@@ -70,7 +74,8 @@ def _coco_state_dict() -> dict[str, Tensor]:
         # torch hub checks the hash only while downloading; a truncated or foreign cached file would otherwise
         # fail later with an unpickling error, or load silently.
         _verify_hash_prefix(cached)
-    checkpoint = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+    with torch.serialization.safe_globals(_OFFICIAL_SAFE_GLOBALS):
+        checkpoint = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
     return _unwrap(checkpoint, url)
 
 
@@ -183,7 +188,8 @@ def load_checkpoint_file(path: str | Path) -> Any:
     """`torch.load(path, weights_only=True)` on CPU, with a one-line error naming the file when it
     is not a readable torch checkpoint (truncated download, wrong file)."""
     try:
-        return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_OFFICIAL_SAFE_GLOBALS):
+            return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # torch raises many types for a corrupt file (pickle, zip, IndexError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 from pathlib import Path
@@ -83,6 +84,17 @@ def test_bare_and_prefixed_state_dicts_load(big_checkpoint, tmp_path):
         model = _detr(1, **BIG)
         load_detr_weights(model, str(tmp_path / name))
         assert torch.equal(model.query_embed.weight, state["query_embed.weight"]), name
+
+
+def test_official_training_checkpoint_with_args_namespace_loads(big_checkpoint, tmp_path):
+    """The official main.py saves model, optimizer, lr_scheduler, epoch and its argparse Namespace."""
+    _, state = big_checkpoint
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 299,
+                "args": argparse.Namespace(lr=1e-4, backbone="resnet18")}, path)
+    model = _detr(1, **BIG)
+    load_detr_weights(model, str(path))
+    assert torch.equal(model.class_embed.weight, state["class_embed.weight"])
 
 
 def test_none_is_a_no_op():
