@@ -168,7 +168,7 @@ def _plot_points(fr: Frontier) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
         return rep.column("config_id").to_pylist(), means, half, rep.column("pareto_rank").to_numpy()
     idx = np.flatnonzero(fr.valid)
     labels = [str(t) for t in fr.table.column("trial_id").take(idx).to_pylist()]
-    ranks = np.array([fr.ranks[i] for i in idx], dtype=np.int64)
+    ranks = np.array(fr.ranks, dtype=object)[idx].astype(np.int64)
     return labels, fr.values[idx], np.zeros((len(idx), len(fr.objectives))), ranks
 
 
