@@ -1,0 +1,167 @@
+"""Per-trial overhead of detsweep against Ray's own floor, measured in one run.
+
+Floor: a bare Tune function trainable fitting a TorchTrainer with the same 2 gloo workers and a
+no-op loop (one report). detsweep: a one-epoch trial of a tiny DETR through `detsweep.run`; its
+overhead is the trial's wall time minus the in-worker train + eval time. Also samples the RSS of
+the non-worker processes (Tune trial actor, Train controller) and whether they loaded torch.
+
+    python bench/overhead.py [--repeats 2] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def noop_train_fn(config):  # the floor's worker loop: DDP is set up by Ray, nothing else happens
+    import ray.train
+
+    ray.train.report({"noop": 1})
+
+
+def bare_trial(config):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    TorchTrainer(noop_train_fn, torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=ray.train.RunConfig(name=f"bare-{config['i']}", storage_path=config["storage"],
+                                                callbacks=[TuneReportCallback()])).fit()
+
+
+class ProcessSampler(threading.Thread):
+    """Peak RSS per role of Ray's non-worker processes, and whether each mapped libtorch."""
+
+    ROLES = {"trial actor": ("ImplicitFunc",), "train controller": ("TrainController",),
+             "train worker": ("RayTrainWorker",)}
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = {r: 0.0 for r in self.ROLES}
+        self.torch = {r: False for r in self.ROLES}
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            for p in psutil.process_iter(["cmdline"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                for role, marks in self.ROLES.items():
+                    if any(m in cmd for m in marks):
+                        try:
+                            self.peak[role] = max(self.peak[role], p.memory_info().rss / 2**20)
+                            if not self.torch[role]:
+                                self.torch[role] = any("libtorch" in m.path for m in p.memory_maps())
+                        except (psutil.NoSuchProcess, psutil.AccessDenied):
+                            pass
+            time.sleep(0.5)
+
+
+def run_bare(storage: str, repeats: int) -> list[float]:
+    import ray.tune
+
+    walls = []
+    for i in range(repeats):
+        t0 = time.time()
+        ray.tune.Tuner(ray.tune.with_resources(bare_trial, {"CPU": 0.01}),
+                       param_space={"i": i, "storage": storage},
+                       run_config=ray.tune.RunConfig(name=f"bare-tune-{i}", storage_path=storage, verbose=0)).fit()
+        walls.append(time.time() - t0)
+    return walls
+
+
+def run_detsweep(storage: str, repeats: int, synthetic: str) -> list[dict]:
+    import pyarrow.parquet as pq
+    import yaml
+
+    from detsweep import run
+
+    rows = []
+    for i in range(repeats):
+        sweep = {
+            "name": f"overhead{i}",
+            "data": {"kind": "synthetic", "root": synthetic, "train_images": 8, "val_images": 4,
+                     "image_size": 64, "num_classes": 3},
+            "model": {"detr": {"backbone": "resnet18", "num_queries": 8, "hidden_dim": 32, "nheads": 2,
+                               "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 64, "dropout": 0.0}},
+            "train": {"epochs": 1, "batch_size_per_worker": 2},
+            "eval": {"visuals": False},
+            "resources": {"ddp_workers": 2, "cpus_per_worker": 1},
+            "grid": {"model": ["detr_r50"], "regime": ["full"]},
+            "storage": storage,
+        }
+        path = Path(storage) / f"overhead{i}.yaml"
+        path.write_text(yaml.safe_dump(sweep))
+        t0 = time.time()
+        assert run.main([str(path), "-q"]) == 0
+        driver_wall = time.time() - t0
+        (row,) = pq.read_table(Path(storage) / f"overhead{i}" / "results.parquet").to_pylist()
+        assert row["status"] == "ok", row["error"]
+        row["driver_wall"] = driver_wall
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    args = ap.parse_args()
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    sampler = ProcessSampler()
+    sampler.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        bare = run_bare(tmp, args.repeats)
+        rows = run_detsweep(tmp, args.repeats, str(Path(tmp) / "synthetic"))
+    sampler.stop.set()
+    ray.shutdown()
+
+    floor = statistics.median(bare)
+    trial_walls = [r["wall_s"] for r in rows]
+    work = [r["train_s"] + r["eval_s"] for r in rows]
+    overhead = statistics.median(w - k for w, k in zip(trial_walls, work))
+    lines = [
+        "## Per-trial overhead (bench/overhead.py)",
+        "",
+        f"Machine: 2-core x86_64 CPU, no GPU, Python {sys.version.split()[0]}; Ray 2.60.0, torch "
+        f"{__import__('torch').__version__}. Local Ray with 2 CPUs; 2 DDP workers (gloo), 1 CPU each; "
+        f"median of {args.repeats} trials each, measured in one run.",
+        "",
+        "| | seconds |",
+        "|---|---|",
+        f"| Ray's floor: bare TorchTrainer-in-Tune trial, no-op loop (wall) | {floor:.1f} |",
+        f"| detsweep trial wall time (tiny DETR, 1 epoch, 8+4 images) | {statistics.median(trial_walls):.1f} |",
+        f"| in-worker train + eval time | {statistics.median(work):.1f} |",
+        f"| detsweep overhead = wall − (train + eval) | {overhead:.1f} |",
+        f"| **overhead / floor** | **{overhead / floor:.2f}×** (goal ≤ 1.10×) |",
+        "",
+        "Peak RSS of the processes of a trial (MiB), and whether each loaded torch:",
+        "",
+        "| process | peak RSS MiB | torch loaded |",
+        "|---|---|---|",
+    ] + [f"| {role} | {sampler.peak[role]:.0f} | {'yes' if sampler.torch[role] else 'no'} |"
+         for role in sampler.ROLES]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        from results_md import write_section
+
+        write_section("Per-trial overhead (bench/overhead.py)", text)
+
+
+if __name__ == "__main__":
+    main()
