@@ -9,14 +9,15 @@ DEMO_OUT ?= $(CURDIR)/runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "installing detsweep and its pinned dependencies into $(VENV) (pip log: $(VENV)/pip.log)"
+	$(PY) -m pip install --disable-pip-version-check -e '.[dev]' > $(VENV)/pip.log 2>&1 || (tail -30 $(VENV)/pip.log; exit 1)
+	$(PY) -c "import detsweep, torch, ray, pycocotools"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m detsweep.run sweeps/smoke.yaml --output-dir $(DEMO_OUT)
+	$(PY) -m detsweep.run sweeps/smoke.yaml --output-dir $(DEMO_OUT) --fresh -q
 	$(PY) -m detsweep.frontier $(DEMO_OUT)/smoke/results.parquet
 
 test: $(STAMP)
@@ -27,7 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/eval.py
 	$(PY) bench/regimes.py
 	$(PY) bench/detr_step.py
-	$(PY) bench/overhead.py
+	$(PY) bench/overhead.py --write
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
