@@ -91,10 +91,20 @@ def plain_pycocotools(gt: dict, detections: list[dict]) -> list[float]:
     return [float(s) for s in evaluator.stats]
 
 
+class Clock:
+    """Wall and CPU seconds of one call; CPU time is the fairer ratio on a shared machine."""
+
+    def __init__(self, wall: float, cpu: float) -> None:
+        self.wall, self.cpu = wall, cpu
+
+    def __str__(self) -> str:
+        return f"{self.wall:.2f}s wall, {self.cpu:.2f}s CPU"
+
+
 def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
+    w0, c0 = time.perf_counter(), time.process_time()
     out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
+    return out, Clock(time.perf_counter() - w0, time.process_time() - c0)
 
 
 def max_stat_diff(reference: list[float], result: dict) -> float:
@@ -118,36 +128,40 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     (gt, dets), t_gen = timed(make_dataset, args.images, args.dets_per_image)
-    logger.info("generated %d images, %d GT boxes, %d detections in %.1fs",
+    logger.info("generated %d images, %d GT boxes, %d detections in %s",
                 args.images, len(gt["annotations"]), len(dets), t_gen)
     load_before = os.getloadavg()[0]
 
     ref, t_ref = timed(plain_pycocotools, gt, dets)
-    logger.info("plain pycocotools COCOeval: %.1fs", t_ref)
+    logger.info("plain pycocotools COCOeval: %s", t_ref)
     ours_fast, t_fast = timed(evaluate_detections, gt, dets, backend="faster_coco_eval")
-    logger.info("evaluate_detections(faster_coco_eval): %.1fs", t_fast)
+    logger.info("evaluate_detections(faster_coco_eval): %s", t_fast)
     ours_ref, t_ours = timed(evaluate_detections, gt, dets, backend="pycocotools")
-    logger.info("evaluate_detections(pycocotools): %.1fs", t_ours)
+    logger.info("evaluate_detections(pycocotools): %s", t_ours)
     # The parts of the fast path, one by one.
     arrays, t_arrays = timed(detection_arrays, dets)
     _, t_coco_fast = timed(coco_eval, gt, arrays, backend="faster_coco_eval")
     _, t_calib = timed(calibration_metrics, gt, arrays)
     _, t_err = timed(error_taxonomy, gt, arrays)
-    logger.info("parts: arrays %.2fs, faster COCOeval %.2fs, calibration %.2fs, errors %.2fs",
+    logger.info("parts: arrays %s; faster COCOeval %s; calibration %s; errors %s",
                 t_arrays, t_coco_fast, t_calib, t_err)
     load_after = os.getloadavg()[0]
 
     diff_ref, diff_fast = max_stat_diff(ref, ours_ref), max_stat_diff(ref, ours_fast)
     fast_verdict = "identical" if diff_fast == 0 else "within 1e-6" if diff_fast <= 1e-6 else "DIFFERENT"
-    speedup = t_ref / t_fast
+    speedup = t_ref.cpu / t_fast.cpu
+
+    def ratio(t: Clock) -> str:
+        return f"{t_ref.cpu / t.cpu:.2f}x | {t_ref.wall / t.wall:.2f}x"
+
     rows = [
-        ("plain pycocotools `COCO.loadRes` + `COCOeval` (AP only)", t_ref, "1.00x"),
-        ("`evaluate_detections(backend=\"pycocotools\")`: AP + calibration + errors", t_ours, f"{t_ref / t_ours:.2f}x"),
-        ("`evaluate_detections(backend=\"faster_coco_eval\")`: AP + calibration + errors", t_fast, f"{speedup:.2f}x"),
-        ("&nbsp;&nbsp;part: dicts -> `DetectionArrays`", t_arrays, ""),
-        ("&nbsp;&nbsp;part: `coco_eval(backend=\"faster_coco_eval\")`", t_coco_fast, f"{t_ref / t_coco_fast:.2f}x"),
-        ("&nbsp;&nbsp;part: `calibration_metrics` (greedy matching + ECE/NLL/Brier)", t_calib, ""),
-        ("&nbsp;&nbsp;part: `error_taxonomy` (score >= 0.3)", t_err, ""),
+        ("plain pycocotools `COCO.loadRes` + `COCOeval` (AP only)", t_ref, ratio(t_ref)),
+        ("`evaluate_detections(backend=\"pycocotools\")`: AP + calibration + errors", t_ours, ratio(t_ours)),
+        ("`evaluate_detections(backend=\"faster_coco_eval\")`: AP + calibration + errors", t_fast, ratio(t_fast)),
+        ("&nbsp;&nbsp;part: dicts -> `DetectionArrays`", t_arrays, " | "),
+        ("&nbsp;&nbsp;part: `coco_eval(backend=\"faster_coco_eval\")`", t_coco_fast, ratio(t_coco_fast)),
+        ("&nbsp;&nbsp;part: `calibration_metrics` (greedy matching + ECE/NLL/Brier)", t_calib, " | "),
+        ("&nbsp;&nbsp;part: `error_taxonomy` (score >= 0.3)", t_err, " | "),
     ]
     lines = [
         SECTION, "",
@@ -158,14 +172,16 @@ def main() -> None:
         f"Data: {args.images} synthetic 640x480 images, {len(gt['annotations'])} GT boxes over "
         f"{len(CATEGORY_IDS)} gappy category ids, {len(dets)} detections ({args.dets_per_image}/image), "
         "seed 0. One run of each path, in this order, in one process.",
-        "", "| path | seconds | speed-up vs plain pycocotools |", "|---|---:|---:|",
-        *(f"| {name} | {t:.2f} | {ratio} |" for name, t, ratio in rows),
+        "", "| path | CPU s | wall s | speed-up vs plain pycocotools (CPU) | (wall) |", "|---|---:|---:|---:|---:|",
+        *(f"| {name} | {t.cpu:.2f} | {t.wall:.2f} | {r} |" for name, t, r in rows),
         "",
         f"12 COCO stats vs plain pycocotools: pycocotools backend max abs diff {diff_ref:.1e} "
         f"({'identical' if diff_ref == 0 else 'not identical'}); faster_coco_eval backend max abs diff "
         f"{diff_fast:.1e} ({fast_verdict}).",
         f"Goal (faster_coco_eval path >= 3x plain pycocotools): {'met' if speedup >= 3 else 'NOT met'} "
-        f"({speedup:.2f}x).",
+        f"({speedup:.2f}x in CPU time, {t_ref.wall / t_fast.wall:.2f}x wall). CPU time (all threads of this "
+        "process) is the fairer comparison while other jobs share the 2 cores; where CPU exceeds wall, a library "
+        "used a second thread, so those CPU ratios are conservative.",
         "",
     ]
     text = "\n".join(lines)
