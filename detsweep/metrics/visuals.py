@@ -30,27 +30,34 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_loss_curves(history: list[dict[str, float]], path: str | Path) -> Path:
-    """Plot every non-`epoch` key of `history` (one dict per epoch) against `epoch`; 800x500 PNG.
+def plot_loss_curves(history: list[dict[str, Any]], path: str | Path, *, keys: list[str] | None = None) -> Path:
+    """Plot loss values of `history` (one dict per epoch, each with `epoch`) against epoch; 800x500 PNG.
 
-    Entries may lack a key (e.g. val loss only every other epoch); that point is skipped.
+    `keys` defaults to every key whose name contains "loss": history rows usually carry other
+    metrics too (ap, images/s, parameter counts) that do not belong on a loss axis. Entries that
+    lack a key, or hold a non-numeric value for it, are skipped (e.g. a val loss every other epoch).
     """
     if not history:
         raise ValueError("history is empty; expected a list of {'epoch': int, '<loss name>': float, ...}")
     missing = [i for i, h in enumerate(history) if "epoch" not in h]
     if missing:
         raise ValueError(f"history entries {missing[:5]} have no 'epoch' key")
-    names = sorted({k for h in history for k in h if k != "epoch"})
+    if keys is None:
+        keys = sorted({k for h in history for k in h if "loss" in k})
     fig = Figure(figsize=(8, 5), dpi=DPI)
     ax = fig.add_subplot()
-    for name in names:
-        points = [(h["epoch"], h[name]) for h in history if h.get(name) is not None]
+    for name in keys:
+        points = [(h["epoch"], float(h[name])) for h in history
+                  if isinstance(h.get(name), (int, float)) and not isinstance(h[name], bool)
+                  and math.isfinite(h[name])]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", label=name)
+    if not ax.lines:
+        logger.warning("plot_loss_curves: none of %s has a numeric value; writing empty axes", keys)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    if names:
+    if ax.lines:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()

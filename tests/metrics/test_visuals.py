@@ -18,11 +18,13 @@ def png_size(path):
 
 
 def test_loss_curves_png(tmp_path):
-    history = [{"epoch": 0, "loss": 2.0, "loss_bbox": 0.5}, {"epoch": 1, "loss": 1.5}, {"epoch": 2, "loss": 1.2,
-                                                                                           "loss_bbox": 0.3}]
+    history = [{"epoch": 0, "loss": 2.0, "loss_bbox": 0.5, "ap": 0.1, "total_params": 41_000_000},
+               {"epoch": 1, "loss": 1.5, "ap": 0.2},
+               {"epoch": 2, "loss": 1.2, "loss_bbox": float("nan"), "ap": 0.3}]
     path = plot_loss_curves(history, tmp_path / "plots" / "loss.png")
     assert path == tmp_path / "plots" / "loss.png"
     assert png_size(path) == (800, 500)
+    assert png_size(plot_loss_curves(history, tmp_path / "ap.png", keys=["ap"])) == (800, 500)
 
 
 def test_loss_curves_bad_history(tmp_path):
