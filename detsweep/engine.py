@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import torch
 
 from detsweep import dist
+from detsweep.models.boxes import NonFiniteBoxesError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,12 @@ def train_one_epoch(
     steps = 0
     for images, targets in loader:
         images, targets = to_device(images, targets, device)
-        with autocast(device, amp_dtype):
-            loss_dict = model(images, targets)
+        try:
+            with autocast(device, amp_dtype):
+                loss_dict = model(images, targets)
+        except NonFiniteBoxesError as e:  # diverged: DETR's matcher meets the NaN boxes before the loss
+            raise NonFiniteLossError(f"non-finite predicted boxes at epoch {epoch} step {steps}: training "
+                                     f"diverged ({str(e)[:120]})") from e
         loss = sum(loss_dict.values())
         # note: .item() is a CPU-GPU sync point; once per step is the price of failing fast.
         loss_value = loss.item()

@@ -38,6 +38,10 @@ def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> tuple[Tensor, Tensor]:
     return inter / union, union
 
 
+class NonFiniteBoxesError(ValueError):
+    """Boxes holding NaN/inf: the model has diverged (not a data problem)."""
+
+
 def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     """Pairwise generalized IoU (Rezatofighi et al. 2019): [N, 4], [M, 4] xyxy -> [N, M] in [-1, 1].
 
@@ -47,6 +51,8 @@ def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     for name, boxes in (("boxes1_xyxy", boxes1_xyxy), ("boxes2_xyxy", boxes2_xyxy)):
         valid = (boxes[:, 2:] >= boxes[:, :2]).all(dim=1)
         if not bool(valid.all()):
+            if not bool(torch.isfinite(boxes).all()):
+                raise NonFiniteBoxesError(f"{name} holds non-finite values, e.g. {boxes[~valid][:2].tolist()}")
             bad = boxes[~valid][:5].tolist()
             raise ValueError(f"{name} has degenerate boxes (x1 < x0, y1 < y0 or nan), e.g. {bad}")
     iou, union = box_iou(boxes1_xyxy, boxes2_xyxy)
