@@ -77,25 +77,29 @@ class LoRADelta(nn.Module):
         for a in self.lora_A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT / nn.Linear default init
 
-    def _maybe_dropped(self, a: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.dropout > 0):
+    def _maybe_dropped(self, a: torch.Tensor, drop: bool) -> torch.Tensor:
+        if not (drop and self.dropout > 0):
             return a
         # one mask over input features per forward == dropout on the input, shared by all tokens
         keep = torch.nn.functional.dropout(a.new_ones(a.shape[1]), self.dropout, training=True)
         return a * keep
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def adapted(self, weight: torch.Tensor, *, drop: bool) -> torch.Tensor:
+        """W + scaling · B_b · A_b on every block, with the input-feature dropout of A when ``drop``."""
         pieces, row = [], 0
         for b, (start, stop) in self.blocks.items():
             if start > row:
                 pieces.append(weight[row:start])
             # addmm: W_b + scaling · B_b @ A_b in one kernel
-            pieces.append(torch.addmm(weight[start:stop], self.lora_B[b], self._maybe_dropped(self.lora_A[b]),
+            pieces.append(torch.addmm(weight[start:stop], self.lora_B[b], self._maybe_dropped(self.lora_A[b], drop),
                                       alpha=self.scaling))
             row = stop
         if row < weight.shape[0]:
             pieces.append(weight[row:])
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.adapted(weight, drop=self.training)
 
     def extra_repr(self) -> str:
         return f"blocks={list(self.blocks)}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout}"
@@ -196,6 +200,31 @@ def merge_lora(model: nn.Module) -> nn.Module:
         plist[0].eval()  # no dropout in the merged weight
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict ``merge_lora(model)`` would produce, without changing ``model``: the plain keys
+    (official DETR layout, e.g. ``...self_attn.in_proj_weight``) with every adapter folded in, no adapter keys.
+    For loading into a plain copy of the architecture, e.g. for merged evaluation during LoRA training.
+    """
+    root = _unwrap(model)
+    renamed: dict[int, tuple[str, torch.Tensor]] = {}  # id(base weight) -> (tensor name, merged weight)
+    with torch.no_grad():
+        for module, tensor_name in _lora_sites(root):
+            plist = module.parametrizations[tensor_name]
+            if len(plist) != 1:
+                raise ValueError(f"cannot merge {tensor_name!r}: it has {len(plist)} parametrizations, "
+                                 "LoRA must be the only one")
+            renamed[id(plist.original)] = (tensor_name, plist[0].adapted(plist.original, drop=False))
+    adapter_ids = {id(p) for p in lora_parameters(root)}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in root.state_dict(keep_vars=True).items():
+        if id(value) in renamed:  # the base weight: ".../parametrizations.W.original" -> ".../W"
+            tensor_name, merged = renamed[id(value)]
+            out[key.removesuffix(f"parametrizations.{tensor_name}.original") + tensor_name] = merged
+        elif id(value) not in adapter_ids:  # adapter tensors (A, B) are dropped
+            out[key] = value.detach()
+    return out
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

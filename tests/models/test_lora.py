@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 
 from detsweep.models.detr import build_detr
 from detsweep.models.lora import (PLACEMENT_NAMES, PLACEMENTS, LoRADelta, apply_lora, count_lora_params,
-                                  load_lora_state_dict, lora_parameters, lora_state_dict, merge_lora)
+                                  load_lora_state_dict, lora_parameters, lora_state_dict, merge_lora,
+                                  merged_state_dict)
 from detsweep.models.regimes import apply_regime, trainable_parameters
 
 TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=2, dec_layers=2, dim_feedforward=48,
@@ -242,6 +243,21 @@ def test_merge_equals_unmerged_and_removes_adapters(placement):
     assert type(mha) is nn.MultiheadAttention and type(mha.in_proj_weight) is nn.Parameter
     assert type(mha.out_proj.weight) is nn.Parameter
     assert set(merged.state_dict()) == set(tiny_detr().state_dict())  # official keys again
+
+
+@pytest.mark.parametrize("placement", ["attention_ffn", "qv_only"])
+def test_merged_state_dict_loads_into_a_plain_model_and_leaves_the_adapters(placement):
+    model = apply_lora(tiny_detr(), rank=4, alpha=8, placement=placement, dropout=0.5)
+    randomize_adapters(model)
+    n_lora = count_lora_params(model)
+    sd = merged_state_dict(model.train())  # train mode: the merged weights still carry no dropout mask
+    assert count_lora_params(model) == n_lora and model.training  # model untouched
+    plain = tiny_detr(seed=9).eval()
+    plain.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(plain, images()), outputs(model.eval(), images()), rtol=0, atol=1e-5)
+        merged_sd = merge_lora(model).state_dict()
+    assert sd.keys() == merged_sd.keys() and all(torch.equal(sd[k], merged_sd[k]) for k in sd)
 
 
 # ---- adapter checkpoints -----------------------------------------------------------------------------------------
