@@ -11,13 +11,10 @@ import io
 import logging
 import os
 import platform
-import re
 import time
-from pathlib import Path
+from importlib.metadata import version
 
 import numpy as np
-
-from importlib.metadata import version
 
 from detsweep.metrics import STAT_NAMES, coco_eval, detection_arrays, evaluate_detections
 from detsweep.metrics.calibration import calibration_metrics
@@ -26,8 +23,8 @@ from detsweep.metrics.errors import error_taxonomy
 logger = logging.getLogger("bench.eval")
 CATEGORY_IDS = [1, 3, 7, 12, 18, 25, 33, 44, 51, 62]  # gappy on purpose, like COCO's
 IMAGE_SIZE = (640, 480)  # width, height
-RESULTS = Path(__file__).with_name("RESULTS.md")
-SECTION = "## Evaluation (bench/eval.py)"
+TITLE = "Evaluation (bench/eval.py)"
+SECTION = f"## {TITLE}"
 
 
 def make_dataset(n_images: int, dets_per_image: int, seed: int = 0) -> tuple[dict, list[dict]]:
@@ -111,14 +108,6 @@ def max_stat_diff(reference: list[float], result: dict) -> float:
     return max(abs(r - (-1.0 if result[k] is None else result[k])) for r, k in zip(reference, STAT_NAMES))
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) our section of bench/RESULTS.md, leaving other sections alone."""
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=5000)
@@ -187,7 +176,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(text)
+        from results_md import write_section  # bench/ is on sys.path when run as a script
+
+        write_section(TITLE, text)
 
 
 if __name__ == "__main__":
