@@ -3,13 +3,14 @@ completely before Ray starts. `load_sweep(path)` reads it; `expand(sweep)` gives
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
+
+from detsweep.typed import SweepError, _build, _coerce
 
 # Names the validator accepts. Kept here (not imported from models/) so loading a sweep file
 # never imports torch; tests check these equal the models' own registries.
@@ -17,10 +18,6 @@ MODELS = {"detr_r50": "detr", "fasterrcnn_r50_fpn": "faster_rcnn"}
 REGIMES = ("full", "lora_only", "partial")
 LORA_PLACEMENTS = ("attention_only", "attention_ffn", "decoder_only", "qv_only")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-
-
-class SweepError(ValueError):
-    """A user error in a sweep file. `str(err)` is the one line shown to the user."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,71 +187,6 @@ class TrialConfig:
         kwargs["lora"] = None if d["lora"] is None else _build(LoraConfig, d["lora"], "lora", "<trial>")
         assert set(kwargs) == set(sections), set(kwargs) ^ set(sections)
         return cls(**kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# Generic typed loading: unknown keys, wrong types and bad enum values fail with one line.
-# --------------------------------------------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    if tp in (int, float, str, bool):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check `value` against the annotation `tp`; return it converted (lists → tuples)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key, source)
-    if origin is Literal:
-        allowed = list(typing.get_args(tp))
-        if value not in allowed:
-            raise SweepError(f"{source}: {key}: {value!r} is not one of {allowed}")
-        return value
-    if origin is tuple:
-        (inner, _ellipsis) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise SweepError(f"{source}: {key}: {value!r} must be a list")
-        return tuple(_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SweepError(f"{source}: {key}: {value!r} must be a mapping")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, source)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        return value
-    raise SweepError(f"{source}: {key}: {value!r} must be of type {_type_name(tp)}")
-
-
-def _build(cls: type, data: Any, key: str, source: str) -> Any:
-    if isinstance(data, cls):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SweepError(f"{source}: {key}: {data!r} must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = f"{key}.{unknown[0]}" if key else unknown[0]
-        raise SweepError(f"{source}: {where}: unknown key; allowed keys are {names}")
-    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k, source) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in kwargs and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
-        raise SweepError(f"{source}: {key + '.' if key else ''}{missing[0] if missing else '?'}: "
-                         f"required key is missing") from e
 
 
 def _check_values(sweep: Sweep, check_paths: bool = True) -> None:

@@ -91,7 +91,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                         format=f"%(asctime)s {trial.trial_id} r{ctx.get_world_rank()} %(name)s: %(message)s")
     dist.seed_everything(trial.train.seed)
     torch.set_num_threads(max(1, int(trial.resources.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    # Ray assigns a CUDA device whenever the trial holds GPUs, even logical ones on a CPU-only
+    # node (tests do this); only trust it when CUDA is really there.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
 
     d = trial.data
     train_ds, val_ds, label_map, val_ann = build_datasets(
@@ -111,12 +113,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     t = trial.train
     optimizer = torch.optim.AdamW(model.param_groups(t.lr, t.lr_backbone, t.weight_decay),
                                   lr=t.lr, weight_decay=t.weight_decay)
+    on_cuda = device.type == "cuda"  # the engine moves CPU batches itself
     train_loader = ray.train.torch.prepare_data_loader(DataLoader(
         train_ds, batch_size=t.batch_size_per_worker, shuffle=True, collate_fn=collate_fn,
-        num_workers=d.loader_workers))
+        num_workers=d.loader_workers, pin_memory=on_cuda), move_to_device=on_cuda)
     val_loader = ray.train.torch.prepare_data_loader(DataLoader(
         val_ds, batch_size=t.batch_size_per_worker, shuffle=False, collate_fn=collate_fn,
-        num_workers=d.loader_workers))
+        num_workers=d.loader_workers, pin_memory=on_cuda), move_to_device=on_cuda)
     steps_per_epoch = len(train_loader)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t, steps_per_epoch))
     amp_dtype = _amp_dtype(t.amp, device)
@@ -138,7 +141,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         resumed_from = state["epoch"]
         log.info("resumed from the checkpoint of epoch %d", state["epoch"])
 
-    ddp_model = ray.train.torch.prepare_model(model)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=device)
     module = getattr(ddp_model, "module", ddp_model)
     # LoRA trials evaluate a plain copy of the base architecture holding the merged weights, so
     # adapters cost nothing at inference.
