@@ -27,7 +27,7 @@ IMAGE_SIZE, BATCH = 256, 2
 logger = logging.getLogger("bench.detr_step")
 
 
-def run_variant(variant: str, device_name: str, steps: int) -> dict:
+def run_variant(variant: str, device_name: str, steps: int, threads: int) -> dict:
     """Time `steps` training steps after one warm-up step; report images/s and peak memory growth."""
     import psutil
     import torch
@@ -35,6 +35,7 @@ def run_variant(variant: str, device_name: str, steps: int) -> dict:
     from detsweep.models.detr_detector import build_detr_detector
 
     device = torch.device(device_name)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     detector = build_detr_detector(num_classes=91).to(device).train()
     if variant == "frozen_backbone":
@@ -61,15 +62,16 @@ def run_variant(variant: str, device_name: str, steps: int) -> dict:
     step()  # warm-up: allocator, optimizer state, kernels
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()  # note: kernels are async; time them to completion
-    elapsed = time.perf_counter() - start
+    elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
     result = {
-        "variant": variant, "device": device_name, "steps": steps,
+        "variant": variant, "device": device_name, "threads": threads, "steps": steps,
         "images_per_s": BATCH * steps / elapsed, "s_per_step": elapsed / steps,
+        "cpu_s_per_step": cpu_elapsed / steps,  # all threads; robust to other jobs sharing the cores
         "trainable_params": sum(p.numel() for p in detector.parameters() if p.requires_grad),
         # ru_maxrss is KiB on Linux and the process peak; this process did nothing big before rss_before.
         "peak_rss_delta_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before) / 2**20,
@@ -80,21 +82,25 @@ def run_variant(variant: str, device_name: str, steps: int) -> dict:
     return result
 
 
-def run_in_subprocess(variant: str, device_name: str, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--device", device_name, "--steps", str(steps)]
+def run_in_subprocess(variant: str, device_name: str, steps: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--device", device_name, "--steps", str(steps),
+           "--threads", str(threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| device | variant | trainable params | s/step | images/s | ratio vs full | peak RSS Δ (MB) | "
-             "peak CUDA Δ (MB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    base = {r["device"]: r["images_per_s"] for r in rows if r["variant"] == "full"}
+    """Markdown table; ratios compare each variant with `full` on the same device and thread count."""
+    lines = ["| device | threads | variant | trainable params | s/step | images/s | speed-up vs full | CPU s/step | "
+             "peak RSS Δ (MB) | peak CUDA Δ (MB) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {(r["device"], r["threads"]): r for r in rows if r["variant"] == "full"}
     for r in rows:
+        full = base[(r["device"], r["threads"])]
         cuda = f"{r['peak_cuda_delta_mb']:.0f}" if "peak_cuda_delta_mb" in r else "–"
-        lines.append(f"| {r['device']} | {r['variant']} | {r['trainable_params']:,} | {r['s_per_step']:.3f} | "
-                     f"{r['images_per_s']:.2f} | {r['images_per_s'] / base[r['device']]:.2f}x | "
-                     f"{r['peak_rss_delta_mb']:.0f} | {cuda} |")
+        threads = r["threads"] if r["device"] == "cpu" else "–"
+        lines.append(f"| {r['device']} | {threads} | {r['variant']} | {r['trainable_params']:,} | "
+                     f"{r['s_per_step']:.3f} | {r['images_per_s']:.2f} | {r['images_per_s'] / full['images_per_s']:.2f}x | "
+                     f"{r['cpu_s_per_step']:.2f} | {r['peak_rss_delta_mb']:.0f} | {cuda} |")
     return "\n".join(lines)
 
 
@@ -102,30 +108,36 @@ def write_section(text: str) -> None:
     """Replace (or append) our section of bench/RESULTS.md, leaving other sections alone."""
     old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new, encoding="utf-8")
+    section = text.rstrip("\n") + "\n\n"  # a blank line before whatever section follows
+    new = pattern.sub(lambda _: section, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after 1 warm-up step)")
     parser.add_argument("--cuda-steps", type=int, default=20, help="timed steps per variant on CUDA")
+    parser.add_argument("--threads", default="1,2",
+                        help="comma-separated torch CPU thread counts to compare (1 = a Ray Train worker with "
+                             "cpus_per_worker: 1, see worker.py)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_variant(args.worker, args.device, args.steps)))
+        print(json.dumps(run_variant(args.worker, args.device, args.steps, int(args.threads))))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import torch
 
-    devices = [("cpu", args.steps)] + ([("cuda", args.cuda_steps)] if torch.cuda.is_available() else [])
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    devices = [("cpu", args.steps, t) for t in thread_counts]
+    devices += [("cuda", args.cuda_steps, thread_counts[0])] if torch.cuda.is_available() else []
     rows, load_before = [], os.getloadavg()[0]
-    for device_name, steps in devices:
+    for device_name, steps, threads in devices:
         for variant in VARIANTS:
-            rows.append(run_in_subprocess(variant, device_name, steps))
+            rows.append(run_in_subprocess(variant, device_name, steps, threads))
             logger.info("%s", rows[-1])
     gpu = next((r["gpu_name"] for r in rows if "gpu_name" in r), None)
     text = "\n".join([
@@ -140,10 +152,18 @@ def main() -> None:
         "`full`: stem + layer1 frozen (official), layer2-4 + transformer + heads train. "
         "`frozen_backbone`: no backbone parameter trains, so DETR runs the backbone under `torch.no_grad()` "
         "(lora_only; partial trains layer4 so it sits in between). "
-        "Peak RSS Δ = process peak RSS minus RSS after building the model (weights excluded, optimizer state "
+        "CPU s/step = process CPU time (all threads) per step, less sensitive than wall time to other jobs on "
+        "shared cores. Peak RSS Δ = process peak RSS minus RSS after building the model (weights excluded, optimizer state "
         "and activations included); peak CUDA Δ = `max_memory_allocated` growth over the same span.", "",
         format_table(rows), "",
     ])
+    full_by_threads = {r["threads"]: r for r in rows if r["device"] == "cpu" and r["variant"] == "full"}
+    if len(full_by_threads) > 1:
+        lo, hi = min(full_by_threads), max(full_by_threads)
+        ratio = full_by_threads[hi]["s_per_step"] / full_by_threads[lo]["s_per_step"]
+        text += (f"\n{hi} threads vs {lo}: the full step takes {ratio:.2f}x the wall time. Above 1x, the threads wait "
+                 "on each other while other jobs hold the shared cores; a Ray worker with cpus_per_worker: 1 runs "
+                 "1 thread.\n")
     print(text)
     if not args.no_write:
         write_section(text)
