@@ -13,15 +13,13 @@ import json
 import logging
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-SECTION = "## DETR training step (bench/detr_step.py)"
+TITLE = "DETR training step (bench/detr_step.py)"
 VARIANTS = ("full", "frozen_backbone")
 IMAGE_SIZE, BATCH = 256, 2
 logger = logging.getLogger("bench.detr_step")
@@ -104,15 +102,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) our section of bench/RESULTS.md, leaving other sections alone."""
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = text.rstrip("\n") + "\n\n"  # a blank line before whatever section follows
-    new = pattern.sub(lambda _: section, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after 1 warm-up step)")
@@ -141,7 +130,7 @@ def main() -> None:
             logger.info("%s", rows[-1])
     gpu = next((r["gpu_name"] for r in rows if "gpu_name" in r), None)
     text = "\n".join([
-        SECTION, "",
+        f"## {TITLE}", "",
         f"DETR-R50 (41.5 M params, 91 classes, 100 queries, aux loss), batch {BATCH} of {IMAGE_SIZE}x{IMAGE_SIZE} "
         "images with 2 boxes each; one step = forward + SetCriterion + backward + clip 0.1 + AdamW. "
         f"Timed over {args.steps} CPU steps" + (f" / {args.cuda_steps} CUDA steps" if gpu else "")
@@ -166,7 +155,9 @@ def main() -> None:
                  "1 thread.\n")
     print(text)
     if not args.no_write:
-        write_section(text)
+        from results_md import RESULTS, write_section  # bench/ is on sys.path when run as a script
+
+        write_section(TITLE, text)
         logger.info("wrote %s", RESULTS)
 
 
