@@ -13,12 +13,14 @@ FIXTURES = REPO.parent / "shared" / "fixtures"
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray for the session: 4 logical CPUs and 1 logical GPU on this CPU-only
-    machine (a logical GPU lets tests check fractional placement; the models stay on CPU)."""
+    machine (a logical GPU lets tests check fractional placement; the models stay on CPU).
+    The dashboard stays on: Ray Train frees a stopped trial's worker placement group through the
+    State API it serves, and without it an ASHA-stopped trial would hang the sweep."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=4, num_gpus=1, include_dashboard=True, log_to_driver=False,
                  configure_logging=False)
     yield ray
     ray.shutdown()

@@ -297,32 +297,3 @@ def load_lora_state_dict(model: nn.Module, sd: dict) -> nn.Module:
     root.load_state_dict(tensors, strict=False)
     return model
 
-
-@torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict ``model`` would have after ``merge_lora``, without touching ``model``:
-    base-layout keys, each adapted weight replaced by ``W + (alpha/r)·B·A`` (no dropout).
-
-    Use it to evaluate on a plain copy of the base architecture. Merging a ``deepcopy`` instead is
-    unsafe: torch's parametrized classes are shared between copies, and removing the
-    parametrization from one breaks the other.
-    """
-    root = _unwrap(model)
-    sites = _lora_sites(root)
-    modes = [(d, d.training) for m, _ in sites for d in m.parametrizations.modules()]
-    for d, _ in modes:
-        d.eval()
-    try:
-        merged = {}
-        for key, value in root.state_dict().items():
-            if ".parametrizations." not in f".{key}":
-                merged[key] = value.detach().clone()
-        for prefix, module in root.named_modules():
-            if parametrize.is_parametrized(module) and any(module is m for m, _ in sites):
-                for tensor_name in module.parametrizations:
-                    merged[f"{prefix}.{tensor_name}" if prefix else tensor_name] = \
-                        getattr(module, tensor_name).detach().clone()
-    finally:
-        for d, was_training in modes:
-            d.train(was_training)
-    return merged
