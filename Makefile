@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/eval.py
 	$(PY) bench/regimes.py
 	$(PY) bench/detr_step.py
-	$(PY) bench/overhead.py --write
+	$(PY) bench/overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +21,7 @@ import numpy as np
 from detsweep import frontier, pareto
 from detsweep.results import rows_to_table
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-SECTION = "## Frontier (bench/frontier.py)"
+TITLE = "Frontier (bench/frontier.py)"
 OBJECTIVES = "ap:max,trainable_params:min,peak_vram_train_mb:min,ece:min"
 GOAL_S = 1.0
 logger = logging.getLogger("bench.frontier")
@@ -52,14 +50,6 @@ def best_of(repeats: int, fn, *args, **kwargs):
         times.append(time.perf_counter() - t0)
     return result, min(times)
 
-
-def write_section(text: str) -> None:
-    """Replace (or append) our section of bench/RESULTS.md, leaving other sections alone."""
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = text.rstrip("\n") + "\n\n"  # a blank line before whichever section follows
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new, encoding="utf-8")
 
 
 def main() -> None:
@@ -95,7 +85,7 @@ def main() -> None:
                 t_moo, t_np, t_np / t_moo, t_dom, t_hv, t_all, n_front, n_layers, hv)
     verdict = "meets" if t_moo + t_dom <= GOAL_S else "misses"
     text = (
-        f"{SECTION}\n\n"
+        f"## {TITLE}\n\n"
         f"{args.trials:,} synthetic trials (AP rising with log params, memory with params, plus noise), "
         f"4 objectives `{OBJECTIVES}`; best of {args.repeats} runs. Machine: 2-core {platform.machine()} CPU "
         f"(shared; 1-min load average {load_before:.1f} before, {load_after:.1f} after), Python "
@@ -111,7 +101,9 @@ def main() -> None:
     )
     print(text)
     if not args.no_write:
-        write_section(text)
+        from results_md import write_section  # bench/ is on sys.path when run as a script
+
+        write_section(TITLE, text)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ no-op loop (one report). detsweep: a one-epoch trial of a tiny DETR through `det
 overhead is the trial's wall time minus the in-worker train + eval time. Also samples the RSS of
 the non-worker processes (Tune trial actor, Train controller) and whether they loaded torch.
 
-    python bench/overhead.py [--repeats 2] [--write]
+    python bench/overhead.py [--repeats 2] [--no-write]
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def run_detsweep(storage: str, repeats: int, synthetic: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
 
     import ray
@@ -157,7 +157,7 @@ def main() -> None:
          for role in sampler.ROLES]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.write:
+    if not args.no_write:
         from results_md import write_section
 
         write_section("Per-trial overhead (bench/overhead.py)", text)

@@ -280,7 +280,7 @@ def _report(rows: list[dict], evals: list[dict], args, load_before: float, elaps
         "`heads_only` (bench-only): no adapters, only class/bbox/query heads train: the floor for any "
         "frozen-backbone regime.", "",
         _table(rows), "",
-        f"Goal lora_only >= 2.5x faster than full: "
+        "Goal lora_only >= 2.5x faster than full: "
         + (f"met on CPU for {met_speed}" if met_speed else "not met on CPU")
         + f" (lora_only {min(speed[v] for v in lora):.2f}x-{max(speed[v] for v in lora):.2f}x; "
         f"heads_only, the ceiling with this backbone, {speed['heads_only']:.2f}x). "
