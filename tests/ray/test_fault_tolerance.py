@@ -139,7 +139,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, synt
 
     driver = _driver(path)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(root.glob("train-*/checkpoint_*")):
+    # Wait until epoch 0's report, and so its checkpoint, has reached the driver.
+    while time.time() < deadline and not (root / "history.parquet").exists():
         assert driver.poll() is None, _output(driver)
         time.sleep(0.2)
     workers = _train_workers()
