@@ -69,16 +69,29 @@ class ProcessSampler(threading.Thread):
 
 
 def run_bare(storage: str, repeats: int) -> list[float]:
+    """Trial wall times of the floor, taken where detsweep's `wall_s` is taken: Tune's
+    on_trial_start -> on_trial_complete, in the driver."""
     import ray.tune
 
-    walls = []
+    from detsweep.sweep import TRIAL_ACTOR_RESOURCES
+
+    class Walls(ray.tune.Callback):
+        def __init__(self):
+            self.start, self.walls = {}, []
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.start[trial.trial_id] = time.time()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.walls.append(time.time() - self.start[trial.trial_id])
+
+    walls = Walls()
     for i in range(repeats):
-        t0 = time.time()
-        ray.tune.Tuner(ray.tune.with_resources(bare_trial, {"CPU": 0.01}),
+        ray.tune.Tuner(ray.tune.with_resources(bare_trial, TRIAL_ACTOR_RESOURCES),
                        param_space={"i": i, "storage": storage},
-                       run_config=ray.tune.RunConfig(name=f"bare-tune-{i}", storage_path=storage, verbose=0)).fit()
-        walls.append(time.time() - t0)
-    return walls
+                       run_config=ray.tune.RunConfig(name=f"bare-tune-{i}", storage_path=storage, verbose=0,
+                                                     callbacks=[walls])).fit()
+    return walls.walls
 
 
 def run_detsweep(storage: str, repeats: int, synthetic: str) -> list[dict]:

@@ -3,6 +3,7 @@ completely before Ray starts. `load_sweep(path)` reads it; `expand(sweep)` gives
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,8 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 class DataConfig:
     kind: Literal["synthetic", "coco"] = "synthetic"
     root: str = "~/.cache/detsweep/synthetic"
-    train_images: int = 64  # coco: 0 = all
-    val_images: int = 16  # coco: 0 = all
+    train_images: int | None = None  # synthetic: images to generate (64); coco: first N (None/0 = all)
+    val_images: int | None = None  # synthetic: 16; coco: first N (None/0 = all)
     image_size: int = 128  # synthetic only
     num_classes: int = 5  # synthetic only
     classes: tuple[str, ...] | None = None  # coco: a class subset by name
@@ -189,47 +190,79 @@ class TrialConfig:
         return cls(**kwargs)
 
 
-def _check_values(sweep: Sweep, check_paths: bool = True) -> None:
+# Metrics a scheduler may watch: what every epoch reports.
+SCHEDULER_METRICS = ("ap", "ap50", "ap75", "ar100", "loss", "ece", "nll", "brier")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_values(sweep: Sweep, check_paths: bool = True, grid_key: str | None = None) -> None:
     """Value rules the types cannot express. `check_paths=False` skips data and checkpoint
-    files (a --dry-run plans a cluster's sweep on a laptop that lacks them)."""
+    files (a --dry-run plans a cluster's sweep on a laptop that lacks them). When checking one
+    grid value, `grid_key` is its dotted key and errors name it as `grid.<key>`."""
     src = sweep.source
-    positive = {
-        "data.train_images": sweep.data.train_images if sweep.data.kind == "synthetic" else 1,
-        "data.val_images": sweep.data.val_images if sweep.data.kind == "synthetic" else 1,
-        "data.image_size": sweep.data.image_size,
-        "data.num_classes": sweep.data.num_classes,
-        "train.epochs": sweep.train.epochs,
-        "train.batch_size_per_worker": sweep.train.batch_size_per_worker,
-        "resources.ddp_workers": sweep.resources.ddp_workers,
-        "lora.rank": sweep.lora.rank,
-        "model.detr.num_queries": sweep.model.detr.num_queries,
-        "model.detr.dec_layers": sweep.model.detr.dec_layers,
-        "eval.calibration.bins": sweep.eval.calibration.bins,
-    }
-    for key, v in positive.items():
-        if v <= 0:
-            raise SweepError(f"{src}: {key}: {v!r} must be > 0")
-    if not 0.0 < sweep.eval.calibration.match_iou <= 1.0:
-        raise SweepError(f"{src}: eval.calibration.match_iou: {sweep.eval.calibration.match_iou!r} must be in (0, 1]")
-    if not 0.0 <= sweep.lora.dropout < 1.0:
-        raise SweepError(f"{src}: lora.dropout: {sweep.lora.dropout!r} must be in [0, 1)")
-    if sweep.train.lr <= 0:
-        raise SweepError(f"{src}: train.lr: {sweep.train.lr!r} must be > 0")
-    if sweep.model.detr.hidden_dim % sweep.model.detr.nheads:
-        raise SweepError(f"{src}: model.detr.nheads: {sweep.model.detr.nheads!r} must divide "
-                         f"model.detr.hidden_dim ({sweep.model.detr.hidden_dim})")
+
+    def fail(key: str, message: str) -> SweepError:
+        return SweepError(f"{src}: {'grid.' + key if key == grid_key else key}: {message}")
+
+    d, m, t, ft = sweep.data, sweep.model, sweep.train, sweep.fault_tolerance
+    if not _NAME.match(sweep.name):
+        raise fail("name", f"{sweep.name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
+    rules = [  # (key, value, holds, what is allowed)
+        ("data.train_images", d.train_images, d.train_images > 0 or d.kind == "coco" and d.train_images == 0, "> 0 (coco: 0 = all)"),
+        ("data.val_images", d.val_images, d.val_images > 0 or d.kind == "coco" and d.val_images == 0, "> 0 (coco: 0 = all)"),
+        ("data.image_size", d.image_size, d.image_size >= 32, ">= 32"),
+        ("data.num_classes", d.num_classes, 1 <= d.num_classes <= 8, "in [1, 8]"),
+        ("data.loader_workers", d.loader_workers, d.loader_workers >= 0, ">= 0"),
+        ("train.epochs", t.epochs, t.epochs > 0, "> 0"),
+        ("train.batch_size_per_worker", t.batch_size_per_worker, t.batch_size_per_worker > 0, "> 0"),
+        ("train.lr", t.lr, t.lr > 0, "> 0"),
+        ("train.lr_backbone", t.lr_backbone, t.lr_backbone >= 0, ">= 0"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("train.grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0 = off)"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("train.lr_drop_epoch", t.lr_drop_epoch, t.lr_drop_epoch is None or t.lr_drop_epoch > 0, "> 0"),
+        ("lora.rank", sweep.lora.rank, sweep.lora.rank > 0, "> 0"),
+        ("lora.alpha", sweep.lora.alpha, sweep.lora.alpha > 0, "> 0"),
+        ("lora.dropout", sweep.lora.dropout, 0.0 <= sweep.lora.dropout < 1.0, "in [0, 1)"),
+        ("model.detr.num_queries", m.detr.num_queries, m.detr.num_queries > 0, "> 0"),
+        ("model.detr.enc_layers", m.detr.enc_layers, m.detr.enc_layers > 0, "> 0"),
+        ("model.detr.dec_layers", m.detr.dec_layers, m.detr.dec_layers > 0, "> 0"),
+        ("model.detr.nheads", m.detr.nheads, m.detr.nheads > 0 and m.detr.hidden_dim % m.detr.nheads == 0,
+         f"> 0 and a divisor of model.detr.hidden_dim ({m.detr.hidden_dim})"),
+        ("model.detr.dropout", m.detr.dropout, 0.0 <= m.detr.dropout < 1.0, "in [0, 1)"),
+        ("model.faster_rcnn.trainable_backbone_layers", m.faster_rcnn.trainable_backbone_layers,
+         m.faster_rcnn.trainable_backbone_layers is None or 0 <= m.faster_rcnn.trainable_backbone_layers <= 5,
+         "in [0, 5] or null"),
+        ("eval.calibration.match_iou", sweep.eval.calibration.match_iou, 0.0 < sweep.eval.calibration.match_iou <= 1.0, "in (0, 1]"),
+        ("eval.calibration.bins", sweep.eval.calibration.bins, sweep.eval.calibration.bins > 0, "> 0"),
+        ("eval.error_score_threshold", sweep.eval.error_score_threshold, 0.0 <= sweep.eval.error_score_threshold <= 1.0, "in [0, 1]"),
+        ("fault_tolerance.max_failures", ft.max_failures, ft.max_failures >= -1, ">= 0, or -1 for unlimited"),
+        ("fault_tolerance.checkpoints_to_keep", ft.checkpoints_to_keep, ft.checkpoints_to_keep >= 1, ">= 1"),
+        ("scheduler.metric", sweep.scheduler.metric, sweep.scheduler.metric in SCHEDULER_METRICS,
+         f"one of {list(SCHEDULER_METRICS)}"),
+        ("scheduler.grace_period", sweep.scheduler.grace_period, sweep.scheduler.grace_period >= 1, ">= 1"),
+        ("scheduler.reduction_factor", sweep.scheduler.reduction_factor, sweep.scheduler.reduction_factor >= 2, ">= 2"),
+        ("max_concurrent_trials", sweep.max_concurrent_trials,
+         sweep.max_concurrent_trials is None or sweep.max_concurrent_trials >= 1, ">= 1"),
+    ]
+    for key, value, holds, allowed in rules:
+        if not holds:
+            raise fail(key, f"{value!r} must be {allowed}" if not allowed.startswith("one of")
+                       else f"{value!r} is not {allowed}")
     for fam in ("detr", "faster_rcnn"):
-        w = getattr(sweep.model, fam).weights
+        w = getattr(m, fam).weights
         named = ("none", "coco") + (("imagenet",) if fam == "faster_rcnn" else ())
         if w not in named and check_paths and not Path(w).expanduser().is_file():
-            raise SweepError(f"{src}: model.{fam}.weights: {w!r} is neither one of {list(named)} "
-                             f"nor an existing checkpoint file")
-    if sweep.model.faster_rcnn.weights == "coco" and sweep.model.faster_rcnn.backbone != "resnet50":
-        raise SweepError(f"{src}: model.faster_rcnn.weights: 'coco' needs backbone 'resnet50', "
-                         f"not {sweep.model.faster_rcnn.backbone!r}")
-    if check_paths and sweep.data.kind == "coco" and not Path(sweep.data.root).expanduser().is_dir():
-        raise SweepError(f"{src}: data.root: {sweep.data.root!r} is not a directory "
-                         f"(run `python -m detsweep.data coco2017 --root DIR` first)")
+            raise fail(f"model.{fam}.weights", f"{w!r} is neither one of {list(named)} nor an existing "
+                       f"checkpoint file")
+    if m.faster_rcnn.weights == "coco" and m.faster_rcnn.backbone != "resnet50":
+        raise fail("model.faster_rcnn.weights", f"'coco' needs backbone 'resnet50', not {m.faster_rcnn.backbone!r}")
+    if m.detr.weights == "coco" and m.detr.backbone != "resnet50":
+        raise fail("model.detr.weights", f"'coco' (the official DETR-R50) needs backbone 'resnet50', "
+                   f"not {m.detr.backbone!r}")
+    if check_paths and d.kind == "coco" and not Path(d.root).expanduser().is_dir():
+        raise fail("data.root", f"{d.root!r} is not a directory (run `python -m detsweep.data coco2017 "
+                   f"--root DIR` first)")
     check_resources(sweep.resources, "resources", src)
     for regime in sweep.resources_by_regime:
         if regime not in REGIMES:
@@ -239,8 +272,12 @@ def _check_values(sweep: Sweep, check_paths: bool = True) -> None:
 
 def check_resources(res: ResourcesConfig, key: str, source: str) -> None:
     g = res.gpus_per_worker
-    if g < 0 or res.cpus_per_worker < 0:
-        raise SweepError(f"{source}: {key}: resources must be >= 0")
+    if g < 0:
+        raise SweepError(f"{source}: {key}.gpus_per_worker: {g!r} must be >= 0")
+    if res.cpus_per_worker <= 0:
+        raise SweepError(f"{source}: {key}.cpus_per_worker: {res.cpus_per_worker!r} must be > 0")
+    if res.ddp_workers < 1:
+        raise SweepError(f"{source}: {key}.ddp_workers: {res.ddp_workers!r} must be >= 1")
     if g > 1 and g != int(g):
         raise SweepError(f"{source}: {key}.gpus_per_worker: {g!r} must be a whole number when above 1")
     if 0 < g < 1 and res.ddp_workers > 1:
@@ -251,6 +288,13 @@ def check_resources(res: ResourcesConfig, key: str, source: str) -> None:
                          f"trial on one GPU")
     if res.backend == "nccl" and g == 0:
         raise SweepError(f"{source}: {key}.backend: 'nccl' needs gpus_per_worker > 0; use 'gloo' or 'auto'")
+
+
+def _data_defaults(d: DataConfig) -> DataConfig:
+    """Image counts left out mean: synthetic 64 train / 16 val; COCO all of them (0)."""
+    fallback = (64, 16) if d.kind == "synthetic" else (0, 0)
+    return dataclasses.replace(d, train_images=fallback[0] if d.train_images is None else d.train_images,
+                               val_images=fallback[1] if d.val_images is None else d.val_images)
 
 
 def resources_for(sweep: Sweep, regime: str) -> ResourcesConfig:
@@ -272,12 +316,13 @@ def parse_sweep(raw: Any, source: str = "<memory>", *, check_paths: bool = True)
         raise SweepError(f"{source}: grid: {grid!r} must be a mapping of dotted keys to lists")
     raw["grid"] = {}
     sweep = dataclasses.replace(_build(Sweep, raw, "", source), source=source)
-    sweep = dataclasses.replace(sweep, grid=_check_grid(grid, sweep))
+    sweep = dataclasses.replace(sweep, data=_data_defaults(sweep.data))
     _check_values(sweep, check_paths)
+    sweep = dataclasses.replace(sweep, grid=_check_grid(grid, sweep, check_paths))
     return sweep
 
 
-def _check_grid(grid: dict[str, Any], sweep: Sweep) -> dict[str, tuple[Any, ...]]:
+def _check_grid(grid: dict[str, Any], sweep: Sweep, check_paths: bool) -> dict[str, tuple[Any, ...]]:
     out = {}
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -291,8 +336,8 @@ def _check_grid(grid: dict[str, Any], sweep: Sweep) -> dict[str, tuple[Any, ...]
                 if v not in REGIMES:
                     raise SweepError(f"{sweep.source}: grid.regime: {v!r} is not one of {list(REGIMES)}")
         else:
-            for v in values:  # each value must be valid where it lands
-                _apply_axis(sweep, key, v, where=f"grid.{key}")
+            for v in values:  # each value must be valid where it lands, by type and by value
+                _check_values(_apply_axis(sweep, key, v, where=f"grid.{key}"), check_paths, grid_key=key)
         if len(set(map(repr, values))) != len(values):
             raise SweepError(f"{sweep.source}: grid.{key}: {values!r} has repeated values")
         out[key] = tuple(values)

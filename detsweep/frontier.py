@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from detsweep import pareto
 from detsweep.pareto import Normalisation, Objective
-from detsweep.results import write_parquet_atomic
+from detsweep.results import read_parquet, write_parquet_atomic
 
 DEFAULT_OBJECTIVES = "ap:max,trainable_params:min,peak_vram_train_mb:min,ece:min"
 METADATA_KEY = b"detsweep.frontier"
@@ -353,10 +352,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m detsweep.frontier",
         description="Pareto front of a sweep's results.parquet: writes frontier.parquet (pareto_rank, "
                     "dominated_by), replicates.parquet when seeds repeat, PNG plots and report.md.")
-    p.add_argument("results", help="path to results.parquet")
+    p.add_argument("results", help="path or URI (s3://, gs://) of results.parquet")
     p.add_argument("--objectives", default=DEFAULT_OBJECTIVES,
                    help="comma-separated COLUMN:DIRECTION with DIRECTION in {max,min} (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: the results file's folder)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: the results file's folder; for a URI, ./frontier-<sweep>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p
 
@@ -364,20 +364,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns the exit code (2 for user errors, one line on stderr)."""
     args = _parser().parse_args(argv)
-    path = Path(args.results).expanduser()
+    remote = "://" in args.results  # s3://, gs://, file://: read through pyarrow.fs
+    path = args.results if remote else Path(args.results).expanduser()
     try:
         objectives = pareto.parse_objectives(args.objectives)
-        if not path.is_file():
-            raise FrontierError(f"results file not found: {path}")
         try:
-            table = pq.read_table(path)
+            table = read_parquet(str(path))  # local or through pyarrow.fs
         except (pa.ArrowInvalid, OSError) as e:
             raise FrontierError(f"cannot read {path} as Parquet: {e}") from None
+        if table is None:
+            raise FrontierError(f"results file not found: {path}")
         fr = compute_frontier(table, objectives)
     except ValueError as e:
         print(f"detsweep.frontier: error: {e}", file=sys.stderr)
         return 2
-    written = write_outputs(fr, args.out or path.parent, plots=not args.no_plots)
+    out = args.out or (Path(f"frontier-{path.rstrip('/').split('/')[-2]}") if remote else path.parent)
+    written = write_outputs(fr, out, plots=not args.no_plots)
     sys.stdout.write(render_stdout(fr, written))
     return 0
 

@@ -30,6 +30,11 @@ def _relevant(key: str, family: str, regime: str) -> bool:
     return True
 
 
+def model_label(model: str, backbone: str) -> str:
+    """The model's name as it runs: `detr_r50` with a resnet18 backbone is `detr_r18`."""
+    return model.replace("r50", "r" + backbone.removeprefix("resnet"))
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -57,7 +62,7 @@ def expand(sweep: "Sweep") -> list["TrialConfig"]:
         if regime not in fam_cfg.regimes:
             continue
         cfg = sweep
-        id_parts = [model, regime]
+        id_parts = [model, regime]  # the model label is set below, once the axes are applied
         chosen: dict[str, Any] = {}
         for (key, _), value in zip(axes, values):
             if not _relevant(key, family, regime):
@@ -68,9 +73,13 @@ def expand(sweep: "Sweep") -> list["TrialConfig"]:
                 id_parts.append(f"{key.rsplit('.', 1)[-1]}{_fmt(value)}")
         if regime == "lora_only":
             id_parts[2:2] = [f"r{cfg.lora.rank}", cfg.lora.placement]
+        id_parts[0] = model_label(model, getattr(cfg.model, family).backbone)
         trial_id = "-".join(id_parts)
         if trial_id in trials:
-            continue
+            if any(trials[trial_id].axes.get(k) != v for k, v in chosen.items()):
+                raise SweepError(f"{sweep.source}: grid: two different trials would share the id {trial_id!r} "
+                                 f"({trials[trial_id].axes} vs {chosen}); make the values distinguishable")
+            continue  # the same trial again: an axis that does not apply here
         resources = resources_for(cfg, regime) if regime in cfg.resources_by_regime else cfg.resources
         check_resources(resources, f"resources (trial {trial_id})", sweep.source)
         if family == "faster_rcnn" and regime == "lora_only":  # guarded by regimes, kept as invariant

@@ -205,7 +205,7 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> None:
         raise
 
 
-def _read_parquet(uri: str) -> pa.Table | None:
+def read_parquet(uri: str) -> pa.Table | None:
     """The table at ``uri``, or None when there is no file yet."""
     if _is_local(uri):
         path = Path(uri).expanduser()
@@ -241,11 +241,11 @@ class ResultsStore:
 
     def read_results(self) -> pa.Table | None:
         """The current results table, or None before the first trial is written."""
-        return _read_parquet(self.results_uri)
+        return read_parquet(self.results_uri)
 
     def read_history(self) -> pa.Table | None:
         """The current per-epoch history, or None before the first report."""
-        return _read_parquet(self.history_uri)
+        return read_parquet(self.history_uri)
 
     def upsert_trial(self, row: dict, extra_columns: Mapping[str, pa.DataType] | None = None) -> None:
         """Replace the row with the same ``trial_id`` in place (first-seen order), else append."""

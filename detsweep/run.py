@@ -11,10 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from detsweep.config import Sweep, SweepError, TrialConfig, expand, load_sweep, trial_table
-from detsweep.grid import max_concurrent, storage_root
+from detsweep.grid import fits, max_concurrent, storage_root, trial_resources
 
 log = logging.getLogger("detsweep.run")
 
@@ -46,9 +45,12 @@ def _parse_resources(spec: str) -> dict[str, float]:
     out = {}
     for part in spec.split(","):
         key, _, value = part.partition("=")
-        if key.strip() not in ("CPU", "GPU") or not value:
-            raise SweepError(f"--assume-resources: {part!r} is not CPU=N or GPU=M")
-        out[key.strip()] = float(value)
+        try:
+            if key.strip() not in ("CPU", "GPU"):
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise SweepError(f"--assume-resources: {part!r} is not CPU=N or GPU=M (e.g. CPU=48,GPU=4)") from None
     return out
 
 
@@ -62,6 +64,22 @@ def _local_resources() -> dict[str, float]:
         except (OSError, subprocess.SubprocessError):
             gpus = 0
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def _fs(root: str):
+    """(pyarrow filesystem, path) of a local path or a URI such as s3://bucket/prefix."""
+    import pyarrow.fs
+
+    if "://" in root:
+        return pyarrow.fs.FileSystem.from_uri(root)
+    return pyarrow.fs.LocalFileSystem(), root
+
+
+def _exists(root: str) -> bool:
+    import pyarrow.fs
+
+    fs, path = _fs(root)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
 def prepare_data(trials: list[TrialConfig]) -> None:
@@ -112,16 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         print(trial_table(trials, n, cluster))
         return 0
 
-    tune_dir = Path(root) / "tune" if "://" not in root else None
-    if tune_dir is not None and tune_dir.exists() and not (args.resume or args.fresh):
+    had_run = _exists(f"{root}/tune")
+    if had_run and not (args.resume or args.fresh):
         print(f"error: {root} already holds a run of sweep {sweep.name!r}; pass --resume to continue it, "
               f"--fresh to start over, or --output-dir for another folder", file=sys.stderr)
         return 2
-    if args.resume and tune_dir is not None and not tune_dir.exists():
+    if args.resume and not had_run:
         print(f"error: --resume: no earlier run of sweep {sweep.name!r} in {root}", file=sys.stderr)
         return 2
-    if args.fresh and tune_dir is not None and Path(root).exists():
-        shutil.rmtree(root)
+    if args.fresh and _exists(root):
+        fs, path = _fs(root)
+        fs.delete_dir(path)
 
     prepare_data(trials)
     import ray
@@ -129,16 +148,28 @@ def main(argv: list[str] | None = None) -> int:
     from detsweep import sweep as sweep_mod
 
     # Ray's own rule: RAY_ADDRESS, else a running cluster on this node, else a new local one.
+    # Save Tune's experiment state at every step (not every ~10 s): a driver killed right after a
+    # trial ends must find that trial finished when it resumes.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if not ray.is_initialized():
         ray.init(log_to_driver=not args.quiet)
     cluster = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    explicit = args.max_concurrent or sweep.max_concurrent_trials
+    too_big = [t for t in trials if fits(t, cluster) == 0]
+    if too_big and not explicit:  # Train would wait for its workers forever
+        need = trial_resources(too_big[0])
+        print(f"error: trial {too_big[0].trial_id!r} needs {', '.join(f'{k}={v:g}' for k, v in need.items())} "
+              f"but the cluster has {', '.join(f'{k}={v:g}' for k, v in cluster.items())}; lower "
+              f"resources in {args.sweep}, or set max_concurrent_trials for a cluster that autoscales",
+              file=sys.stderr)
+        return 2
     n = concurrency_for(sweep, trials, cluster, args.max_concurrent)
     print(f"sweep {sweep.name!r}: {len(trials)} trials, {n} at once on "
           f"{', '.join(f'{k}={v:g}' for k, v in cluster.items())} -> {root}")
     print(trial_table(trials, n, cluster), flush=True)
 
     if args.resume:
-        tuner = sweep_mod.restore_tuner(sweep, root=root)
+        tuner = sweep_mod.restore_tuner(sweep, trials, root=root)
     else:
         tuner = sweep_mod.build_tuner(sweep, trials, root=root, concurrency=n)
     tuner.fit()
@@ -153,13 +184,15 @@ def summarize(root: str) -> int:
         print(f"no results were written under {root}", file=sys.stderr)
         return 1
     rows = table.select(["trial_id", "status", "ap", "error"]).to_pylist()
+    ok = sum(r["status"] == "ok" for r in rows)
     print(f"\nresults: {ResultsStore(root).results_uri}")
     for r in rows:
         ap = "-" if r["ap"] is None else f"{r['ap']:.4f}"
         extra = f"  {r['error']}" if r["error"] else ""
         print(f"  {r['status']:8s} ap={ap:7s} {r['trial_id']}{extra}")
+    print(f"{ok} of {len(rows)} trials ok")
     print(f"next: python -m detsweep.frontier {ResultsStore(root).results_uri}")
-    return 0
+    return 0 if ok else 1  # a sweep where every trial failed is a failed command
 
 
 if __name__ == "__main__":

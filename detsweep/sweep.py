@@ -7,7 +7,6 @@ import datetime as dt
 import logging
 import os
 import re
-import time
 from typing import Any
 
 import ray.tune
@@ -19,7 +18,10 @@ from detsweep.worker import train_fn_per_worker
 
 log = logging.getLogger(__name__)
 
-TRIAL_ACTOR_CPU = 0.01  # the workers hold the real resources; the trial actor only waits on them
+# The workers hold the trial's resources; the trial actor only waits on them. Zero CPU (so two
+# 1-CPU workers fit on a 2-core laptop), and 1 MiB of Ray's "memory" resource because Tune
+# refuses an all-zero request.
+TRIAL_ACTOR_RESOURCES = {"CPU": 0, "memory": 2**20}
 TUNE_DIR = "tune"  # Tune's experiment folder, under <storage>/<sweep>/
 # Config columns of the results schema, from a trial config dict.
 _CONFIG_COLUMNS = {
@@ -55,14 +57,15 @@ def extra_axis_columns(trials: list[TrialConfig]) -> dict[str, Any]:
     return infer_extra_columns(values)
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: fit one trial's TorchTrainer. Imports stay inside: this runs in
-    the trial actor, which should not pay for torch."""
+def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None:
+    """Tune function trainable: fit one trial's TorchTrainer. Tune's config holds only the trial
+    id (a readable progress table and TensorBoard hparams); the full trial configs come through
+    the object store (`tune.with_parameters`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial = config["trial"]
+    trial = trials[config["trial_id"]]
     res, ft = trial["resources"], trial["fault_tolerance"]
     gpus = res["gpus_per_worker"]
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})}
@@ -105,9 +108,10 @@ def _now() -> dt.datetime:
 class ResultsCallback(Callback):
     """Driver side: rows written as trials report and end, each write atomic."""
 
-    def __init__(self, root: str, sweep_name: str, extra_columns: dict[str, Any]):
-        self.root, self.sweep_name, self.extra_columns = root, sweep_name, extra_columns
-        self._started: dict[str, tuple[dt.datetime, float]] = {}
+    def __init__(self, root: str, sweep_name: str, trials: dict[str, dict[str, Any]],
+                 extra_columns: dict[str, Any]):
+        self.root, self.sweep_name, self.trials, self.extra_columns = root, sweep_name, trials, extra_columns
+        self._started: dict[str, dt.datetime] = {}
         self._prov: dict[str, Any] | None = None
 
     @property
@@ -115,9 +119,10 @@ class ResultsCallback(Callback):
         return ResultsStore(self.root)
 
     def _row(self, trial: Any, status: str, error: str | None) -> dict[str, Any]:
-        cfg = trial.config["trial"]
-        tid = cfg["trial_id"]
-        started, t0 = self._started.get(tid, (_now(), time.time()))
+        tid = trial.config["trial_id"]
+        cfg = self.trials[tid]
+        started = self._started.get(tid) or _now()
+        finished = _now()
         last = dict(trial.last_result or {})
         if self._prov is None:
             self._prov = provenance()
@@ -126,22 +131,27 @@ class ResultsCallback(Callback):
         row.update({k.replace(".", "_"): v for k, v in cfg["axes"].items()
                     if k.replace(".", "_") in self.extra_columns})
         row.update({k: v for k, v in last.items() if k in RESULTS_SCHEMA.names and k not in _SKIP_REPORTED})
-        row["wall_s"] = time.time() - t0 if status != "running" else None
+        row["wall_s"] = (finished - started).total_seconds() if status != "running" else None
         res = cfg["resources"]
         if row["wall_s"] is not None:
             row["gpu_hours"] = row["wall_s"] * res["ddp_workers"] * res["gpus_per_worker"] / 3600.0
         row.update(self._prov)
         row["gpu_name"] = last.get("gpu_name")
         row["started_at"] = started
-        row["finished_at"] = _now() if status != "running" else None
+        row["finished_at"] = finished if status != "running" else None
         return row
 
     def _write(self, row: dict[str, Any]) -> None:
         self.store.upsert_trial(row, self.extra_columns)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        tid = trial.config["trial"]["trial_id"]
-        self._started.setdefault(tid, (_now(), time.time()))
+        tid = trial.config["trial_id"]
+        if tid not in self._started:
+            # A resumed sweep keeps the trial's first start: wall_s spans any interruption.
+            earlier = self.store.read_results()
+            rows = [] if earlier is None else [r for r in earlier.select(["trial_id", "started_at"]).to_pylist()
+                                               if r["trial_id"] == tid and r["started_at"] is not None]
+            self._started[tid] = rows[0]["started_at"] if rows else _now()
         self._write(self._row(trial, "running", None))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -150,11 +160,11 @@ class ResultsCallback(Callback):
         keep = {k: v for k, v in result.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and not re.match(r"^(time_|timestamp|training_iteration|iterations_since|pid|done)", k)}
-        self.store.upsert_history([{"sweep": self.sweep_name, "trial_id": trial.config["trial"]["trial_id"],
+        self.store.upsert_history([{"sweep": self.sweep_name, "trial_id": trial.config["trial_id"],
                                     "reported_at": _now(), **keep}])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cfg = trial.config["trial"]
+        cfg = self.trials[trial.config["trial_id"]]
         done = (trial.last_result or {}).get("epochs_completed", 0)
         status = "ok" if done >= cfg["train"]["epochs"] else "stopped"  # a scheduler stopped it early
         self._write(self._row(trial, status, None))
@@ -182,28 +192,33 @@ def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurren
                                   max_t=max(t.train.epochs for t in trials),
                                   grace_period=sweep.scheduler.grace_period,
                                   reduction_factor=sweep.scheduler.reduction_factor)
+    by_id = {t.trial_id: t.to_dict() for t in trials}
     return ray.tune.Tuner(
-        ray.tune.with_resources(run_trial, {"CPU": TRIAL_ACTOR_CPU}),
-        param_space={"trial": ray.tune.grid_search([t.to_dict() for t in trials])},
+        _trainable(by_id),
+        param_space={"trial_id": ray.tune.grid_search(list(by_id))},
         tune_config=ray.tune.TuneConfig(
             max_concurrent_trials=concurrency, scheduler=scheduler,
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=ray.tune.RunConfig(
             name=TUNE_DIR, storage_path=root,
-            callbacks=[ResultsCallback(root, sweep.name, extra_axis_columns(trials))],
+            callbacks=[ResultsCallback(root, sweep.name, by_id, extra_axis_columns(trials))],
             failure_config=ray.tune.FailureConfig(max_failures=0),  # Train retries; Tune records
             verbose=1),
     )
 
 
-def restore_tuner(sweep: Sweep, *, root: str) -> "ray.tune.Tuner":
+def _trainable(by_id: dict[str, dict[str, Any]]) -> Any:
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, trials=by_id), TRIAL_ACTOR_RESOURCES)
+
+
+def restore_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str) -> "ray.tune.Tuner":
     """The interrupted sweep's Tuner: finished trials stay finished, unfinished ones continue
     from their Train checkpoints, errored ones as `fault_tolerance.on_resume_errored` says."""
     mode = sweep.fault_tolerance.on_resume_errored
     return ray.tune.Tuner.restore(
-        f"{root}/{TUNE_DIR}", trainable=ray.tune.with_resources(run_trial, {"CPU": TRIAL_ACTOR_CPU}),
+        f"{root}/{TUNE_DIR}", trainable=_trainable({t.trial_id: t.to_dict() for t in trials}),
         resume_unfinished=True, resume_errored=mode == "resume", restart_errored=mode == "restart")
 
 
 def _trial_name(trial: Any) -> str:
-    return trial.config["trial"]["trial_id"]
+    return trial.config["trial_id"]

@@ -74,7 +74,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
     from detsweep import dist, engine
     from detsweep.config import TrialConfig
@@ -85,6 +85,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from detsweep.models.lora import apply_lora, count_lora_params, merged_state_dict
     from detsweep.models.regimes import apply_regime
 
+    worker_started_at = time.time()
     trial = TrialConfig.from_dict(config["trial"])
     ctx = ray.train.get_context()
     logging.basicConfig(level=logging.INFO if ctx.get_world_rank() == 0 else logging.WARNING,
@@ -114,12 +115,20 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(model.param_groups(t.lr, t.lr_backbone, t.weight_decay),
                                   lr=t.lr, weight_decay=t.weight_decay)
     on_cuda = device.type == "cuda"  # the engine moves CPU batches itself
-    train_loader = ray.train.torch.prepare_data_loader(DataLoader(
-        train_ds, batch_size=t.batch_size_per_worker, shuffle=True, collate_fn=collate_fn,
-        num_workers=d.loader_workers, pin_memory=on_cuda), move_to_device=on_cuda)
-    val_loader = ray.train.torch.prepare_data_loader(DataLoader(
-        val_ds, batch_size=t.batch_size_per_worker, shuffle=False, collate_fn=collate_fn,
-        num_workers=d.loader_workers, pin_memory=on_cuda), move_to_device=on_cuda)
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    # Our own samplers: Ray's would shuffle with seed 0 whatever `train.seed` says.
+    if world > 1:
+        train_sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=t.seed)
+        val_sampler = DistributedSampler(val_ds, world, rank, shuffle=False)
+    else:
+        train_sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(t.seed))
+        val_sampler = None
+    loader_kw = dict(batch_size=t.batch_size_per_worker, collate_fn=collate_fn, num_workers=d.loader_workers,
+                     pin_memory=on_cuda)
+    train_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(train_ds, sampler=train_sampler, **loader_kw), add_dist_sampler=False, move_to_device=on_cuda)
+    val_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(val_ds, sampler=val_sampler, **loader_kw), add_dist_sampler=False, move_to_device=on_cuda)
     steps_per_epoch = len(train_loader)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t, steps_per_epoch))
     amp_dtype = _amp_dtype(t.amp, device)
@@ -140,6 +149,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history, totals = state["epoch"] + 1, state["history"], state["totals"]
         resumed_from = state["epoch"]
         log.info("resumed from the checkpoint of epoch %d", state["epoch"])
+        if start_epoch >= t.epochs:
+            # Finished before the driver died, but Tune had not yet recorded it: report the final
+            # metrics again, so the trial ends as `ok` with its real numbers.
+            ray.train.report(state["metrics"])
+            return
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=device)
     module = getattr(ddp_model, "module", ddp_model)
@@ -196,6 +210,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],
                 "train_s": totals["train_s"], "eval_s": totals["eval_s"], **info,
             }
+            metrics["worker_started_at"] = worker_started_at  # unix time: when this worker group began
             if resumed_from is not None:
                 metrics["resumed_from_epoch"] = resumed_from
             history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -203,7 +218,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             torch.save(_model_state(module, trial.regime), os.path.join(ckpt_dir, MODEL_STATE))
             torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None,
-                        "epoch": epoch, "history": history, "totals": totals},
+                        "epoch": epoch, "history": history, "totals": totals, "metrics": metrics},
                        os.path.join(ckpt_dir, TRAIN_STATE))
             with open(os.path.join(ckpt_dir, META), "w") as f:
                 json.dump({"trial_id": trial.trial_id, "epoch": epoch, "regime": trial.regime,

@@ -154,3 +154,14 @@ def test_rerun_without_replicates_removes_stale_file(tmp_path, capsys):
     write_parquet_atomic(rows_to_table(rows[:1]), str(src))
     assert frontier.main([str(src), "--objectives", "ap:max,ece:min", "--no-plots"]) == 0
     assert not (tmp_path / "replicates.parquet").exists()
+
+
+
+def test_cli_reads_results_through_a_filesystem_uri(results_file, tmp_path):
+    """s3:// and gs:// go through pyarrow.fs; file:// takes the same path on this machine."""
+    out = tmp_path / "out"
+    proc = _run(f"file://{results_file}", "--out", out, "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    front = pq.read_table(out / "frontier.parquet").to_pylist()
+    assert {r["trial_id"] for r in front if r["pareto_rank"] == 1} == {"full-a", "lora-a", "part-a"}
+    assert (out / "report.md").exists()

@@ -56,9 +56,9 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     root = tmp_path / "results" / "e2e"
     table = pq.read_table(root / "results.parquet")
     rows = {r["trial_id"]: r for r in table.to_pylist()}
-    assert set(rows) == {"detr_r50-full", "detr_r50-lora_only-r4-attention_ffn", "detr_r50-partial",
-                         "fasterrcnn_r50_fpn-full"}
-    failed = rows.pop("fasterrcnn_r50_fpn-full")
+    assert set(rows) == {"detr_r18-full", "detr_r18-lora_only-r4-attention_ffn", "detr_r18-partial",
+                         "fasterrcnn_r18_fpn-full"}
+    failed = rows.pop("fasterrcnn_r18_fpn-full")
     assert failed["status"] == "error"
     assert "corrupt.pth" in failed["error"] or "checkpoint" in failed["error"].lower(), failed["error"]
     for tid, r in rows.items():
@@ -73,8 +73,8 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
         assert r["n_detections"] == 4 * 8  # every query of every val image, no threshold, no duplicates
         assert r["torch_version"].startswith("2.14.1") and r["ray_version"] == "2.60.0"
         assert r["started_at"] < r["finished_at"]
-    full, lora, partial = (rows["detr_r50-full"], rows["detr_r50-lora_only-r4-attention_ffn"],
-                           rows["detr_r50-partial"])
+    full, lora, partial = (rows["detr_r18-full"], rows["detr_r18-lora_only-r4-attention_ffn"],
+                           rows["detr_r18-partial"])
     assert full["total_params"] == partial["total_params"]
     assert lora["total_params"] == full["total_params"] + lora["lora_params"]
     assert lora["trainable_params"] < partial["trainable_params"] < full["trainable_params"]
@@ -86,7 +86,7 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     assert epochs == sorted((tid, e) for tid in rows for e in (0, 1))
 
     # Each ok trial's last checkpoint holds the COCO results JSON, re-evaluable offline.
-    ckpt = Path(rows["detr_r50-partial"]["checkpoint_path"])
+    ckpt = Path(rows["detr_r18-partial"]["checkpoint_path"])
     dets = json.loads((ckpt / "detections.json").read_text())
     assert len(dets) == 32 and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
     assert (ckpt / "loss_curves.png").exists()
@@ -95,4 +95,4 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     full_ckpt = Path(full["checkpoint_path"]) / "model.pt"
     assert lora_ckpt.stat().st_size < full_ckpt.stat().st_size / 5
     # Tune writes TensorBoard event files per trial.
-    assert glob.glob(str(root / "tune" / "detr_r50-full" / "events.out.tfevents.*"))
+    assert glob.glob(str(root / "tune" / "detr_r18-full" / "events.out.tfevents.*"))
