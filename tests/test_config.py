@@ -60,6 +60,23 @@ BAD = [
     ({"name": "x", "eval": {"calibration": {"match_iou": 1.5}}},
      "f.yaml: eval.calibration.match_iou: 1.5 must be in (0, 1]"),
     ({"data": {}}, "f.yaml: name: required key is missing"),
+    ({"name": "x", "grid": {"lora.rank": [8, 0]}}, "f.yaml: grid.lora.rank: 0 must be > 0"),
+    ({"name": "x", "grid": {"eval.calibration.match_iou": [2.0]}},
+     "f.yaml: grid.eval.calibration.match_iou: 2.0 must be in (0, 1]"),
+    ({"name": "x", "grid": {"model.detr.weights": ["/nonexistent/a.pth"]}},
+     "f.yaml: grid.model.detr.weights: '/nonexistent/a.pth' is neither one of ['none', 'coco'] nor an existing "
+     "checkpoint file"),
+    ({"name": "a/b"}, "f.yaml: name: 'a/b' must be letters, digits, '_', '-' or '.' (it names a folder)"),
+    ({"name": "x", "scheduler": {"kind": "asha", "metric": "accuracy"}},
+     "f.yaml: scheduler.metric: 'accuracy' is not one of ['ap', 'ap50', 'ap75', 'ar100', 'loss', 'ece', 'nll', "
+     "'brier']"),
+    ({"name": "x", "fault_tolerance": {"checkpoints_to_keep": 0}},
+     "f.yaml: fault_tolerance.checkpoints_to_keep: 0 must be >= 1"),
+    ({"name": "x", "model": {"faster_rcnn": {"trainable_backbone_layers": 9}}},
+     "f.yaml: model.faster_rcnn.trainable_backbone_layers: 9 must be in [0, 5] or null"),
+    ({"name": "x", "resources": {"cpus_per_worker": 0}}, "f.yaml: resources.cpus_per_worker: 0.0 must be > 0"),
+    ({"name": "x", "model": {"detr": {"backbone": "resnet18", "weights": "coco"}}},
+     "f.yaml: model.detr.weights: 'coco' (the official DETR-R50) needs backbone 'resnet50', not 'resnet18'"),
     (["not", "a", "mapping"], "f.yaml: the sweep file must be a mapping, got list"),
 ]
 
@@ -98,6 +115,24 @@ def test_extra_axes_name_the_trial_and_are_deduplicated_where_meaningless():
                    "fasterrcnn_r50_fpn-full-seed0", "fasterrcnn_r50_fpn-full-seed1"]
     t = expand(sweep)[1]
     assert t.detr.dec_layers == 3 and t.train.seed == 0 and t.axes == {"train.seed": 0, "model.detr.dec_layers": 3}
+
+
+def test_colliding_trial_ids_are_an_error_not_a_lost_trial():
+    with pytest.raises(SweepError, match=r"^f.yaml: grid: two different trials would share the id "
+                                         r"'detr_r50-full-lr0.0001'"):
+        expand(parse_sweep({"name": "s", "grid": {"train.lr": [1e-4, 1.00000001e-4]}}, "f.yaml"))
+
+
+def test_model_label_names_the_backbone_that_runs():
+    sweep = parse_sweep({"name": "s", "model": {"detr": {"backbone": "resnet18"}, "faster_rcnn": {"backbone": "resnet101"}},
+                         "grid": {"model": ["detr_r50", "fasterrcnn_r50_fpn"]}})
+    assert [t.trial_id for t in expand(sweep)] == ["detr_r18-full", "fasterrcnn_r101_fpn-full"]
+
+
+def test_image_counts_default_by_data_kind(tmp_path):
+    assert parse_sweep({"name": "s"}).data.train_images == 64
+    coco = parse_sweep({"name": "s", "data": {"kind": "coco", "root": str(tmp_path)}})
+    assert (coco.data.train_images, coco.data.val_images) == (0, 0)  # all of COCO, not 64 images
 
 
 def test_trial_ids_are_stable_and_configs_round_trip():
@@ -160,6 +195,9 @@ def test_cli_bad_file_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such sweep file"
     path.write_text("name: [unclosed")
     assert _cli(str(path)).returncode == 2
+    bad_res = _cli("sweeps/smoke.yaml", "--dry-run", "--assume-resources", "CPU=abc")
+    assert bad_res.returncode == 2 and bad_res.stderr.strip() == (
+        "error: --assume-resources: 'CPU=abc' is not CPU=N or GPU=M (e.g. CPU=48,GPU=4)")
 
 
 def test_cli_dry_run_prints_the_plan_and_starts_nothing():
