@@ -190,6 +190,9 @@ class TrialConfig:
         return cls(**kwargs)
 
 
+# What a `data.kind: coco` root must hold (as `python -m detsweep.data coco2017` lays it out).
+COCO_LAYOUT = ("images/train2017", "images/val2017", "annotations/instances_train2017.json",
+               "annotations/instances_val2017.json")
 # Metrics a scheduler may watch: what every epoch reports.
 SCHEDULER_METRICS = ("ap", "ap50", "ap75", "ar100", "loss", "ece", "nll", "brier")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -260,9 +263,14 @@ def _check_values(sweep: Sweep, check_paths: bool = True, grid_key: str | None =
     if m.detr.weights == "coco" and m.detr.backbone != "resnet50":
         raise fail("model.detr.weights", f"'coco' (the official DETR-R50) needs backbone 'resnet50', "
                    f"not {m.detr.backbone!r}")
-    if check_paths and d.kind == "coco" and not Path(d.root).expanduser().is_dir():
-        raise fail("data.root", f"{d.root!r} is not a directory (run `python -m detsweep.data coco2017 "
-                   f"--root DIR` first)")
+    if check_paths and d.kind == "coco":
+        root = Path(d.root).expanduser()
+        if not root.is_dir():
+            raise fail("data.root", f"{d.root!r} is not a directory (run `python -m detsweep.data coco2017 "
+                       f"--root DIR` first)")
+        for part in COCO_LAYOUT:
+            if not (root / part).exists():
+                raise fail("data.root", f"{d.root!r} has no {part} (a COCO root holds {list(COCO_LAYOUT)})")
     check_resources(sweep.resources, "resources", src)
     for regime in sweep.resources_by_regime:
         if regime not in REGIMES:

@@ -129,9 +129,26 @@ def test_model_label_names_the_backbone_that_runs():
     assert [t.trial_id for t in expand(sweep)] == ["detr_r18-full", "fasterrcnn_r101_fpn-full"]
 
 
+def test_coco_root_must_hold_the_coco_layout(tmp_path):
+    with pytest.raises(SweepError) as e:
+        parse_sweep({"name": "s", "data": {"kind": "coco", "root": str(tmp_path)}}, "f.yaml")
+    assert str(e.value) == (f"f.yaml: data.root: {str(tmp_path)!r} has no images/train2017 (a COCO root holds "
+                            "['images/train2017', 'images/val2017', 'annotations/instances_train2017.json', "
+                            "'annotations/instances_val2017.json'])")
+
+
+def _coco_root(tmp_path):
+    for part in ("images/train2017", "images/val2017"):
+        (tmp_path / part).mkdir(parents=True)
+    (tmp_path / "annotations").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "annotations" / f"instances_{split}2017.json").write_text("{}")
+    return tmp_path
+
+
 def test_image_counts_default_by_data_kind(tmp_path):
     assert parse_sweep({"name": "s"}).data.train_images == 64
-    coco = parse_sweep({"name": "s", "data": {"kind": "coco", "root": str(tmp_path)}})
+    coco = parse_sweep({"name": "s", "data": {"kind": "coco", "root": str(_coco_root(tmp_path))}})
     assert (coco.data.train_images, coco.data.val_images) == (0, 0)  # all of COCO, not 64 images
 
 
