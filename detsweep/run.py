@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     # Save Tune's experiment state at every step (not every ~10 s): a driver killed right after a
     # trial ends must find that trial finished when it resumes.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # The dashboard's Train tab shows each trial's run, workers and restarts (a local Ray started
+    # here inherits it; cluster.yaml sets it on every node).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     if not ray.is_initialized():
         ray.init(log_to_driver=not args.quiet)
     cluster = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
