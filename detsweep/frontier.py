@@ -171,6 +171,22 @@ def _plot_points(fr: Frontier) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
     return labels, fr.values[idx], np.zeros((len(idx), len(fr.objectives))), ranks
 
 
+def _label_places(xy: np.ndarray, *, log_x: bool) -> list[tuple[int, bool]]:
+    """Per point: how many label rows to lift its label by, so that labels of nearby points (in
+    axis-normalised units) stack instead of overprinting, and whether to set it to the left of
+    the point (near the right edge, where it would run out of the axes)."""
+    pts = np.array(xy, dtype=float)
+    if log_x:
+        pts[:, 0] = np.log10(np.clip(pts[:, 0], 1e-12, None))
+    span = np.nanmax(pts, axis=0) - np.nanmin(pts, axis=0) if len(pts) else np.ones(2)
+    pts = (pts - np.nanmin(pts, axis=0)) / np.where(span > 0, span, 1.0)
+    lifts: list[int] = []
+    for i, p in enumerate(pts):
+        near = [lifts[j] for j in range(i) if abs(pts[j, 0] - p[0]) < 0.25 and abs(pts[j, 1] - p[1]) < 0.06]
+        lifts.append(next(k for k in range(len(near) + 1) if k not in near))
+    return [(lift, bool(p[0] > 0.75)) for lift, p in zip(lifts, pts)]
+
+
 def plot_frontier(fr: Frontier, out_dir: Path) -> list[Path]:
     """One PNG per cost objective: headline objective (y) vs that objective (x), front highlighted.
 
@@ -202,9 +218,11 @@ def plot_frontier(fr: Frontier, out_dir: Path) -> list[Path]:
         in_view = front[pareto.pareto_ranks(values[front][:, [y, x]], pair) == 1] if len(front) else front
         order = in_view[np.argsort(values[in_view, x])]
         ax.plot(values[order, x], values[order, y], "-", color="C3", alpha=0.6, label="trade-off in this view")
-        for i in range(len(labels)) if len(labels) <= _LABEL_ALL_MAX else order:
-            ax.annotate(labels[i], (values[i, x], values[i, y]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+        shown = list(range(len(labels)) if len(labels) <= _LABEL_ALL_MAX else order)
+        for i, (lift, right) in zip(shown, _label_places(values[shown][:, [x, y]],
+                                                         log_x=obj.column.endswith("_params"))):
+            ax.annotate(labels[i], (values[i, x], values[i, y]), fontsize=7, textcoords="offset points",
+                        xytext=(-4 if right else 4, 3 + 9 * lift), ha="right" if right else "left")
         if obj.column.endswith("_params"):
             ax.set_xscale("log")
         ax.set_xlabel(f"{obj.column} ({obj.direction})")
