@@ -61,6 +61,8 @@ class FasterRCNNConfig:
     min_size: int = 800
     max_size: int = 1333
     trainable_backbone_layers: int | None = None  # None: 3 when pretrained, all 5 from scratch
+    box_batch_size_per_image: int = 512  # RoIs sampled per image in training (torchvision's default)
+    rpn_post_nms_top_n_test: int = 1000  # proposals kept per image in eval (torchvision's default)
     # Faster R-CNN is the baseline: by default only fully fine-tuned (seed 000's matrix).
     regimes: tuple[Literal["full", "partial"], ...] = ("full",)
 
@@ -236,6 +238,10 @@ def _check_values(sweep: Sweep, check_paths: bool = True, grid_key: str | None =
         ("model.faster_rcnn.trainable_backbone_layers", m.faster_rcnn.trainable_backbone_layers,
          m.faster_rcnn.trainable_backbone_layers is None or 0 <= m.faster_rcnn.trainable_backbone_layers <= 5,
          "in [0, 5] or null"),
+        ("model.faster_rcnn.box_batch_size_per_image", m.faster_rcnn.box_batch_size_per_image,
+         m.faster_rcnn.box_batch_size_per_image > 0, "> 0"),
+        ("model.faster_rcnn.rpn_post_nms_top_n_test", m.faster_rcnn.rpn_post_nms_top_n_test,
+         m.faster_rcnn.rpn_post_nms_top_n_test >= 100, ">= 100 (100 detections per image are kept)"),
         ("eval.calibration.match_iou", sweep.eval.calibration.match_iou, 0.0 < sweep.eval.calibration.match_iou <= 1.0, "in (0, 1]"),
         ("eval.calibration.bins", sweep.eval.calibration.bins, sweep.eval.calibration.bins > 0, "> 0"),
         ("eval.error_score_threshold", sweep.eval.error_score_threshold, 0.0 <= sweep.eval.error_score_threshold <= 1.0, "in [0, 1]"),

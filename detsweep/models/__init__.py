@@ -31,7 +31,8 @@ def _build_faster_rcnn(cfg: Any, num_classes: int, category_ids: list[int] | Non
     return build_faster_rcnn(
         num_classes=num_classes, backbone=cfg.backbone, weights=cfg.weights, min_size=cfg.min_size,
         max_size=cfg.max_size, trainable_backbone_layers=cfg.trainable_backbone_layers,
-        category_ids=category_ids)
+        category_ids=category_ids, box_batch_size_per_image=cfg.box_batch_size_per_image,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test)
 
 
 _BUILDERS = {"detr": _build_detr, "faster_rcnn": _build_faster_rcnn}

@@ -135,6 +135,8 @@ def build_faster_rcnn(
     max_size: int = 1333,
     trainable_backbone_layers: int | None = None,
     category_ids: Sequence[int] | None = None,
+    box_batch_size_per_image: int = 512,
+    rpn_post_nms_top_n_test: int = 1000,
 ) -> FasterRCNNDetector:
     """Build torchvision's Faster R-CNN ResNet-FPN for `num_classes` foreground classes.
 
@@ -146,6 +148,9 @@ def build_faster_rcnn(
     trainable_backbone_layers: 0..5 counted from layer4; None -> 3 when pretrained, 5 from scratch.
     category_ids: the dataset's original category ids, sorted, one per contiguous label; with a
     COCO-layout checkpoint (91 rows) and ids in 1..90 the pretrained class rows are kept.
+    box_batch_size_per_image, rpn_post_nms_top_n_test: torchvision's RoI sampling in training and
+    proposals kept in eval (defaults are torchvision's). The box head's cost scales with both:
+    small images with few objects need far fewer than 512 / 1000.
     """
     _check_choice("backbone", backbone, BACKBONES)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -179,6 +184,8 @@ def build_faster_rcnn(
         max_size=max_size,
         box_score_thresh=_BOX_SCORE_THRESH,
         box_detections_per_img=_BOX_DETECTIONS_PER_IMG,
+        box_batch_size_per_image=box_batch_size_per_image,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
     )
 
     if weights == "coco":

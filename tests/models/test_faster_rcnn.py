@@ -304,3 +304,15 @@ def test_loading_with_category_ids_of_another_length_is_a_clear_error():
     model = build_faster_rcnn(num_classes=K, **TINY).model
     with pytest.raises(ValueError, match=r"^2 category_ids for a model with 3 classes: one id per class$"):
         load_detector_state_dict(model, model.state_dict(), category_ids=[1, 2])
+
+
+def test_roi_sampling_and_eval_proposals_reach_torchvision():
+    from detsweep.models.faster_rcnn import build_faster_rcnn
+
+    det = build_faster_rcnn(num_classes=3, backbone="resnet18", min_size=64, max_size=64,
+                            box_batch_size_per_image=64, rpn_post_nms_top_n_test=300)
+    assert det.model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert det.model.rpn._post_nms_top_n["testing"] == 300
+    default = build_faster_rcnn(num_classes=3, backbone="resnet18", min_size=64, max_size=64)
+    assert default.model.roi_heads.fg_bg_sampler.batch_size_per_image == 512  # torchvision's own defaults
+    assert default.model.rpn._post_nms_top_n["testing"] == 1000
