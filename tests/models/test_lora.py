@@ -22,15 +22,6 @@ R50 = dict(backbone="resnet50", hidden_dim=256, nheads=8, enc_layers=6, dec_laye
            num_queries=100, num_classes=91, dropout=0.1, aux_loss=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP spinning makes them ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_detr(seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     return build_detr(**{**TINY, **overrides})

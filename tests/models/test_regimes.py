@@ -25,15 +25,6 @@ HEADS = ("class_embed.", "bbox_embed.", "query_embed.")
 BUILD_FROZEN = ("backbone.0.body.conv1.", "backbone.0.body.layer1.")  # the official DETR recipe (bn1 has no params)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP spinning makes them ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_detr(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return build_detr(**TINY)
