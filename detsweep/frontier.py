@@ -21,7 +21,6 @@ from detsweep.results import read_parquet, write_parquet_atomic
 DEFAULT_OBJECTIVES = "ap:max,trainable_params:min,peak_vram_train_mb:min,ece:min"
 METADATA_KEY = b"detsweep.frontier"
 # Label every point up to this many; beyond it only the connected trade-off, to stay readable.
-_LABEL_ALL_MAX = 30
 
 
 class FrontierError(ValueError):
@@ -144,97 +143,20 @@ def write_outputs(fr: Frontier, out_dir: Path, plots: bool = True) -> list[Path]
     stale = out_dir / "replicates.parquet"
     if fr.replicates is None and stale.exists():  # left by an earlier run that had seed replicates
         stale.unlink()
-    images = plot_frontier(fr, out_dir) if plots else []
+    if plots:
+        from detsweep.frontier_plots import plot_frontier  # matplotlib only when plots are wanted
+
+        images = plot_frontier(fr, out_dir)
+    else:
+        images = []
     report_path = out_dir / "report.md"
     report_path.write_text(render_markdown(fr, [p.name for p in images]))
     return written + images + [report_path]
 
 
-def _headline_index(fr: Frontier) -> int:
+def headline_index(fr: Frontier) -> int:
     """The objective plotted on y and used for 'best per regime': the first max objective."""
     return next((j for j, o in enumerate(fr.objectives) if o.maximise), 0)
-
-
-def _plot_points(fr: Frontier) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(labels [m], values [m, k], CI half-widths [m, k] (0 without replicates), ranks [m])."""
-    if fr.replicates is not None:
-        rep = fr.replicates
-        cols = [o.column for o in fr.objectives]
-        means = np.column_stack([rep.column(f"{c}_mean").to_numpy(zero_copy_only=False) for c in cols])
-        low = np.column_stack([rep.column(f"{c}_ci_low").to_numpy(zero_copy_only=False) for c in cols])
-        high = np.column_stack([rep.column(f"{c}_ci_high").to_numpy(zero_copy_only=False) for c in cols])
-        half = np.nan_to_num((high - low) / 2.0)
-        return rep.column("config_id").to_pylist(), means, half, rep.column("pareto_rank").to_numpy()
-    idx = np.flatnonzero(fr.valid)
-    labels = [str(t) for t in fr.table.column("trial_id").take(idx).to_pylist()]
-    ranks = np.array(fr.ranks, dtype=object)[idx].astype(np.int64)
-    return labels, fr.values[idx], np.zeros((len(idx), len(fr.objectives))), ranks
-
-
-def _label_places(xy: np.ndarray, *, log_x: bool) -> list[tuple[int, bool]]:
-    """Per point: how many label rows to lift its label by, so that labels of nearby points (in
-    axis-normalised units) stack instead of overprinting, and whether to set it to the left of
-    the point (near the right edge, where it would run out of the axes)."""
-    pts = np.array(xy, dtype=float)
-    if log_x:
-        pts[:, 0] = np.log10(np.clip(pts[:, 0], 1e-12, None))
-    span = np.nanmax(pts, axis=0) - np.nanmin(pts, axis=0) if len(pts) else np.ones(2)
-    pts = (pts - np.nanmin(pts, axis=0)) / np.where(span > 0, span, 1.0)
-    lifts: list[int] = []
-    for i, p in enumerate(pts):
-        near = [lifts[j] for j in range(i) if abs(pts[j, 0] - p[0]) < 0.25 and abs(pts[j, 1] - p[1]) < 0.06]
-        lifts.append(next(k for k in range(len(near) + 1) if k not in near))
-    return [(lift, bool(p[0] > 0.75)) for lift, p in zip(lifts, pts)]
-
-
-def plot_frontier(fr: Frontier, out_dir: Path) -> list[Path]:
-    """One PNG per cost objective: headline objective (y) vs that objective (x), front highlighted.
-
-    Every point is labelled up to _LABEL_ALL_MAX points; beyond that only the connected 2-D trade-off.
-    """
-    from matplotlib.figure import Figure  # the Figure API renders with Agg and never opens a display
-
-    labels, values, half, ranks = _plot_points(fr)
-    y = _headline_index(fr)
-    front = np.flatnonzero(ranks == 1)
-    paths = []
-    for x, obj in enumerate(fr.objectives):
-        if x == y:
-            continue
-        fig = Figure(figsize=(7, 5))
-        ax = fig.add_subplot()
-        rest = np.flatnonzero(ranks != 1)
-        if fr.replicates is not None:  # the single seeds behind their means
-            ax.scatter(fr.values[fr.valid, x], fr.values[fr.valid, y], s=8, color="0.75", label="single seeds")
-        for sel, style in ((rest, dict(color="0.6", label="dominated")),
-                           (front, dict(color="C3", label="Pareto front (all objectives)"))):
-            if fr.replicates is not None:
-                ax.errorbar(values[sel, x], values[sel, y], xerr=half[sel, x], yerr=half[sel, y], fmt="o",
-                            markersize=5, capsize=2, **style)
-            else:  # plain markers: zero-length error bars cost seconds for 10k points
-                ax.plot(values[sel, x], values[sel, y], "o", markersize=5, **style)
-        # The full front is a k-D set; the line joins the members that are also the 2-D trade-off in this view.
-        pair = [fr.objectives[y].maximise, obj.maximise]
-        in_view = front[pareto.pareto_ranks(values[front][:, [y, x]], pair) == 1] if len(front) else front
-        order = in_view[np.argsort(values[in_view, x])]
-        ax.plot(values[order, x], values[order, y], "-", color="C3", alpha=0.6, label="trade-off in this view")
-        shown = list(range(len(labels)) if len(labels) <= _LABEL_ALL_MAX else order)
-        for i, (lift, right) in zip(shown, _label_places(values[shown][:, [x, y]],
-                                                         log_x=obj.column.endswith("_params"))):
-            ax.annotate(labels[i], (values[i, x], values[i, y]), fontsize=7, textcoords="offset points",
-                        xytext=(-4 if right else 4, 3 + 9 * lift), ha="right" if right else "left")
-        if obj.column.endswith("_params"):
-            ax.set_xscale("log")
-        ax.set_xlabel(f"{obj.column} ({obj.direction})")
-        ax.set_ylabel(f"{fr.objectives[y].column} ({fr.objectives[y].direction})")
-        suffix = " (seed means, 95 % CI)" if fr.replicates is not None else ""
-        ax.set_title(f"{fr.sweep}: {fr.objectives[y].column} vs {obj.column}{suffix}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides points
-        path = out_dir / f"frontier_{fr.objectives[y].column}_vs_{obj.column}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        paths.append(path)
-    return paths
 
 
 def _fmt(value: object) -> str:
@@ -259,7 +181,7 @@ def _table(headers: list[str], rows: list[list[object]], markdown: bool) -> str:
 
 def _front_rows(fr: Frontier) -> tuple[list[str], list[list[object]]]:
     """Trial-level front, best first on the headline objective."""
-    y = _headline_index(fr)
+    y = headline_index(fr)
     ranks = fr.ranks
     front = [i for i in range(len(ranks)) if ranks[i] == 1]
     front.sort(key=lambda i: -fr.values[i, y] if fr.objectives[y].maximise else fr.values[i, y])
@@ -288,7 +210,7 @@ def _replicate_rows(fr: Frontier) -> tuple[list[str], list[list[object]]]:
 
 
 def _best_per_regime(fr: Frontier) -> tuple[list[str], list[list[object]]]:
-    y = _headline_index(fr)
+    y = headline_index(fr)
     obj = fr.objectives[y]
     regimes = fr.table.column("regime").to_pylist() if "regime" in fr.table.column_names else ["-"] * len(fr.table)
     trial_ids, ranks = fr.table.column("trial_id").to_pylist(), fr.ranks
