@@ -1,0 +1,33 @@
+"""The Tune side's pure helpers: the one-line reason of a failed trial, extra-axis columns."""
+from __future__ import annotations
+
+from detsweep.config import expand, parse_sweep
+from detsweep.sweep import error_line, extra_axis_columns
+
+RAY_TRACEBACK = """Failure # 1 (occurred at 2026-11-23_04-12-28)
+ray::ImplicitFunc.train() (pid=16192, ip=192.0.2.2, actor_id=4bb9, repr=run_trial)
+  File "/work/main/detsweep/sweep.py", line 83, in run_trial
+    trainer.fit()
+ray.train.WorkerGroupError: Training failed due to worker errors:
+[Rank 0,1 Error Snippet]:
+  File "/work/main/detsweep/engine.py", line 77, in train_one_epoch
+    raise NonFiniteLossError(f"non-finite loss ...")
+detsweep.engine.NonFiniteLossError: non-finite loss nan at epoch 0 step 1 (loss_ce=nan)
+"""
+
+
+def test_error_line_is_the_innermost_exception_not_rays_wrappers():
+    assert error_line(RAY_TRACEBACK) == "NonFiniteLossError: non-finite loss nan at epoch 0 step 1 (loss_ce=nan)"
+    assert error_line("ray.train.WorkerGroupError: Training failed due to worker errors:\n"
+                      "ValueError: could not load checkpoint file '/x.pth': bad zip") == \
+        "ValueError: could not load checkpoint file '/x.pth': bad zip"
+    assert error_line("something odd happened\nwith no exception line") == "with no exception line"
+    assert error_line("") == "unknown error"
+
+
+def test_only_axes_without_a_column_of_their_own_get_one():
+    sweep = parse_sweep({"name": "s", "grid": {"regime": ["full", "lora_only"], "lora.rank": [4, 8],
+                                                "train.seed": [0, 1], "train.weight_decay": [0.0, 1e-4],
+                                                "data.image_size": [64, 128]}})
+    columns = extra_axis_columns(expand(sweep))
+    assert {k: str(v) for k, v in columns.items()} == {"train_weight_decay": "double", "data_image_size": "int64"}
