@@ -164,6 +164,25 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri
 
 
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path on it) for a local path or a URI (``s3://``, ``gs://``, ``file://``)."""
+    if _is_local(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+    return pafs.FileSystem.from_uri(uri)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or folder is at ``uri``."""
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def delete_dir(uri: str) -> None:
+    """Remove the folder at ``uri`` and everything under it."""
+    fs, path = filesystem(uri)
+    fs.delete_dir(path)
+
+
 def write_parquet_atomic(table: pa.Table, uri: str) -> None:
     """Write ``table`` to ``uri`` so that readers see the old file or the new one, never a part.
 
@@ -188,7 +207,7 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> None:
             tmp.unlink(missing_ok=True)
             raise
         return
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = filesystem(uri)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.create_dir(parent, recursive=True)
@@ -207,12 +226,9 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> None:
 
 def read_parquet(uri: str) -> pa.Table | None:
     """The table at ``uri``, or None when there is no file yet."""
-    if _is_local(uri):
-        path = Path(uri).expanduser()
-        return pq.read_table(path) if path.exists() else None
-    fs, path = pafs.FileSystem.from_uri(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if not exists(uri):
         return None
+    fs, path = filesystem(uri)
     return pq.read_table(path, filesystem=fs)
 
 

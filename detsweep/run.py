@@ -66,22 +66,6 @@ def _local_resources() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
 
 
-def _fs(root: str):
-    """(pyarrow filesystem, path) of a local path or a URI such as s3://bucket/prefix."""
-    import pyarrow.fs
-
-    if "://" in root:
-        return pyarrow.fs.FileSystem.from_uri(root)
-    return pyarrow.fs.LocalFileSystem(), root
-
-
-def _exists(root: str) -> bool:
-    import pyarrow.fs
-
-    fs, path = _fs(root)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
 def prepare_data(trials: list[TrialConfig]) -> None:
     """Generate synthetic datasets once on the driver, before workers race to do it."""
     from detsweep.data.synthetic import ensure_synthetic
@@ -130,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(trial_table(trials, n, cluster))
         return 0
 
-    had_run = _exists(f"{root}/tune")
+    from detsweep.results import delete_dir, exists
+
+    had_run = exists(f"{root}/tune")
     if had_run and not (args.resume or args.fresh):
         print(f"error: {root} already holds a run of sweep {sweep.name!r}; pass --resume to continue it, "
               f"--fresh to start over, or --output-dir for another folder", file=sys.stderr)
@@ -138,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not had_run:
         print(f"error: --resume: no earlier run of sweep {sweep.name!r} in {root}", file=sys.stderr)
         return 2
-    if args.fresh and _exists(root):
-        fs, path = _fs(root)
-        fs.delete_dir(path)
+    if args.fresh and exists(root):
+        delete_dir(root)
 
     prepare_data(trials)
     import ray

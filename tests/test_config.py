@@ -244,3 +244,15 @@ def test_ray_stays_at_the_edges():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 offenders.append(str(path.relative_to(REPO)))
     assert offenders == []
+
+
+def test_cli_guards_an_earlier_run_before_ray_starts(tmp_path):
+    (tmp_path / "smoke" / "tune").mkdir(parents=True)
+    out = _cli("sweeps/smoke.yaml", "--output-dir", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"error: {tmp_path / 'smoke'} already holds a run of sweep 'smoke'; pass --resume "
+                                  f"to continue it, --fresh to start over, or --output-dir for another folder")
+    fresh = tmp_path / "other"
+    out = _cli("sweeps/smoke.yaml", "--output-dir", str(fresh), "--resume")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: --resume: no earlier run of sweep 'smoke' in {fresh / 'smoke'}"

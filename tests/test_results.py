@@ -215,3 +215,14 @@ def test_git_sha_none_outside_a_repo(monkeypatch, tmp_path):
         assert results._git_sha() is None
     finally:
         results._git_sha.cache_clear()
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_exists_and_delete_dir_for_paths_and_uris(tmp_path, scheme):
+    from detsweep.results import delete_dir, exists
+
+    folder = tmp_path / "sweep"
+    (folder / "tune").mkdir(parents=True)
+    assert exists(f"{scheme}{folder}/tune") and not exists(f"{scheme}{folder}/nope")
+    delete_dir(f"{scheme}{folder}")
+    assert not folder.exists() and not exists(f"{scheme}{folder}")
