@@ -2,7 +2,6 @@
 function degrades to the single-process answer when no process group is initialised."""
 from __future__ import annotations
 
-import os
 import random
 from typing import Any
 
@@ -62,4 +61,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))

@@ -167,19 +167,20 @@ def main(argv: list[str] | None = None) -> int:
 def summarize(root: str) -> int:
     from detsweep.results import ResultsStore
 
-    table = ResultsStore(root).read_results()
+    store = ResultsStore(root)
+    table = store.read_results()
     if table is None:
         print(f"no results were written under {root}", file=sys.stderr)
         return 1
     rows = table.select(["trial_id", "status", "ap", "error"]).to_pylist()
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"\nresults: {ResultsStore(root).results_uri}")
+    print(f"\nresults: {store.results_uri}")
     for r in rows:
         ap = "-" if r["ap"] is None else f"{r['ap']:.4f}"
         extra = f"  {r['error']}" if r["error"] else ""
         print(f"  {r['status']:8s} ap={ap:7s} {r['trial_id']}{extra}")
     print(f"{ok} of {len(rows)} trials ok")
-    print(f"next: python -m detsweep.frontier {ResultsStore(root).results_uri}")
+    print(f"next: python -m detsweep.frontier {store.results_uri}")
     return 0 if ok else 1  # a sweep where every trial failed is a failed command
 
 

@@ -172,12 +172,11 @@ class ResultsCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # Tune has just written the traceback to the trial's local error file; its copy in
         # storage (`trial.get_error()`) is only synced later.
-        text = ""
         if trial.error_file and os.path.exists(trial.error_file):
             with open(trial.error_file) as f:
                 text = f.read()
-        elif trial.get_error() is not None:
-            text = str(trial.get_error())
+        else:
+            text = str(trial.get_error() or "")
         self._write(self._row(trial, "error", error_line(text) if text else "unknown error"))
 
 

@@ -186,8 +186,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         eval_stats = eval_meter.stop()
         all_dets = engine.gather_detections(dets)
         phase = dist.gather_objects((train_stats, eval_stats, peak_rss_mb()))
-        totals["train_s"] += max(p[0]["seconds"] for p in phase)
-        totals["eval_s"] += max(p[1]["seconds"] for p in phase)
+        tr = reduce_phase_stats([p[0] for p in phase])  # images/s summed, seconds and VRAM maxed
+        evs = reduce_phase_stats([p[1] for p in phase])
+        totals["train_s"] += tr["seconds"]
+        totals["eval_s"] += evs["seconds"]
 
         metrics: dict[str, Any] | None = None
         ckpt_dir = None
@@ -196,11 +198,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             quality = evaluate_detections(str(val_ann), all_dets, match_iou=ev.calibration.match_iou,
                                           bins=ev.calibration.bins,
                                           error_score_threshold=ev.error_score_threshold, backend=ev.backend)
-            tr = reduce_phase_stats([p[0] for p in phase])
-            evs = reduce_phase_stats([p[1] for p in phase])
             metrics = {
                 "epoch": epoch, "epochs_completed": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                **{f"loss_{k}" if not k.startswith("loss") else k: v for k, v in losses.items()},
+                **losses,  # loss (their sum) and each weighted component, mean over ranks
                 **{k: v for k, v in quality.items() if k not in ("per_class_ap", "reliability")},
                 "per_class_ap": json.dumps(quality.get("per_class_ap", {})),
                 "reliability": json.dumps(quality.get("reliability", {})),
@@ -209,8 +209,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 "peak_rss_mb": max(p[2] for p in phase),
                 "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],
                 "train_s": totals["train_s"], "eval_s": totals["eval_s"], **info,
+                "worker_started_at": worker_started_at,  # unix time: when this worker group began
             }
-            metrics["worker_started_at"] = worker_started_at  # unix time: when this worker group began
             if resumed_from is not None:
                 metrics["resumed_from_epoch"] = resumed_from
             history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
