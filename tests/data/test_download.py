@@ -59,8 +59,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/truncate/"):
             body = body[: len(body) // 2]
             self.close_connection = True
-        self.wfile.write(body)
+        # Log before sending: the client may finish reading and the test assert on the log
+        # before this thread runs again after the write.
         server.log.append((self.path, rng, len(body)))
+        self.wfile.write(body)
 
     def log_message(self, *args):  # keep test output clean
         pass
