@@ -226,3 +226,26 @@ def test_exists_and_delete_dir_for_paths_and_uris(tmp_path, scheme):
     assert exists(f"{scheme}{folder}/tune") and not exists(f"{scheme}{folder}/nope")
     delete_dir(f"{scheme}{folder}")
     assert not folder.exists() and not exists(f"{scheme}{folder}")
+
+
+def test_summarize_exit_status_and_table(tmp_path, capsys):
+    from detsweep.run import summarize
+
+    root = tmp_path / "smoke"
+    assert summarize(str(root)) == 1
+    assert capsys.readouterr().err.strip() == f"no results were written under {root}"
+
+    store = ResultsStore(str(root))
+    store.upsert_trial(_row("a", status="error", ap=None, error="RuntimeError: boom"))
+    store.upsert_trial(_row("b", status="stopped", ap=0.125))
+    assert summarize(str(root)) == 1  # no trial ok: the command failed
+    out = capsys.readouterr().out
+    assert "error    ap=-       a  RuntimeError: boom" in out
+    assert "stopped  ap=0.1250  b" in out
+    assert "0 of 2 trials ok" in out
+
+    store.upsert_trial(_row("c", ap=0.5))
+    assert summarize(str(root)) == 0
+    out = capsys.readouterr().out
+    assert "1 of 3 trials ok" in out
+    assert f"next: python -m detsweep.frontier {root / 'results.parquet'}" in out
