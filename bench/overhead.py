@@ -10,7 +10,9 @@ the non-worker processes (Tune trial actor, Train controller) and whether they l
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +44,10 @@ def bare_trial(config):
 
 
 class ProcessSampler(threading.Thread):
-    """Peak RSS per role of Ray's non-worker processes, and whether each mapped libtorch."""
+    """Peak RSS and USS per role of a trial's processes, and whether each mapped libtorch.
+
+    RSS counts shared library pages once per process; USS (pages no other process maps) is what
+    each extra process really costs the node."""
 
     ROLES = {"trial actor": ("ImplicitFunc",), "train controller": ("TrainController",),
              "train worker": ("RayTrainWorker",)}
@@ -50,6 +55,7 @@ class ProcessSampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self.peak = {r: 0.0 for r in self.ROLES}
+        self.peak_uss = {r: 0.0 for r in self.ROLES}
         self.torch = {r: False for r in self.ROLES}
         self.stop = threading.Event()
 
@@ -60,7 +66,9 @@ class ProcessSampler(threading.Thread):
                 for role, marks in self.ROLES.items():
                     if any(m in cmd for m in marks):
                         try:
-                            self.peak[role] = max(self.peak[role], p.memory_info().rss / 2**20)
+                            mem = p.memory_full_info()
+                            self.peak[role] = max(self.peak[role], mem.rss / 2**20)
+                            self.peak_uss[role] = max(self.peak_uss[role], mem.uss / 2**20)
                             if not self.torch[role]:
                                 self.torch[role] = any("libtorch" in m.path for m in p.memory_maps())
                         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -126,6 +134,22 @@ def run_detsweep(storage: str, repeats: int, synthetic: str) -> list[dict]:
     return rows
 
 
+IMPORT_COST = """
+import json, psutil
+import ray.train, ray.tune
+m0 = psutil.Process().memory_full_info()
+import torch
+m1 = psutil.Process().memory_full_info()
+print(json.dumps({"rss": (m1.rss - m0.rss) / 2**20, "uss": (m1.uss - m0.uss) / 2**20}))
+"""
+
+
+def torch_import_cost() -> dict[str, float]:
+    """What `import torch` adds to a process that already imported Ray Train and Tune (MiB)."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_COST], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
@@ -142,6 +166,7 @@ def main() -> None:
         rows = run_detsweep(tmp, args.repeats, str(Path(tmp) / "synthetic"))
     sampler.stop.set()
     ray.shutdown()
+    cost = torch_import_cost()
 
     floor = statistics.median(bare)
     trial_walls = [r["wall_s"] for r in rows]
@@ -162,12 +187,22 @@ def main() -> None:
         f"| detsweep overhead = wall − (train + eval) | {overhead:.1f} |",
         f"| **overhead / floor** | **{overhead / floor:.2f}×** (goal ≤ 1.10×) |",
         "",
-        "Peak RSS of the processes of a trial (MiB), and whether each loaded torch:",
+        "Peak memory of the processes of a trial (MiB), and whether each loaded torch. USS = pages no "
+        "other process maps, what one more such process costs the node; RSS also counts the shared "
+        "libraries.",
         "",
-        "| process | peak RSS MiB | torch loaded |",
-        "|---|---|---|",
-    ] + [f"| {role} | {sampler.peak[role]:.0f} | {'yes' if sampler.torch[role] else 'no'} |"
-         for role in sampler.ROLES]
+        "| process | peak RSS MiB | peak USS MiB | torch loaded |",
+        "|---|---:|---:|---|",
+    ] + [f"| {role} | {sampler.peak[role]:.0f} | {sampler.peak_uss[role]:.0f} | "
+         f"{'yes' if sampler.torch[role] else 'no'} |" for role in sampler.ROLES] + [
+        "",
+        f"`import torch` in a process that already imported Ray Train and Tune adds {cost['rss']:.0f} MiB "
+        f"RSS, {cost['uss']:.0f} MiB USS. Goal \"the trial actor and the Train controller never import "
+        f"torch\": not met. `ray.train.torch` (home of `TorchTrainer` and `TorchConfig`) imports torch at "
+        f"module level, and the trial actor constructs the `TorchTrainer` while the controller unpickles "
+        f"its `TorchConfig`; detsweep's own trial function imports torch only inside the worker. Meeting "
+        f"it would mean a `DataParallelTrainer` with a torch-free backend in place of `TorchTrainer`.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -35,6 +35,16 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """All ranks' `obj`, in rank order, on rank 0 only (None elsewhere): what metrics need,
+    without copying every rank's detections to every other rank."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank."""
     if not is_dist():

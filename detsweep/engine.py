@@ -139,12 +139,16 @@ def predict(
     return detections, kept
 
 
-def gather_detections(detections: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """All ranks' detections on every rank, deduplicated by image id: `DistributedSampler` pads
-    the last batch by repeating images, and a repeated image must be scored once."""
+def gather_detections(detections: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """All ranks' detections on rank 0 (None on the other ranks), deduplicated by image id:
+    `DistributedSampler` pads the last batch by repeating images, and a repeated image must be
+    scored once (it is kept from the lowest rank that saw it)."""
+    per_rank = dist.gather_to_main(detections)
+    if per_rank is None:
+        return None
     seen_by: dict[int, int] = {}
     merged: list[dict[str, Any]] = []
-    for r, dets in enumerate(dist.gather_objects(detections)):
+    for r, dets in enumerate(per_rank):
         for d in dets:
             owner = seen_by.setdefault(d["image_id"], r)
             if owner == r:

@@ -183,6 +183,23 @@ def delete_dir(uri: str) -> None:
     fs.delete_dir(path)
 
 
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The newest `checkpoint_<timestamp>` folder of a Ray Train run (Ray names them by time, so
+    the largest name is the newest), or None when the run has none."""
+    fs, path = filesystem(run_uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(i.base_name for i in infos
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    return f"{run_uri.rstrip('/')}/{names[-1]}" if names else None
+
+
+def gpu_hours(wall_s: float, gpus_held: float) -> float:
+    """GPU-hours of a trial: wall seconds times GPUs held (fractional allowed), over 3600."""
+    if wall_s < 0 or gpus_held < 0:
+        raise ValueError(f"wall_s and gpus_held must be >= 0, got wall_s={wall_s}, gpus_held={gpus_held}")
+    return wall_s * gpus_held / 3600.0
+
+
 def write_parquet_atomic(table: pa.Table, uri: str) -> None:
     """Write ``table`` to ``uri`` so that readers see the old file or the new one, never a part.
 
@@ -284,6 +301,11 @@ class ResultsStore:
     def upsert_history(self, rows: list[dict]) -> None:
         """Merge per-epoch reports; one row per (trial_id, epoch), the latest upsert wins.
 
+        A trial reports its epochs in order, so when epoch e arrives, that trial's rows for later
+        epochs are orphans of an attempt that crashed before its checkpoint was saved (the
+        restarted attempt resumed from an earlier one): they are dropped. Pass one trial's rows in
+        the order they were reported.
+
         Each row needs ``trial_id`` and ``epoch``; ``sweep`` and ``reported_at`` (default: now, UTC)
         are kept; every other numeric value becomes a float64 column, non-numeric values are dropped.
         """
@@ -301,7 +323,8 @@ class ResultsStore:
             clean.update({k: float(v) for k, v in r.items()
                           if k not in _HISTORY_KEYS and isinstance(v, numbers.Real)})
             key = (clean["trial_id"], clean["epoch"])
-            merged.pop(key, None)  # re-insert so a newer report does not keep a stale metric column
+            for stale in [k for k in merged if k[0] == key[0] and k[1] >= key[1]]:
+                merged.pop(stale)  # orphaned later epochs, and this epoch's older report
             merged[key] = clean
         trial_order = {t: i for i, t in enumerate(dict.fromkeys(k[0] for k in merged))}
         ordered = sorted(merged.values(), key=lambda r: (trial_order[r["trial_id"]], r["epoch"]))

@@ -13,7 +13,8 @@ import ray.tune
 from ray.tune import Callback
 
 from detsweep.config import Sweep, TrialConfig
-from detsweep.results import RESULTS_SCHEMA, ResultsStore, infer_extra_columns, provenance
+from detsweep.results import (RESULTS_SCHEMA, ResultsStore, gpu_hours, infer_extra_columns, latest_checkpoint,
+                              provenance)
 from detsweep.worker import train_fn_per_worker
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,10 @@ _CONFIG_COLUMNS = {
 _AXES_WITH_COLUMNS = {"lora.rank", "lora.placement", "lora.alpha", "train.lr", "train.seed", "train.epochs",
                       "model.detr.num_queries", "model.detr.dec_layers", "model.detr.backbone",
                       "model.faster_rcnn.backbone", "resources.ddp_workers", "resources.gpus_per_worker"}
-# Reported keys that are not result columns (per-epoch values, Tune's bookkeeping, provenance
-# that the driver fills in itself).
+# Reported keys that the driver fills in itself (hostname comes from rank 0 when it reported one:
+# on a cluster the driver runs on the head node, the trial on a GPU node).
 _SKIP_REPORTED = {"sweep", "trial_id", "status", "error", "wall_s", "gpu_hours", "started_at", "finished_at",
-                  "detsweep_version", "git_sha", "torch_version", "ray_version", "hostname"}
+                  "detsweep_version", "git_sha", "torch_version", "ray_version", "checkpoint_path"}
 
 
 def extra_axis_columns(trials: list[TrialConfig]) -> dict[str, Any]:
@@ -134,8 +135,10 @@ class ResultsCallback(Callback):
         row["wall_s"] = (finished - started).total_seconds() if status != "running" else None
         res = cfg["resources"]
         if row["wall_s"] is not None:
-            row["gpu_hours"] = row["wall_s"] * res["ddp_workers"] * res["gpus_per_worker"] / 3600.0
+            row["gpu_hours"] = gpu_hours(row["wall_s"], res["ddp_workers"] * res["gpus_per_worker"])
+            row["checkpoint_path"] = latest_checkpoint(f"{cfg['storage']}/train-{tid}")
         row.update(self._prov)
+        row["hostname"] = last.get("hostname") or self._prov["hostname"]
         row["gpu_name"] = last.get("gpu_name")
         row["started_at"] = started
         row["finished_at"] = finished if status != "running" else None

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from typing import Any
@@ -74,7 +76,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
     from detsweep import dist, engine
     from detsweep.config import TrialConfig
@@ -158,10 +160,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=device)
     module = getattr(ddp_model, "module", ddp_model)
     # LoRA trials evaluate a plain copy of the base architecture holding the merged weights, so
-    # adapters cost nothing at inference.
+    # adapters cost nothing at inference. The copy waits on the CPU while training runs: its
+    # weights must not count in the trial's training VRAM.
     merged_eval = trial.regime == "lora_only" and trial.eval.merge_lora
     eval_module = build_model(trial.model, dataclasses.replace(family_cfg, weights="none"),
-                              num_classes=label_map.num_classes).to(device) if merged_eval else module
+                              num_classes=label_map.num_classes) if merged_eval else module
     info = device_info(device)
 
     for epoch in range(start_epoch, t.epochs):
@@ -176,20 +179,33 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         losses = dist.all_reduce_mean(losses, device)
 
         if merged_eval:
+            eval_module.to(device)
             eval_module.load_state_dict(merged_state_dict(module))
         eval_meter = PhaseMeter(device)
         eval_meter.start()
         last = epoch == t.epochs - 1
-        dets, kept = engine.predict(eval_module, val_loader, device, label_map.category_ids,
-                                    amp_dtype=amp_dtype, meter=eval_meter,
-                                    keep_images=8 if (last and trial.eval.visuals) else 0)
+        dets, _ = engine.predict(eval_module, val_loader, device, label_map.category_ids,
+                                 amp_dtype=amp_dtype, meter=eval_meter)
         eval_stats = eval_meter.stop()
-        all_dets = engine.gather_detections(dets)
+        kept = []
+        if dist.is_main() and last and trial.eval.visuals:
+            # The first val images themselves: the distributed sampler deals them out across ranks.
+            first = DataLoader(Subset(val_ds, range(min(8, len(val_ds)))), batch_size=t.batch_size_per_worker,
+                               collate_fn=collate_fn)
+            _, kept = engine.predict(eval_module, first, device, label_map.category_ids, amp_dtype=amp_dtype,
+                                     keep_images=8)
+        if merged_eval:
+            eval_module.to("cpu")
+        all_dets = engine.gather_detections(dets)  # on rank 0 only
         phase = dist.gather_objects((train_stats, eval_stats, peak_rss_mb()))
         tr = reduce_phase_stats([p[0] for p in phase])  # images/s summed, seconds and VRAM maxed
         evs = reduce_phase_stats([p[1] for p in phase])
         totals["train_s"] += tr["seconds"]
         totals["eval_s"] += evs["seconds"]
+        # Peak VRAM of the whole trial: the largest of any epoch (each epoch resets per phase).
+        for key, value in (("peak_vram_train_mb", tr["peak_vram_mb"]), ("peak_vram_eval_mb", evs["peak_vram_mb"])):
+            if value is not None:
+                totals[key] = max(value, totals.get(key) or 0.0)
 
         metrics: dict[str, Any] | None = None
         ckpt_dir = None
@@ -205,15 +221,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 "per_class_ap": json.dumps(quality.get("per_class_ap", {})),
                 "reliability": json.dumps(quality.get("reliability", {})),
                 **counts,
-                "peak_vram_train_mb": tr["peak_vram_mb"], "peak_vram_eval_mb": evs["peak_vram_mb"],
+                "peak_vram_train_mb": totals.get("peak_vram_train_mb"),
+                "peak_vram_eval_mb": totals.get("peak_vram_eval_mb"),
                 "peak_rss_mb": max(p[2] for p in phase),
                 "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],
                 "train_s": totals["train_s"], "eval_s": totals["eval_s"], **info,
+                "hostname": socket.gethostname(),  # rank 0's node; the driver runs elsewhere on a cluster
                 "worker_started_at": worker_started_at,  # unix time: when this worker group began
             }
             if resumed_from is not None:
                 metrics["resumed_from_epoch"] = resumed_from
-            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            history.append({k: v for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and k != "worker_started_at"})
             ckpt_dir = tempfile.mkdtemp(prefix=f"ckpt-{trial.trial_id}-")
             torch.save(_model_state(module, trial.regime), os.path.join(ckpt_dir, MODEL_STATE))
             torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
@@ -243,7 +262,10 @@ def _write_artefacts(out_dir: str, detections: list, history: list, kept: list, 
         return
     from detsweep.metrics.visuals import draw_predictions, plot_loss_curves, plot_reliability
 
-    plot_loss_curves(history, os.path.join(out_dir, "loss_curves.png"))
+    # The total and each weighted component; DETR's per-decoder-layer copies (`loss_ce_0`, ...)
+    # would bury them.
+    keys = [k for k in history[-1] if re.fullmatch(r"loss(_[a-z]+)*", k)]
+    plot_loss_curves(history, os.path.join(out_dir, "loss_curves.png"), keys=keys)
     if quality.get("reliability"):
         plot_reliability(quality["reliability"], os.path.join(out_dir, "reliability.png"))
     if kept:

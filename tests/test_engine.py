@@ -67,6 +67,32 @@ def test_predict_gives_coco_results_with_original_ids_once_per_image(data):
     assert engine.gather_detections(dets) == dets
 
 
+def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import json
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    # A padded DistributedSampler over 3 images: rank 0 sees 0, 2; rank 1 sees 1, 0 (a repeat).
+    images = {0: [0, 2], 1: [1, 0]}[rank]
+    dets = [{"image_id": i, "category_id": 3, "bbox": [0.0, 0.0, 1.0, 1.0], "score": rank + 0.5 + k / 10}
+            for i in images for k in range(2)]
+    merged = engine.gather_detections(dets)
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(merged, f)
+    tdist.destroy_process_group()
+
+
+def test_gather_detections_across_two_gloo_ranks_dedups_on_rank_0(tmp_path):
+    import json
+
+    torch.multiprocessing.spawn(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    merged = json.loads((tmp_path / "rank0.json").read_text())
+    assert json.loads((tmp_path / "rank1.json").read_text()) is None  # only rank 0 needs them
+    # Image 0 is kept once, from rank 0 (the lowest rank that saw it); rank 1's repeat is dropped.
+    assert [(d["image_id"], d["score"]) for d in merged] == [
+        (0, 0.5), (0, 0.6), (2, 0.5), (2, 0.6), (1, 1.5), (1, 1.6)]
+
+
 def test_lr_schedule_warmup_step_and_cosine():
     train = SimpleNamespace(epochs=3, warmup_steps=2, lr_schedule="step", lr_drop_epoch=2)
     f = _lr_lambda(train, steps_per_epoch=4)

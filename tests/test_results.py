@@ -249,3 +249,34 @@ def test_summarize_exit_status_and_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 of 3 trials ok" in out
     assert f"next: python -m detsweep.frontier {root / 'results.parquet'}" in out
+
+
+def test_gpu_hours():
+    assert results.gpu_hours(7200, 0.5) == 1.0
+    assert results.gpu_hours(1800, 4) == 2.0
+    with pytest.raises(ValueError, match="got wall_s=-1, gpus_held=1"):
+        results.gpu_hours(-1, 1)
+
+
+def test_latest_checkpoint_is_the_newest_timestamped_folder(tmp_path):
+    run = tmp_path / "train-t1"
+    assert results.latest_checkpoint(str(run)) is None  # no run folder yet
+    for name in ("checkpoint_2026-11-23_05-54-14.770964", "checkpoint_2026-11-23_05-54-57.790161",
+                 "checkpoint_2026-11-22_23-59-59.000000"):
+        (run / name).mkdir(parents=True)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # a file, not a checkpoint
+    assert results.latest_checkpoint(str(run)) == f"{run}/checkpoint_2026-11-23_05-54-57.790161"
+
+
+def test_history_drops_orphaned_epochs_of_a_crashed_attempt(tmp_path):
+    store = ResultsStore(str(tmp_path))
+    # Attempt 1 reports epochs 0-3 but crashes before epoch 3's checkpoint persists; the restart
+    # resumes from epoch 1's checkpoint and reports epoch 2 again: epoch 3 is an orphan.
+    store.upsert_history([{"sweep": "s", "trial_id": "a", "epoch": e, "ap": 0.1 * e} for e in range(4)])
+    store.upsert_history([{"sweep": "s", "trial_id": "b", "epoch": 0, "ap": 0.5}])
+    store.upsert_history([{"sweep": "s", "trial_id": "a", "epoch": 2, "ap": 0.25, "resumed_from_epoch": 1}])
+    rows = store.read_history().select(["trial_id", "epoch", "ap"]).to_pylist()
+    assert [(r["trial_id"], r["epoch"], r["ap"]) for r in rows] == [
+        ("a", 0, 0.0), ("a", 1, 0.1), ("a", 2, 0.25), ("b", 0, 0.5)]
+    store.upsert_history([{"sweep": "s", "trial_id": "a", "epoch": 3, "ap": 0.35}])
+    assert store.read_history().column("epoch").to_pylist() == [0, 1, 2, 3, 0]

@@ -31,3 +31,28 @@ def test_only_axes_without_a_column_of_their_own_get_one():
                                                 "data.image_size": [64, 128]}})
     columns = extra_axis_columns(expand(sweep))
     assert {k: str(v) for k, v in columns.items()} == {"train_weight_decay": "double", "data_image_size": "int64"}
+
+
+def test_results_row_gpu_hours_hostname_and_checkpoint(tmp_path):
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from detsweep.sweep import ResultsCallback
+
+    sweep = parse_sweep({"name": "s", "storage": str(tmp_path), "grid": {"regime": ["lora_only"]},
+                         "resources": {"ddp_workers": 1, "gpus_per_worker": 0.5}})
+    (trial,) = expand(sweep)
+    cb = ResultsCallback(trial.storage, "s", {trial.trial_id: trial.to_dict()}, {})
+    ckpt = tmp_path / "s" / f"train-{trial.trial_id}" / "checkpoint_2026-11-23_05-54-57.790161"
+    ckpt.mkdir(parents=True)
+    cb._started[trial.trial_id] = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
+    tune_trial = SimpleNamespace(config={"trial_id": trial.trial_id},
+                                 last_result={"ap": 0.5, "hostname": "gpu-node-7", "gpu_name": "NVIDIA A10G",
+                                              "epochs_completed": 1, "checkpoint_path": "ignored"})
+    row = cb._row(tune_trial, "ok", None)
+    assert abs(row["wall_s"] - 7200) < 60
+    assert abs(row["gpu_hours"] - row["wall_s"] * 0.5 / 3600) < 1e-9  # 1 worker x 0.5 GPU
+    assert row["hostname"] == "gpu-node-7" and row["gpu_name"] == "NVIDIA A10G"
+    assert row["checkpoint_path"] == str(ckpt)
+    running = cb._row(tune_trial, "running", None)
+    assert running["wall_s"] is None and running.get("checkpoint_path") is None and running.get("gpu_hours") is None

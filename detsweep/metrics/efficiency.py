@@ -123,8 +123,3 @@ def device_info(device: torch.device | str) -> dict[str, str | None]:
     return {"device": device.type, "gpu_name": gpu_name}
 
 
-def gpu_hours(wall_s: float, gpus_held: float) -> float:
-    """GPU-hours of a trial: wall seconds times GPUs held (fractional allowed), over 3600."""
-    if wall_s < 0 or gpus_held < 0:
-        raise ValueError(f"wall_s and gpus_held must be >= 0, got wall_s={wall_s}, gpus_held={gpus_held}")
-    return wall_s * gpus_held / 3600.0

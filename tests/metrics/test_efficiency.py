@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detsweep.metrics.efficiency import (
-    PhaseMeter, count_parameters, device_info, gpu_hours, peak_rss_mb, reduce_phase_stats,
+    PhaseMeter, count_parameters, device_info, peak_rss_mb, reduce_phase_stats,
 )
 
 
@@ -101,11 +101,7 @@ def test_peak_rss_matches_proc_high_water_mark():
     assert peak_rss_mb() > 10
 
 
-def test_device_info_and_gpu_hours():
+def test_device_info():
     assert device_info("cpu") == {"device": "cpu", "gpu_name": None}
     with pytest.raises(ValueError, match=r"device type 'meta' is not supported; allowed: \['cpu', 'cuda'\]"):
         device_info("meta")
-    assert gpu_hours(7200, 0.5) == 1.0
-    assert gpu_hours(1800, 4) == 2.0
-    with pytest.raises(ValueError, match="got wall_s=-1, gpus_held=1"):
-        gpu_hours(-1, 1)

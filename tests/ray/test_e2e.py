@@ -47,6 +47,9 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"this is not a torch checkpoint")
     sweep = tiny_sweep(tmp_path, synthetic_root)
+    # 5 val images on 2 ranks: the distributed sampler pads rank 1 with a repeat of image 0, which
+    # the gathered predictions must score once.
+    sweep["data"]["val_images"] = 5
     sweep["model"]["faster_rcnn"]["weights"] = str(corrupt)
     sweep["grid"] = {"model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full", "lora_only", "partial"]}
     path = write_sweep(tmp_path, sweep)
@@ -70,7 +73,14 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
         assert r["train_s"] > 0 and r["eval_s"] > 0 and r["wall_s"] > r["train_s"]
         assert r["train_images_per_s"] > 0 and r["peak_rss_mb"] > 0
         assert r["peak_vram_train_mb"] is None and r["device"] == "cpu"
-        assert r["n_detections"] == 4 * 8  # every query of every val image, no threshold, no duplicates
+        assert r["n_detections"] == 5 * 8  # every query of every val image, no threshold, no duplicates
+        # Every column is filled in, except the ones that are null by definition here.
+        null_ok = {"error", "peak_vram_train_mb", "peak_vram_eval_mb", "gpu_name"} | (
+            set() if r["regime"] == "lora_only" else {"lora_rank", "lora_placement", "lora_alpha"})
+        assert [k for k, v in r.items() if v is None and k not in null_ok] == [], tid
+        assert r["gpu_hours"] == 0.0 and r["trainable_frac"] == r["trainable_params"] / r["total_params"]
+        assert set(json.loads(r["per_class_ap"])) == {"3", "7", "12"}  # the gappy COCO category ids
+        assert r["hostname"] and r["git_sha"] and len(r["git_sha"]) == 40
         assert r["torch_version"].startswith("2.14.1") and r["ray_version"] == "2.60.0"
         assert r["started_at"] < r["finished_at"]
     full, lora, partial = (rows["detr_r18-full"], rows["detr_r18-lora_only-r4-attention_ffn"],
@@ -88,11 +98,20 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     # Each ok trial's last checkpoint holds the COCO results JSON, re-evaluable offline.
     ckpt = Path(rows["detr_r18-partial"]["checkpoint_path"])
     dets = json.loads((ckpt / "detections.json").read_text())
-    assert len(dets) == 32 and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
-    assert (ckpt / "loss_curves.png").exists()
+    assert len(dets) == 40 and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
+    assert len({d["image_id"] for d in dets}) == 5
+    # Last epoch's pictures: loss curves, reliability diagram, the first val images drawn.
+    for name in ["loss_curves.png", "reliability.png"] + [f"predictions/pred_{i:03d}.png" for i in range(5)]:
+        assert (ckpt / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     # The LoRA checkpoint holds adapters and heads only: far smaller than the full one.
     lora_ckpt = Path(lora["checkpoint_path"]) / "model.pt"
     full_ckpt = Path(full["checkpoint_path"]) / "model.pt"
     assert lora_ckpt.stat().st_size < full_ckpt.stat().st_size / 5
-    # Tune writes TensorBoard event files per trial.
-    assert glob.glob(str(root / "tune" / "detr_r18-full" / "events.out.tfevents.*"))
+    # Tune writes TensorBoard event files per trial: loss components, lr and eval metrics each epoch.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(str(root / "tune" / "detr_r18-full" / "events.out.tfevents.*"))
+    acc = EventAccumulator(events)
+    acc.Reload()
+    for tag in ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr", "ap", "ece"):
+        assert len(acc.Scalars(f"ray/tune/{tag}")) == 2, tag
