@@ -162,7 +162,7 @@ class ResultsCallback(Callback):
             return
         keep = {k: v for k, v in result.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
-                and not re.match(r"^(time_|timestamp|training_iteration|iterations_since|pid|done)", k)}
+                and not re.match(r"^(time_|timestamp|timesteps_total|training_iteration|iterations_since|pid|done)", k)}
         self.store.upsert_history([{"sweep": self.sweep_name, "trial_id": trial.config["trial_id"],
                                     "reported_at": _now(), **keep}])
 

@@ -216,6 +216,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                                           error_score_threshold=ev.error_score_threshold, backend=ev.backend)
             metrics = {
                 "epoch": epoch, "epochs_completed": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                # Tune's TensorBoard logger takes its step from `timesteps_total` when present, else
+                # from `training_iteration`, which restarts after a restore: curves stay on epochs.
+                "timesteps_total": epoch + 1,
                 **losses,  # loss (their sum) and each weighted component, mean over ranks
                 **{k: v for k, v in quality.items() if k not in ("per_class_ap", "reliability")},
                 "per_class_ap": json.dumps(quality.get("per_class_ap", {})),
