@@ -1,11 +1,13 @@
 """Pareto front of a sweep's results.parquet: frontier.parquet, replicates.parquet, PNG plots, report.md.
 
 ``python -m detsweep.frontier RESULTS.parquet [--objectives ap:max,...] [--out DIR] [--no-plots]``
+Outputs go to a local folder or, for a URI (``s3://``, ``gs://``, ``file://``), through pyarrow.fs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -13,14 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from detsweep import pareto
 from detsweep.pareto import Normalisation, Objective
-from detsweep.results import read_parquet, write_parquet_atomic
+from detsweep.results import (RESULTS_SCHEMA, STATUSES, exists, filesystem, read_parquet, write_bytes_atomic,
+                              write_parquet_atomic)
 
 DEFAULT_OBJECTIVES = "ap:max,trainable_params:min,peak_vram_train_mb:min,ece:min"
 METADATA_KEY = b"detsweep.frontier"
-# Label every point up to this many; beyond it only the connected trade-off, to stay readable.
+# Why a trial without an error message was excluded, by status.
+_STATUS_REASONS = {"stopped": "stopped early by the scheduler", "running": "unfinished (running)",
+                   "error": "no error message"}
+# Config columns the Sweep section lists on lines of their own rather than among the varying axes.
+_OWN_LINE_COLUMNS = ("sweep", "model", "regime", "data", "epochs")
 
 
 class FrontierError(ValueError):
@@ -53,22 +61,32 @@ class Frontier:
 
 
 def resolve_objectives(table: pa.Table, objectives: list[Objective]) -> tuple[list[Objective], list[str]]:
-    """Check objective columns exist and are numeric; swap in peak_rss_mb for an all-null VRAM column."""
+    """Check objective columns exist and are numeric; swap in peak_rss_mb for an all-null VRAM column.
+
+    Nulls are counted over finished (status ok) rows only: failed, stopped and running trials have
+    no metrics. With no finished row there is nothing to check, and the objectives stay as given.
+    """
     numeric = [f.name for f in table.schema
                if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)) and f.name not in pareto.ADDED_COLUMNS]
+    finished = table.filter(pc.equal(table.column("status"), "ok")) if "status" in table.column_names \
+        else table.slice(0, 0)
+
+    def all_null(column: str) -> bool:
+        return finished.num_rows > 0 and finished.column(column).null_count == finished.num_rows
+
     resolved, notes = [], []
     for obj in objectives:
         if obj.column not in numeric:
             raise FrontierError(f"objective column {obj.column!r} is not a numeric column of the results; "
                                 f"numeric columns: {numeric}")
-        if table.column(obj.column).null_count == len(table):
+        if all_null(obj.column):
             stand_in = "peak_rss_mb"
-            if obj.column.startswith("peak_vram") and stand_in in numeric and \
-                    table.column(stand_in).null_count < len(table) and stand_in not in [o.column for o in objectives]:
-                notes.append(f"{obj.column} is null in every row (no CUDA): {stand_in} stands in for it")
+            if obj.column.startswith("peak_vram") and stand_in in numeric and not all_null(stand_in) \
+                    and stand_in not in [o.column for o in objectives]:
+                notes.append(f"{obj.column} is null in every finished trial (no CUDA): {stand_in} stands in for it")
                 obj = Objective(stand_in, obj.direction)
             else:
-                raise FrontierError(f"objective column {obj.column!r} is null in every row")
+                raise FrontierError(f"objective column {obj.column!r} is null in every finished trial (status ok)")
         resolved.append(obj)
     return resolved, notes
 
@@ -113,8 +131,8 @@ def compute_frontier(table: pa.Table, objectives: list[Objective], sweep: str | 
     excluded = []
     for i in np.flatnonzero(~valid):
         missing = [o.column for j, o in enumerate(objectives) if not np.isfinite(values[i, j])]
-        reason = errors[i] or (f"missing {', '.join(missing)}" if status[i] == "ok" else "no error message")
-        excluded.append({"trial_id": trial_ids[i], "status": status[i], "reason": reason})
+        excluded.append({"trial_id": trial_ids[i], "status": status[i],
+                         "reason": _exclusion_reason(status[i], errors[i], missing)})
     if sweep is None:
         names = sorted({s for s in _column(table, "sweep") if s})
         sweep = ", ".join(names) or "unnamed sweep"
@@ -125,33 +143,52 @@ def compute_frontier(table: pa.Table, objectives: list[Objective], sweep: str | 
     return result
 
 
+def _exclusion_reason(status: str | None, error: str | None, missing: list[str]) -> str:
+    """Why a row is not ranked: its error message, else what its status or its missing values say."""
+    if error:
+        return error
+    if status == "ok":
+        return f"missing {', '.join(missing)}"
+    return _STATUS_REASONS.get(status, f"status {status!r}")
+
+
 def _metadata(fr: Frontier, hypervolume: float | None) -> dict[bytes, bytes]:
     info = {"objectives": [str(o) for o in fr.objectives], "reference_point": fr.reference,
             "normalisation": [n.describe() for n in fr.norms], "hypervolume": hypervolume, "notes": fr.notes}
     return {METADATA_KEY: json.dumps(info).encode()}
 
 
-def write_outputs(fr: Frontier, out_dir: Path, plots: bool = True) -> list[Path]:
-    """Write frontier.parquet (+ replicates.parquet, PNGs) and report.md into out_dir; return the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "frontier.parquet"]
-    write_parquet_atomic(fr.table.replace_schema_metadata(_metadata(fr, fr.hypervolume)), str(written[0]))
+def _join(folder: str, name: str) -> str:
+    """``folder/name`` for a local folder or a URI."""
+    return f"{folder.rstrip('/')}/{name}" if "://" in folder else str(Path(folder).expanduser() / name)
+
+
+def write_outputs(fr: Frontier, out: str | Path, plots: bool = True) -> list[str]:
+    """Write frontier.parquet (+ replicates.parquet, PNGs) and report.md into ``out``, a local
+    folder or a URI (through pyarrow.fs); return what was written. No plots when nothing is ranked."""
+    out = str(out)
+    fs, folder = filesystem(out)
+    fs.create_dir(folder, recursive=True)
+    written = [_join(out, "frontier.parquet")]
+    write_parquet_atomic(fr.table.replace_schema_metadata(_metadata(fr, fr.hypervolume)), written[0])
+    replicates = _join(out, "replicates.parquet")
     if fr.replicates is not None:
-        written.append(out_dir / "replicates.parquet")
         meta = _metadata(fr, fr.replicates_hypervolume)
-        write_parquet_atomic(fr.replicates.replace_schema_metadata(meta), str(written[-1]))
-    stale = out_dir / "replicates.parquet"
-    if fr.replicates is None and stale.exists():  # left by an earlier run that had seed replicates
-        stale.unlink()
-    if plots:
+        write_parquet_atomic(fr.replicates.replace_schema_metadata(meta), replicates)
+        written.append(replicates)
+    elif exists(replicates):  # left by an earlier run that had seed replicates
+        fs.delete_file(f"{folder.rstrip('/')}/replicates.parquet")
+    images: dict[str, bytes] = {}
+    if plots and fr.valid.any():
         from detsweep.frontier_plots import plot_frontier  # matplotlib only when plots are wanted
 
-        images = plot_frontier(fr, out_dir)
-    else:
-        images = []
-    report_path = out_dir / "report.md"
-    report_path.write_text(render_markdown(fr, [p.name for p in images]))
-    return written + images + [report_path]
+        images = plot_frontier(fr)
+    for name, png in images.items():
+        write_bytes_atomic(png, _join(out, name))
+        written.append(_join(out, name))
+    written.append(_join(out, "report.md"))
+    write_bytes_atomic(render_markdown(fr, list(images)).encode(), written[-1])
+    return written
 
 
 def headline_index(fr: Frontier) -> int:
@@ -177,6 +214,55 @@ def _table(headers: list[str], rows: list[list[object]], markdown: bool) -> str:
     widths = [max([len(h)] + [len(r[j]) for r in cells]) for j, h in enumerate(headers)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
                      for r in [headers] + cells) + "\n"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _distinct(table: pa.Table, column: str) -> list:
+    """Sorted distinct non-null (and non-NaN) values of a column; [] when the column is absent."""
+    return sorted({v for v in _column(table, column) if v is not None and v == v})
+
+
+def _values(table: pa.Table, column: str) -> str:
+    return ", ".join(_fmt(v) for v in _distinct(table, column)) or "-"
+
+
+def _sweep_lines(table: pa.Table) -> list[str]:
+    """The Sweep section of report.md: what ran, where, with what code, for how long, at what cost."""
+    status = _column(table, "status")
+    counts = ", ".join(f"{status.count(s)} {s}" for s in STATUSES if s in status)
+    axes = [c for c in pareto.CONFIG_COLUMNS + ["seed"] if c not in _OWN_LINE_COLUMNS]
+    axes += [c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in pareto.ADDED_COLUMNS]
+    varying = [f"`{c}` ({_values(table, c)})" for c in axes if len(_distinct(table, c)) >= 2]
+    started, finished = _distinct(table, "started_at"), _distinct(table, "finished_at")
+    span = f"{f'{started[0]:%Y-%m-%d %H:%M:%S}' if started else '-'} .. " \
+           f"{f'{finished[-1]:%Y-%m-%d %H:%M:%S}' if finished else '-'} UTC"
+    wall = sum(v for v in _column(table, "wall_s") if v is not None and v == v)
+    gpu_hours = [v for v in _column(table, "gpu_hours") if v is not None and v == v]
+    return [f"- trials: {len(table)} ({counts or 'no status'})",
+            f"- models: {_values(table, 'model')}",
+            f"- regimes: {_values(table, 'regime')}",
+            f"- grid axes that vary: {', '.join(varying) or 'none'}",
+            f"- data: {_values(table, 'data')}",
+            f"- epochs: {_values(table, 'epochs')}",
+            f"- device: {_values(table, 'device')}; GPU: {_values(table, 'gpu_name')}",
+            f"- git sha: {_values(table, 'git_sha')}",
+            f"- versions: detsweep {_values(table, 'detsweep_version')}; torch {_values(table, 'torch_version')}; "
+            f"ray {_values(table, 'ray_version')}",
+            f"- time: {span}",
+            f"- total wall time: {wall:,.0f} s ({wall / 3600:.2f} h); "
+            f"GPU-hours: {f'{sum(gpu_hours):.2f}' if gpu_hours else '-'}"]
+
+
+def _nothing_ranked(fr: Frontier) -> str:
+    """Why the front is empty, or '' when something was ranked."""
+    if fr.valid.any():
+        return ""
+    if "ok" not in _column(fr.table, "status"):
+        return "No trial finished (status ok): nothing to rank."
+    return "No finished trial has a value for every objective: nothing to rank."
 
 
 def _front_rows(fr: Frontier) -> tuple[list[str], list[list[object]]]:
@@ -234,14 +320,19 @@ def _hypervolume_line(fr: Frontier) -> str:
 
 
 def render_markdown(fr: Frontier, images: list[str]) -> str:
-    """report.md: objectives, front, replicates, plots, hypervolume, best per regime, excluded trials."""
+    """report.md: sweep, objectives, front, replicates, plots, hypervolume, best per regime, excluded trials."""
     n_valid = int(fr.valid.sum())
     parts = [f"# Pareto front: {fr.sweep}\n",
-             f"{len(fr.table)} trials: {n_valid} ranked, {len(fr.excluded)} excluded.\n",
+             f"{_plural(len(fr.table), 'trial')}: {n_valid} ranked, {len(fr.excluded)} excluded.\n",
              "Objectives: " + ", ".join(f"`{o.column}` ({o.direction})" for o in fr.objectives) + ".\n"]
     parts += [f"> **Note:** {note}.\n" for note in fr.notes]
-    headers, rows = _front_rows(fr)
-    parts += [f"## Front ({len(rows)} of {n_valid} ranked trials)\n", _table(headers, rows, markdown=True)]
+    parts += ["## Sweep\n", "\n".join(_sweep_lines(fr.table)) + "\n"]
+    if not n_valid:
+        parts += ["## Front\n", _nothing_ranked(fr) + "\n"]
+    else:
+        headers, rows = _front_rows(fr)
+        parts += [f"## Front ({len(rows)} of {_plural(n_valid, 'ranked trial')})\n",
+                  _table(headers, rows, markdown=True)]
     if fr.replicates is not None:
         headers, rows = _replicate_rows(fr)
         parts += ["## Seed replicates\n",
@@ -252,36 +343,41 @@ def render_markdown(fr: Frontier, images: list[str]) -> str:
     if images:
         parts.append("## Plots\n")
         parts += [f"![{name}]({name})\n" for name in images]
-    parts += ["## Hypervolume\n", _hypervolume_line(fr) + ".\n",
-              "Each objective is mapped to a minimised value in [0, 1] before the volume is taken:\n",
-              _table(["objective", "normalised as", "reference"],
-                     [[str(o), n.describe(), pareto.REFERENCE_POINT] for o, n in zip(fr.objectives, fr.norms)],
-                     markdown=True)]
-    headers, rows = _best_per_regime(fr)
-    parts += [f"## Best trial per regime (by {headers[2]})\n", _table(headers, rows, markdown=True)]
+    if n_valid:
+        parts += ["## Hypervolume\n", _hypervolume_line(fr) + ".\n",
+                  "Each objective is mapped to a minimised value in [0, 1] before the volume is taken:\n",
+                  _table(["objective", "normalised as", "reference"],
+                         [[str(o), n.describe(), pareto.REFERENCE_POINT] for o, n in zip(fr.objectives, fr.norms)],
+                         markdown=True)]
+        headers, rows = _best_per_regime(fr)
+        parts += [f"## Best trial per regime (by {headers[2]})\n", _table(headers, rows, markdown=True)]
     parts.append("## Excluded trials\n")
     if fr.excluded:
         rows = [[e["trial_id"], e["status"], str(e["reason"]).replace("|", "\\|").replace("\n", " ")]
                 for e in fr.excluded]
-        parts.append(_table(["trial_id", "status", "error"], rows, markdown=True))
+        parts.append(_table(["trial_id", "status", "reason"], rows, markdown=True))
     else:
         parts.append("None.\n")
     return "\n".join(parts)
 
 
-def render_stdout(fr: Frontier, written: list[Path]) -> str:
+def render_stdout(fr: Frontier, written: list[str]) -> str:
     """The compact terminal summary printed by the CLI."""
-    lines = [f"sweep {fr.sweep}: {len(fr.table)} trials, {int(fr.valid.sum())} ranked, "
+    lines = [f"sweep {fr.sweep}: {_plural(len(fr.table), 'trial')}, {int(fr.valid.sum())} ranked, "
              f"{len(fr.excluded)} excluded",
              "objectives: " + ", ".join(str(o) for o in fr.objectives)]
     lines += [f"note: {note}" for note in fr.notes]
-    headers, rows = _front_rows(fr)
-    lines += [f"Pareto front ({len(rows)} trials):", _table(headers, rows, markdown=False).rstrip()]
+    if fr.valid.any():
+        headers, rows = _front_rows(fr)
+        lines += [f"Pareto front ({_plural(len(rows), 'trial')}):", _table(headers, rows, markdown=False).rstrip()]
+    else:
+        lines.append(_nothing_ranked(fr))
     if fr.replicates is not None:
         headers, rows = _replicate_rows(fr)
         lines += ["seed replicates (mean ± 95% CI; front on the means):",
                   _table(headers, rows, markdown=False).rstrip()]
-    lines.append(_hypervolume_line(fr))
+    if fr.valid.any():
+        lines.append(_hypervolume_line(fr))
     lines += [f"excluded {e['trial_id']} ({e['status']}): {e['reason']}" for e in fr.excluded]
     lines += [f"wrote {p}" for p in written]
     return "\n".join(lines) + "\n"
@@ -295,8 +391,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="path or URI (s3://, gs://) of results.parquet")
     p.add_argument("--objectives", default=DEFAULT_OBJECTIVES,
                    help="comma-separated COLUMN:DIRECTION with DIRECTION in {max,min} (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: the results file's folder; for a URI, ./frontier-<sweep>)")
+    p.add_argument("--out", default=None,
+                   help="output folder, local or a URI written through pyarrow.fs (default: the results file's folder)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p
 
@@ -304,6 +400,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns the exit code (2 for user errors, one line on stderr)."""
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
     remote = "://" in args.results  # s3://, gs://, file://: read through pyarrow.fs
     path = args.results if remote else Path(args.results).expanduser()
     try:
@@ -318,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"detsweep.frontier: error: {e}", file=sys.stderr)
         return 2
-    out = args.out or (Path(f"frontier-{path.rstrip('/').split('/')[-2]}") if remote else path.parent)
+    out = args.out or (path.rstrip("/").rsplit("/", 1)[0] if remote else str(path.parent))
     written = write_outputs(fr, out, plots=not args.no_plots)
     sys.stdout.write(render_stdout(fr, written))
     return 0

@@ -1,17 +1,22 @@
 """Grid expansion in Python, not inside Tune: `expand(sweep)` gives the deduplicated list of
-complete trial configs, with meaningless combinations pruned and stable, readable trial ids."""
+complete trial configs, with meaningless combinations pruned and stable, readable trial ids;
+what each trial needs from a cluster; and how an expansion differs from a saved one (--resume)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from detsweep.config import Sweep, TrialConfig
+    from detsweep.config import Sweep, SweepError, TrialConfig
 
 # Axes that only mean something for one model family or one regime.
 _FAMILY_PREFIX = {"model.detr.": "detr", "model.faster_rcnn.": "faster_rcnn"}
 _ALWAYS_IN_ID = ("lora.rank", "lora.placement")  # a LoRA trial's id always names its rank and placement
+_NOT_IN_ID = re.compile(r"[^A-Za-z0-9._=-]+")  # trial ids name folders: these runs become `_`
 
 
 def storage_root(sweep: "Sweep") -> str:
@@ -41,11 +46,35 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def id_value(value: Any) -> str:
+    """`value` as it reads in a trial id, which names folders: only [A-Za-z0-9._=-] are kept and
+    each run of other characters becomes `_`. A string with a `/` is a path and reads as its file
+    stem: `/ckpt/detr-r50-e132384.pth` -> `detr-r50-e132384`."""
+    text = _fmt(value)
+    if isinstance(value, str) and "/" in value:
+        text = PurePosixPath(value.rstrip("/")).stem or text
+    return _NOT_IN_ID.sub("_", text)
+
+
+def _collision(source: str, trial_id: str, first: dict[str, Any], second: dict[str, Any]) -> "SweepError":
+    """The error for two different trials that would get the same id, naming the values."""
+    from detsweep.config import SweepError
+
+    key = next(k for k, v in second.items() if first.get(k) != v)
+    a, b = first.get(key), second[key]
+    hint = " (a path reads as its file stem)" if "/" in f"{a}{b}" else ""
+    return SweepError(f"{source}: grid: two different trials would share the id {trial_id!r}: grid.{key} values "
+                      f"{a!r} and {b!r} both read {id_value(b)!r} in a trial id{hint}; make the values "
+                      f"distinguishable")
+
+
 def expand(sweep: "Sweep") -> list["TrialConfig"]:
     """Every complete trial of the sweep, in grid order, deduplicated by trial id.
 
     Pruned: LoRA keys outside `lora_only`; model keys of the other family; regimes a model
     family does not list in `model.<family>.regimes` (Faster R-CNN has no LoRA at all).
+    Trial id: `<model label>-<regime>[-r<rank>-<placement>]`, then one part per other varying
+    axis, sorted by dotted key so that the YAML's key order never changes an id (`--resume`).
     """
     from detsweep.config import MODELS, SweepError, TrialConfig, _apply_axis, check_resources, resources_for
 
@@ -62,7 +91,7 @@ def expand(sweep: "Sweep") -> list["TrialConfig"]:
         if regime not in fam_cfg.regimes:
             continue
         cfg = sweep
-        id_parts = [model, regime]  # the model label is set below, once the axes are applied
+        extra: dict[str, str] = {}  # dotted key -> id part, for the varying axes
         chosen: dict[str, Any] = {}
         for (key, _), value in zip(axes, values):
             if not _relevant(key, family, regime):
@@ -70,15 +99,14 @@ def expand(sweep: "Sweep") -> list["TrialConfig"]:
             cfg = _apply_axis(cfg, key, value, where=f"grid.{key}")
             chosen[key] = value
             if key in varying and key not in _ALWAYS_IN_ID:
-                id_parts.append(f"{key.rsplit('.', 1)[-1]}{_fmt(value)}")
+                extra[key] = f"{key.rsplit('.', 1)[-1]}{id_value(value)}"
+        id_parts = [model_label(model, getattr(cfg.model, family).backbone), regime]
         if regime == "lora_only":
-            id_parts[2:2] = [f"r{cfg.lora.rank}", cfg.lora.placement]
-        id_parts[0] = model_label(model, getattr(cfg.model, family).backbone)
-        trial_id = "-".join(id_parts)
+            id_parts += [f"r{cfg.lora.rank}", cfg.lora.placement]
+        trial_id = "-".join(id_parts + [extra[k] for k in sorted(extra)])
         if trial_id in trials:
             if any(trials[trial_id].axes.get(k) != v for k, v in chosen.items()):
-                raise SweepError(f"{sweep.source}: grid: two different trials would share the id {trial_id!r} "
-                                 f"({trials[trial_id].axes} vs {chosen}); make the values distinguishable")
+                raise _collision(sweep.source, trial_id, trials[trial_id].axes, chosen)
             continue  # the same trial again: an axis that does not apply here
         resources = resources_for(cfg, regime) if regime in cfg.resources_by_regime else cfg.resources
         check_resources(resources, f"resources (trial {trial_id})", sweep.source)
@@ -108,11 +136,22 @@ def fits(trial: "TrialConfig", cluster: dict[str, float]) -> int:
     return min((int(cluster.get(k, 0.0) // v + 1e-9) if v > 0 else 10**6) for k, v in need.items())
 
 
+def most_at_once(trials: list["TrialConfig"], cluster: dict[str, float]) -> int:
+    """How many trials the cluster runs at once: as many as the least demanding trial allows,
+    at most all of them; 0 when no trial fits."""
+    return min(max(fits(t, cluster) for t in trials), len(trials))
+
+
 def max_concurrent(trials: list["TrialConfig"], cluster: dict[str, float]) -> int:
-    """Tune's `max_concurrent_trials`: as many trials as the least demanding trial allows, at
-    least 1. Ray's scheduler still keeps bigger trials waiting for their workers' resources,
-    and the trial actors hold almost nothing, so a mixed grid never over-subscribes."""
-    return max(1, min(max(fits(t, cluster) for t in trials), len(trials)))
+    """Tune's `max_concurrent_trials` computed from `cluster`: `most_at_once`, at least 1.
+    Ray's scheduler still keeps bigger trials waiting for their workers' resources, and the
+    trial actors hold almost nothing, so a mixed grid never over-subscribes."""
+    return max(1, most_at_once(trials, cluster))
+
+
+def unfit(trials: list["TrialConfig"], cluster: dict[str, float]) -> list["TrialConfig"]:
+    """The trials that `cluster` cannot run even once: Train would wait for their workers."""
+    return [t for t in trials if fits(t, cluster) == 0]
 
 
 def trial_table(trials: list["TrialConfig"], concurrency: int | None = None,
@@ -134,3 +173,44 @@ def trial_table(trials: list["TrialConfig"], concurrency: int | None = None,
     if concurrency is not None:
         footer += f", up to {concurrency} at once"
     return "\n".join(lines + [footer])
+
+
+def plain_trials(trials: list["TrialConfig"]) -> list[dict[str, Any]]:
+    """Each trial's id and config as plain JSON values (tuples become lists)."""
+    return json.loads(json.dumps([{"trial_id": t.trial_id, "config": t.to_dict()} for t in trials]))
+
+
+_ABSENT = object()  # a key one of two configs lacks
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is _ABSENT else repr(value)
+
+
+def _first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, old value, new value) of the first place where two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in [*new, *(k for k in old if k not in new)]:
+            found = _first_difference(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{key}.{k}" if key else k)
+            if found:
+                return found
+        return None
+    return None if old == new else (key, old, new)
+
+
+def trials_change(saved: list[dict[str, Any]], trials: list["TrialConfig"]) -> str | None:
+    """How `trials` differ from a saved trial list (order aside), in a few words; None if they don't."""
+    old = {t["trial_id"]: t["config"] for t in saved}
+    new = {t["trial_id"]: t["config"] for t in plain_trials(trials)}
+    gone = [tid for tid in old if tid not in new]
+    if gone:
+        return f"trial {gone[0]!r} is no longer in it"
+    added = [tid for tid in new if tid not in old]
+    if added:
+        return f"trial {added[0]!r} is new"
+    for tid, config in new.items():
+        found = _first_difference(old[tid], config)
+        if found:
+            key, was, now = found
+            return f"trial {tid!r}: {key} was {_shown(was)}, is now {_shown(now)}"
+    return None

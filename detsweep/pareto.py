@@ -16,6 +16,7 @@ the largest possible hypervolume is therefore 1.1**k for k objectives.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from scipy import stats
 
 from detsweep.results import RESULTS_SCHEMA
 
+log = logging.getLogger(__name__)
+
 DIRECTIONS = ("max", "min")
 REFERENCE_POINT = 1.1
 CI_LEVEL = 0.95
@@ -37,7 +40,7 @@ UNIT_COLUMNS = frozenset({
     "ece", "brier", "trainable_frac",
 })
 # Columns that describe a trial's configuration; replicates share all of them except the seed.
-_CONFIG_COLUMNS = ["sweep", "model", "regime", "lora_rank", "lora_placement", "lora_alpha", "backbone",
+CONFIG_COLUMNS = ["sweep", "model", "regime", "lora_rank", "lora_placement", "lora_alpha", "backbone",
                    "num_queries", "dec_layers", "epochs", "lr", "ddp_workers", "gpus_per_worker", "data"]
 ADDED_COLUMNS = ("pareto_rank", "dominated_by")  # what the frontier adds to a results table
 # Rows per block in the numpy dominance checks: 512 x 10k bools per objective ~ 5 MB.
@@ -183,6 +186,15 @@ class Normalisation:
             s = (x - self.low) / (self.high - self.low)
         return 1.0 - s if self.direction == "max" else s
 
+    def value_range(self) -> tuple[float, float]:
+        """(low, high) bounds the raw values can take, as far as the kind tells: [0, 1] for unit
+        columns, [0, inf) for counts and non-negative quantities (memory, seconds), else unbounded."""
+        if self.kind == "unit":
+            return 0.0, 1.0
+        if self.kind in ("log", "scale"):
+            return 0.0, math.inf
+        return -math.inf, math.inf
+
     def describe(self) -> str:
         flip = "1 - " if self.direction == "max" else ""
         if self.kind == "unit":
@@ -263,6 +275,31 @@ def group_replicates(keys: Sequence[tuple]) -> list[list[int]]:
     return list(groups.values())
 
 
+def seed_groups(keys: Sequence[tuple], seeds: Sequence[object], trial_ids: Sequence[str]) -> list[list[int]]:
+    """Rows grouped into seed replicates; every row lands in exactly one group, in first-seen order.
+
+    Rows with an equal config key form a replicate group only from their distinct non-null seeds,
+    and only when there are at least two of them. The other rows of such a config (null or repeated
+    seed) are duplicates, not replicates: they are ranked singly and logged as a warning.
+    """
+    groups: list[list[int]] = []
+    for members in group_replicates(keys):
+        first_of_seed: dict[object, int] = {}
+        for i in members:
+            if seeds[i] is not None:
+                first_of_seed.setdefault(seeds[i], i)
+        replicates = list(first_of_seed.values()) if len(first_of_seed) >= 2 else []
+        chosen = set(replicates)
+        singles = [i for i in members if i not in chosen]
+        if len(members) > 1 and singles:
+            log.warning("duplicate config: trials %s share every config column (seeds: %s); %s ranked singly, "
+                        "not as seed replicates", ", ".join(trial_ids[i] for i in members),
+                        ", ".join("null" if seeds[i] is None else str(seeds[i]) for i in members),
+                        ", ".join(trial_ids[i] for i in singles))
+        groups += ([replicates] if replicates else []) + [[i] for i in singles]
+    return sorted(groups, key=min)
+
+
 def intervals_overlap(low_a: np.ndarray, high_a: np.ndarray, low_b: np.ndarray, high_b: np.ndarray) -> bool:
     """True when the CIs overlap on every objective; a NaN interval (n < 2) overlaps anything."""
     unknown = np.isnan(low_a) | np.isnan(high_a) | np.isnan(low_b) | np.isnan(high_b)
@@ -289,14 +326,15 @@ def _column(table: pa.Table, name: str) -> list:
 
 def aggregate_replicates(table: pa.Table, values: np.ndarray, valid: np.ndarray, objectives: Sequence[Objective],
                          norms: Sequence[Normalisation]) -> tuple[pa.Table, float] | None:
-    """Seed replicates: valid trials equal in every config column but ``seed`` form one config.
+    """Seed replicates: valid trials equal in every config column but ``seed``, with distinct
+    non-null seeds, form one config (see ``seed_groups``).
 
     values: [n, k] raw objective values of ``table``'s rows; valid: [n] bool.
     Returns (one row per config: config columns, config_id (first trial id), trial_ids, n,
     ``<objective>_{mean,std,ci_low,ci_high}`` (95 % Student-t), pareto_rank / dominated_by of the means,
     not_separable / not_separable_from; hypervolume of the means' front), or None when every n is 1.
     """
-    group_cols = [c for c in _CONFIG_COLUMNS if c in table.column_names] + [
+    group_cols = [c for c in CONFIG_COLUMNS if c in table.column_names] + [
         c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in ADDED_COLUMNS]
     idx = np.flatnonzero(valid)
     config_values = [_column(table, c) for c in group_cols]
@@ -304,10 +342,12 @@ def aggregate_replicates(table: pa.Table, values: np.ndarray, valid: np.ndarray,
     def key_of(i: int) -> tuple:
         return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in (col[i] for col in config_values))
 
-    groups = [[int(idx[j]) for j in members] for members in group_replicates([key_of(i) for i in idx])]
+    trial_ids = [str(t) for t in _column(table, "trial_id")]
+    seeds = _column(table, "seed")
+    groups = [[int(idx[j]) for j in members] for members in seed_groups(
+        [key_of(i) for i in idx], [seeds[i] for i in idx], [trial_ids[i] for i in idx])]
     if not any(len(g) >= 2 for g in groups):
         return None
-    trial_ids = [str(t) for t in _column(table, "trial_id")]
     k = len(objectives)
     summary = np.array([[confidence_interval(values[g, j]) for j in range(k)] for g in groups])  # [g, k, 4]
     means, low, high = summary[:, :, 0], summary[:, :, 2], summary[:, :, 3]

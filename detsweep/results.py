@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +200,9 @@ def gpu_hours(wall_s: float, gpus_held: float) -> float:
     return wall_s * gpus_held / 3600.0
 
 
-def write_parquet_atomic(table: pa.Table, uri: str) -> None:
-    """Write ``table`` to ``uri`` so that readers see the old file or the new one, never a part.
+def write_atomic(uri: str, write: Callable[[Any], None]) -> None:
+    """Call ``write(stream)`` to fill the file at ``uri`` so that readers see the old file or the
+    new one, never a part.
 
     Local path: write ``<name>.tmp-<pid>-<rand>`` in the same folder, fsync, ``os.replace``
     (atomic rename on POSIX and Windows). URI (``s3://``, ``gs://``, ``file://``, any pyarrow.fs
@@ -216,7 +217,7 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> None:
         tmp = path.with_name(path.name + suffix)
         try:
             with open(tmp, "wb") as f:
-                pq.write_table(table, f)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -231,7 +232,7 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> None:
     tmp_path = path + suffix
     try:
         with fs.open_output_stream(tmp_path) as stream:
-            pq.write_table(table, stream)
+            write(stream)
         fs.move(tmp_path, path)
     except BaseException:
         try:
@@ -239,6 +240,16 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> None:
         except (OSError, FileNotFoundError):
             pass
         raise
+
+
+def write_bytes_atomic(data: bytes, uri: str) -> None:
+    """``data`` to ``uri``, atomically (see `write_atomic`)."""
+    write_atomic(uri, lambda stream: stream.write(data))
+
+
+def write_parquet_atomic(table: pa.Table, uri: str) -> None:
+    """``table`` as Parquet to ``uri``, atomically (see `write_atomic`)."""
+    write_atomic(uri, lambda stream: pq.write_table(table, stream))
 
 
 def read_parquet(uri: str) -> pa.Table | None:

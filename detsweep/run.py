@@ -1,25 +1,39 @@
 """`python -m detsweep.run SWEEP.yaml`: load → expand → plan → Tuner.fit (or restore) → results.
 
-Every error in the sweep file is reported in one line, with exit status 2, before Ray starts.
+Every error in the sweep file or the flags, and a --resume of a sweep whose trials changed, is
+reported in one line, with exit status 2, before Ray starts.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
+from typing import Any, NoReturn
 
 from detsweep.config import Sweep, SweepError, TrialConfig, expand, load_sweep, trial_table
-from detsweep.grid import fits, max_concurrent, storage_root, trial_resources
+from detsweep.grid import (max_concurrent, most_at_once, plain_trials, storage_root, trial_resources,
+                           trials_change, unfit)
 
 log = logging.getLogger("detsweep.run")
 
+TRIALS_FILE = "trials.json"  # <root>/trials.json: the expanded trial list a run started with
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr with exit status 2, like every error here."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m detsweep.run",
         description="Run a detection fine-tuning sweep on the Ray cluster it finds (RAY_ADDRESS, or a "
                     "running cluster), or on a local Ray it starts. Results: <storage>/<sweep>/results.parquet.")
@@ -27,31 +41,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the expanded trial plan and exit; starts nothing")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep: finished trials are kept, unfinished ones resume "
-                        "from their last checkpoint")
+                        "from their last checkpoint; refused if the sweep's trials changed since it started")
     p.add_argument("--fresh", action="store_true",
                    help="delete an earlier run of this sweep in the output folder and start over")
     p.add_argument("--output-dir", metavar="DIR", help="override the sweep file's `storage`")
     p.add_argument("--assume-resources", metavar="CPU=N,GPU=M",
-                   help="with --dry-run: plan concurrency for this cluster instead of this machine "
+                   help="only with --dry-run: plan concurrency for this cluster instead of this machine "
                         "(e.g. CPU=48,GPU=4 for one g5.12xlarge)")
     p.add_argument("--max-concurrent", type=int, metavar="N",
-                   help="trials at once (default: the sweep's max_concurrent_trials, else as many as the "
-                        "cluster's current resources fit; set it on an autoscaling cluster)")
+                   help="trials at once, N >= 1 (default: the sweep's max_concurrent_trials, else as many as "
+                        "the cluster's current resources fit; set it on an autoscaling cluster). Not with "
+                        "--resume: Tune keeps the earlier run's value")
     p.add_argument("-q", "--quiet", action="store_true", help="less Tune output")
     return p.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> dict[str, float] | None:
+    """The flags' own rules, checked before the sweep file is read. Returns the assumed cluster."""
+    if args.resume and args.fresh:
+        raise SweepError("--resume and --fresh exclude each other")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise SweepError(f"--max-concurrent: {args.max_concurrent} must be >= 1 (trials at once)")
+    if args.max_concurrent is not None and args.resume and not args.dry_run:
+        raise SweepError("--max-concurrent does not apply with --resume: Tune keeps the earlier run's value "
+                         "(--fresh starts over with a new one)")
+    if args.assume_resources is None:
+        return None
+    if not args.dry_run:
+        raise SweepError("--assume-resources only applies with --dry-run; a run uses the resources of the "
+                         "cluster Ray finds")
+    return _parse_resources(args.assume_resources)
+
+
 def _parse_resources(spec: str) -> dict[str, float]:
-    out = {}
+    """`CPU=48,GPU=4` -> {"CPU": 48.0, "GPU": 4.0}; CPU > 0 is required, GPU >= 0 defaults to 0."""
+    out: dict[str, float] = {}
     for part in spec.split(","):
-        key, _, value = part.partition("=")
+        key, sep, text = (s.strip() for s in part.partition("="))
         try:
-            if key.strip() not in ("CPU", "GPU"):
-                raise ValueError
-            out[key.strip()] = float(value)
+            value = float(text)
         except ValueError:
-            raise SweepError(f"--assume-resources: {part!r} is not CPU=N or GPU=M (e.g. CPU=48,GPU=4)") from None
-    return out
+            value = math.nan
+        if not sep or key not in ("CPU", "GPU") or not math.isfinite(value):
+            raise SweepError(f"--assume-resources: {part!r} is not CPU=N or GPU=M (e.g. CPU=48,GPU=4)")
+        if key in out:
+            raise SweepError(f"--assume-resources: {spec!r} gives {key} twice")
+        if value < 0 or (key == "CPU" and value == 0):
+            bound = "> 0" if key == "CPU" else ">= 0"
+            raise SweepError(f"--assume-resources: {part!r}: {key} must be {bound} (e.g. CPU=48,GPU=4)")
+        out[key] = value
+    if "CPU" not in out:
+        raise SweepError(f"--assume-resources: {spec!r} gives no CPU; a cluster needs CPU=N with N > 0 "
+                         f"(e.g. CPU=48,GPU=4)")
+    return {"CPU": out["CPU"], "GPU": out.get("GPU", 0.0)}
 
 
 def _local_resources() -> dict[str, float]:
@@ -87,46 +129,159 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> tuple[list[TrialConfig], str
     return trials, storage_root(sweep)
 
 
+def _resources_text(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in resources.items())
+
+
+def configured_concurrency(sweep: Sweep, override: int | None) -> tuple[int | None, str]:
+    """The set value of Tune's `max_concurrent_trials` (None: not set) and where it comes from."""
+    in_file = f"max_concurrent_trials in {sweep.source}"
+    if override is not None:
+        also = f" (over {sweep.max_concurrent_trials} from {in_file})" if sweep.max_concurrent_trials else ""
+        return override, f"--max-concurrent sets {override}{also}"
+    if sweep.max_concurrent_trials is not None:
+        return sweep.max_concurrent_trials, f"{in_file} sets {sweep.max_concurrent_trials}"
+    return None, "max_concurrent_trials is not set"
+
+
 def concurrency_for(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], override: int | None) -> int:
-    """--max-concurrent, else the sweep's `max_concurrent_trials`, else what `cluster` holds."""
-    return override or sweep.max_concurrent_trials or max_concurrent(trials, cluster)
+    """What Tune uses: --max-concurrent, else the sweep's `max_concurrent_trials`, else what `cluster` holds."""
+    configured, _ = configured_concurrency(sweep, override)
+    return configured if configured is not None else max_concurrent(trials, cluster)
+
+
+def concurrency_line(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], override: int | None) -> str:
+    """Both values, computed and set, and which one Tune uses."""
+    computed = most_at_once(trials, cluster)
+    configured, setting = configured_concurrency(sweep, override)
+    if configured is not None:
+        which = "the set value"
+    else:
+        which = "the computed value" if computed else "at least 1"
+    return (f"concurrency: the cluster fits {computed} at once; {setting}; "
+            f"Tune uses {concurrency_for(sweep, trials, cluster, override)} ({which})")
+
+
+def unfit_warning(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], override: int | None,
+                  where: str) -> str | None:
+    """One line when some trial fits 0 times on `cluster` (described by `where`), else None."""
+    too_big = unfit(trials, cluster)
+    if not too_big:
+        return None
+    if configured_concurrency(sweep, override)[0] is not None:
+        then = "Ray queues them until the cluster has room for their workers (an autoscaling cluster adds nodes)"
+    else:
+        then = (f"a run on this cluster stops with an error; lower resources in {sweep.source}, or set "
+                f"max_concurrent_trials (or --max-concurrent) for a cluster that autoscales")
+    return (f"warning: {len(too_big)} of {len(trials)} trials fit 0 times on {where}, first {too_big[0].trial_id!r} "
+            f"(needs {_resources_text(trial_resources(too_big[0]))}); {then}")
+
+
+def dry_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.Namespace,
+            assumed: dict[str, float] | None) -> int:
+    """Print the plan for the assumed cluster, else this machine; start nothing."""
+    cluster = assumed or _local_resources()
+    where = f"{_resources_text(cluster)} ({'assumed' if assumed else 'this machine'})"
+    print(f"sweep {sweep.name!r} from {args.sweep} -> {root}")
+    print(f"cluster: {where}")
+    print(trial_table(trials, concurrency_for(sweep, trials, cluster, args.max_concurrent), cluster))
+    print(concurrency_line(sweep, trials, cluster, args.max_concurrent))
+    warning = unfit_warning(sweep, trials, cluster, args.max_concurrent, where)
+    if warning:
+        print(warning, file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# <root>/trials.json: the trial list a run started with, so --resume can refuse a changed sweep.
+# --------------------------------------------------------------------------------------------
+def _trials_uri(root: str) -> str:
+    return f"{root.rstrip('/')}/{TRIALS_FILE}"
+
+
+def save_trials(root: str, trials: list[TrialConfig], concurrency: int | None) -> None:
+    """Write `<root>/trials.json` atomically, local path or URI (`results.write_atomic`)."""
+    from detsweep.results import write_bytes_atomic
+
+    text = json.dumps({"max_concurrent_trials": concurrency, "trials": plain_trials(trials)}, indent=1)
+    write_bytes_atomic(text.encode(), _trials_uri(root))
+
+
+def load_trials(root: str) -> dict[str, Any] | None:
+    """`<root>/trials.json` as saved by `save_trials`, or None when there is none."""
+    from detsweep.results import exists, filesystem
+
+    uri = _trials_uri(root)
+    if not exists(uri):
+        return None
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        text = stream.read().decode()
+    try:
+        saved = json.loads(text)
+        entries = saved.get("trials") if isinstance(saved, dict) else None
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("trial_id"), str) and isinstance(e.get("config"), dict)
+                for e in entries):
+            raise ValueError("no list of {trial_id, config}")
+        return saved
+    except ValueError as e:
+        raise SweepError(f"--resume: {uri} is not a trial list saved by detsweep ({e}); pass --fresh to "
+                         f"start over, or --output-dir for another folder") from None
+
+
+def check_resume(root: str, trials: list[TrialConfig]) -> int | None:
+    """Refuse to resume a run whose trials differ from the sweep's now. Returns the concurrency the
+    run started with (Tuner.restore keeps it), None if unknown. A run saved before trials.json
+    existed is not checked."""
+    saved = load_trials(root)
+    if saved is None:
+        print(f"warning: {_trials_uri(root)} is missing (a run from an older detsweep); resuming without "
+              f"checking that the sweep is unchanged", file=sys.stderr)
+        return None
+    change = trials_change(saved["trials"], trials)
+    if change:
+        raise SweepError(f"--resume: the sweep changed since the run in {root} started: {change}; pass --fresh "
+                         f"to start over, or --output-dir for another folder")
+    return saved.get("max_concurrent_trials")
+
+
+def guard_earlier_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.Namespace) -> int | None:
+    """Before Ray starts: an earlier run needs --resume (with unchanged trials) or --fresh. Returns
+    the earlier run's concurrency on --resume."""
+    from detsweep.results import delete_dir, exists
+
+    had_run = exists(f"{root}/tune")
+    if had_run and not (args.resume or args.fresh):
+        raise SweepError(f"{root} already holds a run of sweep {sweep.name!r}; pass --resume to continue it, "
+                         f"--fresh to start over, or --output-dir for another folder")
+    if args.resume and not had_run:
+        raise SweepError(f"--resume: no earlier run of sweep {sweep.name!r} in {root}")
+    if args.fresh and exists(root):
+        delete_dir(root)
+    return check_resume(root, trials) if args.resume else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        assumed = check_flags(args)
         sweep = load_sweep(args.sweep, check_paths=not args.dry_run)
         trials, root = plan(sweep, args)
-        if args.resume and args.fresh:
-            raise SweepError("--resume and --fresh exclude each other")
-        assumed = _parse_resources(args.assume_resources) if args.assume_resources else None
+        if args.dry_run:
+            return dry_run(sweep, trials, root, args, assumed)
+        resumed_concurrency = guard_earlier_run(sweep, trials, root, args)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return run_sweep(sweep, trials, root, args, resumed_concurrency)
 
-    if args.dry_run:
-        cluster = assumed or _local_resources()
-        n = concurrency_for(sweep, trials, cluster, args.max_concurrent)
-        print(f"sweep {sweep.name!r} from {args.sweep} -> {root}")
-        print(f"cluster: {', '.join(f'{k}={v:g}' for k, v in cluster.items())}"
-              f"{' (assumed)' if assumed else ' (this machine)'}")
-        print(trial_table(trials, n, cluster))
-        return 0
 
-    from detsweep.results import delete_dir, exists
-
-    had_run = exists(f"{root}/tune")
-    if had_run and not (args.resume or args.fresh):
-        print(f"error: {root} already holds a run of sweep {sweep.name!r}; pass --resume to continue it, "
-              f"--fresh to start over, or --output-dir for another folder", file=sys.stderr)
-        return 2
-    if args.resume and not had_run:
-        print(f"error: --resume: no earlier run of sweep {sweep.name!r} in {root}", file=sys.stderr)
-        return 2
-    if args.fresh and exists(root):
-        delete_dir(root)
-
+def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.Namespace,
+              resumed: int | None) -> int:
+    """Start (or connect to) Ray, print the plan for the cluster it finds, and fit the Tuner.
+    `resumed`: on --resume, the concurrency the run started with (None: unknown)."""
     prepare_data(trials)
     import ray
 
@@ -141,21 +296,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     if not ray.is_initialized():
         ray.init(log_to_driver=not args.quiet)
-    cluster = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    explicit = args.max_concurrent or sweep.max_concurrent_trials
-    too_big = [t for t in trials if fits(t, cluster) == 0]
-    if too_big and not explicit:  # Train would wait for its workers forever
-        need = trial_resources(too_big[0])
-        print(f"error: trial {too_big[0].trial_id!r} needs {', '.join(f'{k}={v:g}' for k, v in need.items())} "
-              f"but the cluster has {', '.join(f'{k}={v:g}' for k, v in cluster.items())}; lower "
-              f"resources in {args.sweep}, or set max_concurrent_trials for a cluster that autoscales",
-              file=sys.stderr)
+    cluster = {k: float(ray.cluster_resources().get(k, 0.0)) for k in ("CPU", "GPU")}
+    too_big = unfit(trials, cluster)
+    if too_big and configured_concurrency(sweep, args.max_concurrent)[0] is None:  # Train would wait forever
+        print(f"error: trial {too_big[0].trial_id!r} needs {_resources_text(trial_resources(too_big[0]))} but the "
+              f"cluster has {_resources_text(cluster)}; lower resources in {args.sweep}, or set "
+              f"max_concurrent_trials for a cluster that autoscales", file=sys.stderr)
         return 2
-    n = concurrency_for(sweep, trials, cluster, args.max_concurrent)
-    print(f"sweep {sweep.name!r}: {len(trials)} trials, {n} at once on "
-          f"{', '.join(f'{k}={v:g}' for k, v in cluster.items())} -> {root}")
-    print(trial_table(trials, n, cluster), flush=True)
-
+    if args.resume:  # Tuner.restore keeps the TuneConfig, max_concurrent_trials included
+        n, line = resumed, f"concurrency: Tune keeps {resumed or 'the value'} the run started with (Tuner.restore)"
+    else:
+        n, line = (concurrency_for(sweep, trials, cluster, args.max_concurrent),
+                   concurrency_line(sweep, trials, cluster, args.max_concurrent))
+    print(f"sweep {sweep.name!r}: {len(trials)} trials on {_resources_text(cluster)} -> {root}")
+    print(trial_table(trials, n, cluster))
+    print(line, flush=True)
+    warning = unfit_warning(sweep, trials, cluster, args.max_concurrent, f"the cluster ({_resources_text(cluster)})")
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    if not args.resume or resumed is None:
+        save_trials(root, trials, n)  # before the Tuner writes <root>/tune: every run has its trial list
     if args.resume:
         tuner = sweep_mod.restore_tuner(sweep, trials, root=root)
     else:

@@ -1,15 +1,23 @@
 """The `python -m detsweep.frontier` command: files written, report contents, one-line errors."""
+import datetime as dt
+import io
 import json
+import math
+import os
 import subprocess
 import sys
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
-from detsweep import frontier
+from detsweep import frontier, frontier_plots, pareto
 from detsweep.results import rows_to_table, write_parquet_atomic
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _run(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -21,6 +29,15 @@ def _trial(trial_id, regime, ap, params, rss, ece, seed=0, lr=1e-4, **kw):
     return {"sweep": "smoke", "trial_id": trial_id, "status": "ok", "model": "detr_r50", "regime": regime,
             "lora_rank": 8 if regime == "lora_only" else None, "seed": seed, "lr": lr, "ap": ap,
             "trainable_params": params, "peak_rss_mb": rss, "ece": ece, **kw}
+
+
+def _assert_png(path):
+    """A non-empty file that decodes as a PNG image with pixels."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.width > 100 and image.height > 100
+        image.verify()
 
 
 @pytest.fixture
@@ -46,7 +63,10 @@ def test_cli_writes_frontier_report_and_plots(results_file):
     for name in ("frontier.parquet", "report.md", "frontier_ap_vs_trainable_params.png",
                  "frontier_ap_vs_peak_rss_mb.png", "frontier_ap_vs_ece.png"):
         assert (out_dir / name).stat().st_size > 0, name
-    assert (out_dir / "frontier_ap_vs_trainable_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _assert_png(out_dir / "frontier_ap_vs_trainable_params.png")
+    assert sorted(os.listdir(out_dir)) == [  # no temporary files left behind
+        "frontier.parquet", "frontier_ap_vs_ece.png", "frontier_ap_vs_peak_rss_mb.png",
+        "frontier_ap_vs_trainable_params.png", "report.md", "results.parquet"]
     assert not (out_dir / "replicates.parquet").exists()  # every config has one seed
 
     table = pq.read_table(out_dir / "frontier.parquet")
@@ -64,15 +84,16 @@ def test_cli_writes_frontier_report_and_plots(results_file):
                            f"where pareto_rank = 1 order by ap desc").fetchall()
     assert front_sql == [("full-a",), ("part-a",), ("lora-a",)]
 
-    assert "peak_vram_train_mb is null in every row (no CUDA): peak_rss_mb stands in for it" in proc.stdout
+    assert "peak_vram_train_mb is null in every finished trial (no CUDA): peak_rss_mb stands in for it" in proc.stdout
     assert "Pareto front (3 trials):" in proc.stdout
     assert "excluded oom (error): CUDA out of memory" in proc.stdout
     assert "excluded nan-ap (ok): missing ap" in proc.stdout
-    assert "excluded asha (stopped)" in proc.stdout
+    assert "excluded asha (stopped): stopped early by the scheduler" in proc.stdout
 
     report = (out_dir / "report.md").read_text()
     assert report.startswith("# Pareto front: smoke\n")
-    assert "> **Note:** peak_vram_train_mb is null in every row (no CUDA): peak_rss_mb stands in for it." in report
+    assert ("> **Note:** peak_vram_train_mb is null in every finished trial (no CUDA): "
+            "peak_rss_mb stands in for it.") in report
     assert "| full-a | full | 0.4 | 41,000,000 | 3000 | 0.1 |" in report
     assert "![frontier_ap_vs_ece.png](frontier_ap_vs_ece.png)" in report
     assert f"hypervolume of the front: {meta['hypervolume']:.6g}" in report
@@ -102,7 +123,8 @@ def test_cli_replicates_and_out_dir(tmp_path):
     (["--objectives", "bogus:min"], "objective column 'bogus' is not a numeric column of the results; "
                                     "numeric columns: ['lora_rank', "),
     (["--objectives", "model:min"], "objective column 'model' is not a numeric column"),
-    (["--objectives", "peak_vram_eval_mb:min,peak_rss_mb:min"], "objective column 'peak_vram_eval_mb' is null in every row"),
+    (["--objectives", "peak_vram_eval_mb:min,peak_rss_mb:min"],
+     "objective column 'peak_vram_eval_mb' is null in every finished trial (status ok)"),
 ])
 def test_cli_bad_objectives_one_line_exit_2(results_file, args, message, capsys):
     # in-process for speed; the subprocess tests below cover the real exit path
@@ -130,13 +152,110 @@ def test_cli_help():
     assert "--objectives" in proc.stdout and "COLUMN:DIRECTION" in proc.stdout and "--no-plots" in proc.stdout
 
 
-def test_all_failed_sweep_still_reports(tmp_path, capsys):
-    rows = [{"sweep": "s", "trial_id": "x", "status": "error", "error": "boom", "ap": None, "ece": 0.1}]
+@pytest.mark.parametrize("statuses, message", [
+    (["error", "error", "stopped"], "No trial finished (status ok): nothing to rank."),
+    (["running", "running", "running"], "No trial finished (status ok): nothing to rank."),
+])
+def test_all_failed_sweep_still_reports(tmp_path, capsys, statuses, message):
+    """Default objectives; trials that never finished have no metrics at all, yet the report is written."""
+    errors = {"error": "CUDA out of memory", "stopped": None, "running": None}
+    rows = [{"sweep": "s", "trial_id": f"t{i}", "status": status, "regime": "full", "error": errors[status]}
+            for i, status in enumerate(statuses)]
+    rows[1]["error"] = None  # an error row without a message
     src = tmp_path / "results.parquet"
     write_parquet_atomic(rows_to_table(rows), str(src))
-    assert frontier.main([str(src), "--objectives", "ece:min"]) == 0
-    assert "Pareto front (0 trials):" in capsys.readouterr().out
-    assert "| x | error | boom |" in (tmp_path / "report.md").read_text()
+    assert frontier.main([str(src)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"sweep s: 3 trials, 0 ranked, 3 excluded\nobjectives: {frontier.DEFAULT_OBJECTIVES.replace(',', ', ')}\n"
+                          f"{message}\n")
+    assert "Pareto front" not in out and "hypervolume" not in out
+
+    assert sorted(os.listdir(tmp_path)) == ["frontier.parquet", "report.md", "results.parquet"]  # no plots
+    table = pq.read_table(tmp_path / "frontier.parquet")
+    assert table.column("pareto_rank").to_pylist() == [None, None, None]
+    assert table.column("trial_id").to_pylist() == ["t0", "t1", "t2"]
+    report = (tmp_path / "report.md").read_text()
+    assert f"## Front\n\n{message}\n" in report
+    assert "## Hypervolume" not in report and "## Best trial per regime" not in report
+    reasons = {"error": "CUDA out of memory", "stopped": "stopped early by the scheduler",
+               "running": "unfinished (running)"}
+    expected = [f"| t{i} | {st} | {reasons[st] if i != 1 else frontier._STATUS_REASONS[st]} |"
+                for i, st in enumerate(statuses)]
+    assert report.endswith("## Excluded trials\n\n| trial_id | status | reason |\n|---|---|---|\n"
+                           + "\n".join(expected) + "\n")
+
+
+def test_finished_trials_without_every_objective_still_report(tmp_path, capsys):
+    rows = [_trial("a", "full", None, 1000, 10.0, 0.1), _trial("b", "full", 0.3, 1000, 10.0, None, seed=1),
+            {"sweep": "smoke", "trial_id": "c", "status": "error", "error": "boom"}]
+    src = tmp_path / "results.parquet"
+    write_parquet_atomic(rows_to_table(rows), str(src))
+    assert frontier.main([str(src), "--objectives", "ap:max,ece:min", "--no-plots"]) == 0
+    assert "No finished trial has a value for every objective: nothing to rank.\n" in capsys.readouterr().out
+    report = (tmp_path / "report.md").read_text()
+    assert "| a | ok | missing ap |\n| b | ok | missing ece |\n| c | error | boom |\n" in report
+
+
+def test_excluded_reasons_by_status():
+    rows = [_trial("ok", "full", 0.3, 1000, 10.0, 0.1),
+            _trial("nan", "full", math.nan, 1000, 10.0, None),
+            {"trial_id": "asha", "status": "stopped", "ap": 0.1},
+            {"trial_id": "live", "status": "running"},
+            {"trial_id": "crash", "status": "error"},
+            {"trial_id": "oom", "status": "error", "error": "CUDA out of memory"},
+            {"trial_id": "noted", "status": "stopped", "error": "stopped by a user"}]
+    fr = frontier.compute_frontier(rows_to_table(rows), pareto.parse_objectives("ap:max,ece:min"))
+    assert [(e["trial_id"], e["status"], e["reason"]) for e in fr.excluded] == [
+        ("nan", "ok", "missing ap, ece"),
+        ("asha", "stopped", "stopped early by the scheduler"),
+        ("live", "running", "unfinished (running)"),
+        ("crash", "error", "no error message"),
+        ("oom", "error", "CUDA out of memory"),
+        ("noted", "stopped", "stopped by a user"),
+    ]
+
+
+def test_report_sweep_section(tmp_path):
+    t0 = dt.datetime(2025, 3, 1, 9, 0, tzinfo=dt.timezone.utc)
+    prov = {"data": "synthetic:/data/syn", "epochs": 2, "device": "cuda", "gpu_name": "NVIDIA H100",
+            "git_sha": "abc123", "detsweep_version": "0.1.0", "torch_version": "2.5.1", "ray_version": "2.60.0"}
+    rows = [_trial("full-a", "full", 0.4, 41_000_000, 3000.0, 0.1, started_at=t0,
+                   finished_at=t0 + dt.timedelta(minutes=30), wall_s=1800.0, gpu_hours=0.5, **prov),
+            _trial("lora-a", "lora_only", 0.3, 200_000, 1500.0, 0.1, lr=1e-3, started_at=t0 + dt.timedelta(minutes=5),
+                   finished_at=t0 + dt.timedelta(hours=1, seconds=7), wall_s=3607.0, gpu_hours=1.0, **prov),
+            {"sweep": "smoke", "trial_id": "rcnn", "status": "error", "model": "fasterrcnn_r50_fpn",
+             "regime": "full", "seed": 0, "lr": 1e-4, "error": "boom", "started_at": t0, "wall_s": 20.0, **prov}]
+    fr = frontier.compute_frontier(rows_to_table(rows), pareto.parse_objectives("ap:max,trainable_params:min"))
+    report = frontier.render_markdown(fr, [])
+    assert ("## Sweep\n\n"
+            "- trials: 3 (2 ok, 1 error)\n"
+            "- models: detr_r50, fasterrcnn_r50_fpn\n"
+            "- regimes: full, lora_only\n"
+            "- grid axes that vary: `lr` (0.0001, 0.001)\n"
+            "- data: synthetic:/data/syn\n"
+            "- epochs: 2\n"
+            "- device: cuda; GPU: NVIDIA H100\n"
+            "- git sha: abc123\n"
+            "- versions: detsweep 0.1.0; torch 2.5.1; ray 2.60.0\n"
+            "- time: 2025-03-01 09:00:00 .. 2025-03-01 10:00:07 UTC\n"
+            "- total wall time: 5,427 s (1.51 h); GPU-hours: 1.50\n") in report
+
+    bare = frontier.render_markdown(frontier.compute_frontier(
+        rows_to_table([_trial("a", "full", 0.4, 1000, 10.0, 0.1)]), pareto.parse_objectives("ap:max,ece:min")), [])
+    assert ("- grid axes that vary: none\n- data: -\n- epochs: -\n- device: -; GPU: -\n- git sha: -\n"
+            "- versions: detsweep -; torch -; ray -\n- time: - .. - UTC\n"
+            "- total wall time: 0 s (0.00 h); GPU-hours: -\n") in bare
+
+
+def test_one_trial_is_singular(tmp_path, capsys):
+    src = tmp_path / "results.parquet"
+    write_parquet_atomic(rows_to_table([_trial("only", "full", 0.4, 1000, 10.0, 0.1)]), str(src))
+    assert frontier.main([str(src), "--objectives", "ap:max,ece:min", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sweep smoke: 1 trial, 1 ranked, 0 excluded\n")
+    assert "Pareto front (1 trial):\n" in out
+    report = (tmp_path / "report.md").read_text()
+    assert "1 trial: 1 ranked, 0 excluded." in report and "## Front (1 of 1 ranked trial)" in report
 
 
 def test_library_modules_never_import_ray_or_torch():
@@ -157,11 +276,78 @@ def test_rerun_without_replicates_removes_stale_file(tmp_path, capsys):
 
 
 
-def test_cli_reads_results_through_a_filesystem_uri(results_file, tmp_path):
-    """s3:// and gs:// go through pyarrow.fs; file:// takes the same path on this machine."""
-    out = tmp_path / "out"
-    proc = _run(f"file://{results_file}", "--out", out, "--no-plots")
+def test_cli_reads_and_writes_through_a_filesystem_uri(results_file, tmp_path):
+    """s3:// and gs:// go through pyarrow.fs; file:// takes the same path on this machine. The default
+    output folder is the results file's folder, and a URI --out never becomes a local folder."""
+    proc = _run(f"file://{results_file}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    front = pq.read_table(out / "frontier.parquet").to_pylist()
+    sweep_dir = results_file.parent
+    assert f"wrote file://{sweep_dir}/report.md" in proc.stdout
+    front = pq.read_table(sweep_dir / "frontier.parquet").to_pylist()
     assert {r["trial_id"] for r in front if r["pareto_rank"] == 1} == {"full-a", "lora-a", "part-a"}
-    assert (out / "report.md").exists()
+    _assert_png(sweep_dir / "frontier_ap_vs_ece.png")
+    assert (sweep_dir / "report.md").read_text().startswith("# Pareto front: smoke\n")
+
+    out = tmp_path / "elsewhere" / "nested"
+    proc = _run(f"file://{results_file}", "--out", f"file://{out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["frontier.parquet", "frontier_ap_vs_ece.png", "frontier_ap_vs_peak_rss_mb.png",
+                                       "frontier_ap_vs_trainable_params.png", "report.md"]
+    assert not (tmp_path / "file:").exists()
+
+
+def test_write_outputs_replaces_stale_replicates_through_a_uri(tmp_path):
+    rows = [_trial(f"s{s}", "full", 0.3 + s / 100, 1000, 10.0, 0.1, seed=s) for s in range(2)]
+    objectives = pareto.parse_objectives("ap:max,ece:min")
+    written = frontier.write_outputs(frontier.compute_frontier(rows_to_table(rows), objectives),
+                                     f"file://{tmp_path}/out", plots=False)
+    assert written == [f"file://{tmp_path}/out/{name}" for name in ("frontier.parquet", "replicates.parquet", "report.md")]
+    frontier.write_outputs(frontier.compute_frontier(rows_to_table(rows[:1]), objectives),
+                           f"file://{tmp_path}/out", plots=False)
+    assert sorted(os.listdir(tmp_path / "out")) == ["frontier.parquet", "report.md"]
+
+
+def test_replicate_plots_are_written_as_png(tmp_path):
+    rows = [_trial(f"lora-s{s}", "lora_only", ap, 200_000, 1500.0 + 40 * s, 0.1 + s / 50, seed=s)
+            for s, ap in enumerate([0.02, 0.06, 0.04])]
+    rows += [_trial(f"full-s{s}", "full", ap, 41_000_000, 3000.0 + 40 * s, 0.2, seed=s)
+             for s, ap in enumerate([0.2, 0.5])]
+    src = tmp_path / "results.parquet"
+    write_parquet_atomic(rows_to_table(rows), str(src))
+    proc = _run(src, "--objectives", "ap:max,trainable_params:min,peak_rss_mb:min")
+    assert proc.returncode == 0, proc.stderr
+    names = ["frontier_ap_vs_trainable_params.png", "frontier_ap_vs_peak_rss_mb.png"]
+    for name in names:
+        _assert_png(tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == sorted(names + ["frontier.parquet", "replicates.parquet", "report.md",
+                                                           "results.parquet"])
+    report = (tmp_path / "report.md").read_text()
+    assert "## Seed replicates" in report and all(f"![{n}]({n})" in report for n in names)
+
+
+def test_ci_error_bars_are_clipped_to_the_value_range():
+    norms = [pareto.Normalisation("ap", "max", "unit", 0.0, 1.0),
+             pareto.Normalisation("peak_rss_mb", "min", "scale", 0.0, 3000.0),
+             pareto.Normalisation("delta", "min", "minmax", -5.0, 5.0)]
+    means = np.array([[0.04, 100.0, -1.0], [0.5, 2000.0, 0.0]])
+    low = np.array([[-0.06, -50.0, -9.0], [math.nan, math.nan, math.nan]])
+    high = np.array([[0.14, 250.0, 7.0], [math.nan, math.nan, math.nan]])
+    below, above = frontier_plots.ci_error_bars(means, low, high, norms)
+    # AP bar stops at 0, memory at 0; the unbounded column keeps its CI; no CI -> no bar.
+    np.testing.assert_allclose(below, [[0.04, 100.0, 8.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(above, [[0.10, 150.0, 8.0], [0.0, 0.0, 0.0]])
+
+
+def test_every_front_point_is_labelled_above_the_label_limit():
+    """40 trials on 3 objectives: some front members are not on the 2-D trade-off of a view, yet labelled."""
+    rng = np.random.default_rng(0)
+    rows = [_trial(f"t{i:02d}", "full", float(rng.uniform(0.1, 0.5)), int(rng.integers(1e5, 4e7)),
+                   float(rng.uniform(1000, 3000)), 0.1, lr=float(i)) for i in range(40)]
+    fr = frontier.compute_frontier(rows_to_table(rows), pareto.parse_objectives("ap:max,trainable_params:min,peak_rss_mb:min"))
+    front = {t for t, r in zip(fr.table.column("trial_id").to_pylist(), fr.ranks) if r == 1}
+    assert len(fr.table) > frontier_plots.LABEL_ALL_MAX
+    for x in (1, 2):
+        labels = {t.get_text() for t in frontier_plots.scatter_figure(fr, x).axes[0].texts}
+        assert labels == front
+    view = fr.values[np.array(fr.ranks) == 1][:, [0, 1]]
+    assert (pareto.pareto_ranks(view, [True, False]) > 1).any()  # the case that used to go unlabelled

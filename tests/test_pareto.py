@@ -212,3 +212,41 @@ def test_no_replicates_without_repeated_seeds():
     rows = [r for r in _replicate_rows() if r["trial_id"] in ("A0", "B0", "C0")]
     fr = compute_frontier(rows_to_table(rows), parse_objectives("ap:max,trainable_params:min"))
     assert fr.replicates is None and fr.replicates_hypervolume is None
+
+
+@pytest.mark.parametrize("seeds", [[None, None], [3, 3]])
+def test_duplicate_configs_without_distinct_seeds_are_not_replicates(seeds, caplog):
+    rows = [{"trial_id": f"D{i}", "status": "ok", "regime": "full", "seed": seed, "ap": 0.2 + i / 10,
+             "trainable_params": 1000} for i, seed in enumerate(seeds)]
+    with caplog.at_level("WARNING", logger="detsweep.pareto"):
+        fr = compute_frontier(rows_to_table(rows), parse_objectives("ap:max,trainable_params:min"))
+    assert fr.replicates is None
+    shown = ", ".join("null" if s is None else str(s) for s in seeds)
+    assert caplog.messages == [f"duplicate config: trials D0, D1 share every config column (seeds: {shown}); "
+                               f"D0, D1 ranked singly, not as seed replicates"]
+
+
+def test_repeated_seed_joins_no_replicate_group(caplog):
+    rows = _replicate_rows() + [{"trial_id": "A9", "status": "ok", "regime": "lora_only", "lora_rank": 4, "seed": 1,
+                                 "ap": 0.9, "trainable_params": 100_000}]
+    with caplog.at_level("WARNING", logger="detsweep.pareto"):
+        fr = compute_frontier(rows_to_table(rows), parse_objectives("ap:max,trainable_params:min"))
+    rep = fr.replicates.to_pylist()
+    assert [r["trial_ids"] for r in rep] == [["A0", "A1", "A2"], ["B0", "B1"], ["C0"], ["A9"]]
+    assert rep[0]["ap_mean"] == pytest.approx(0.32)  # A9 (seed 1 again) is not averaged in
+    assert caplog.messages == ["duplicate config: trials A0, A1, A2, A9 share every config column "
+                               "(seeds: 0, 1, 2, 1); A9 ranked singly, not as seed replicates"]
+
+
+def test_seed_groups_order_and_membership():
+    keys = [("a",), ("b",), ("a",), ("a",), ("b",)]
+    seeds = [None, 0, 1, 2, 0]
+    # a: seeds null, 1, 2 -> replicates [2, 3], row 0 alone; b: seed 0 twice -> both alone
+    assert pareto.seed_groups(keys, seeds, ["r0", "r1", "r2", "r3", "r4"]) == [[0], [1], [2, 3], [4]]
+
+
+def test_value_range_by_normalisation_kind():
+    objectives = parse_objectives("ap:max,trainable_params:min,peak_rss_mb:min,delta:min")
+    norms = pareto.fit_normalisation(np.array([[0.3, 1e5, 100.0, -1.0], [0.4, 1e6, 200.0, 2.0]]), objectives)
+    assert [n.kind for n in norms] == ["unit", "log", "scale", "minmax"]
+    assert [n.value_range() for n in norms] == [(0.0, 1.0), (0.0, math.inf), (0.0, math.inf), (-math.inf, math.inf)]

@@ -8,6 +8,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -280,3 +281,24 @@ def test_history_drops_orphaned_epochs_of_a_crashed_attempt(tmp_path):
         ("a", 0, 0.0), ("a", 1, 0.1), ("a", 2, 0.25), ("b", 0, 0.5)]
     store.upsert_history([{"sweep": "s", "trial_id": "a", "epoch": 3, "ap": 0.35}])
     assert store.read_history().column("epoch").to_pylist() == [0, 1, 2, 3, 0]
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_write_bytes_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch, uri):
+    target = tmp_path / "report.md"
+    dest = f"file://{target}" if uri else str(target)
+    results.write_bytes_atomic(b"old", dest)
+    assert target.read_bytes() == b"old"
+
+    class FailingMoveFileSystem(pafs.LocalFileSystem):
+        def move(self, src, dest):
+            raise OSError("disk full")
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)  # local path: temp file + os.replace
+    monkeypatch.setattr(results, "filesystem", lambda u: (FailingMoveFileSystem(), u.removeprefix("file://")))
+    with pytest.raises(OSError, match="disk full"):
+        results.write_bytes_atomic(b"new", dest)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["report.md"]

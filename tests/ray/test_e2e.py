@@ -57,6 +57,9 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     assert run.main([str(path), "--max-concurrent", "2"]) == 0
 
     root = tmp_path / "results" / "e2e"
+    # The trial list the run started with, for --resume to check the sweep file against.
+    saved = json.loads((root / "trials.json").read_text())
+    assert saved["max_concurrent_trials"] == 2 and len(saved["trials"]) == 4
     table = pq.read_table(root / "results.parquet")
     rows = {r["trial_id"]: r for r in table.to_pylist()}
     assert set(rows) == {"detr_r18-full", "detr_r18-lora_only-r4-attention_ffn", "detr_r18-partial",
@@ -90,6 +93,18 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     assert lora["trainable_params"] < partial["trainable_params"] < full["trainable_params"]
     assert lora["lora_rank"] == 4 and full["lora_rank"] is None
     assert table.schema.field("lora_rank").type == "int32"
+
+    # The frontier runs on the sweep's own output: ranks the three ok trials, lists the failed one.
+    from detsweep import frontier
+
+    assert frontier.main([str(root / "results.parquet")]) == 0
+    front = {r["trial_id"]: r for r in pq.read_table(root / "frontier.parquet").to_pylist()}
+    assert set(front) == set(rows) | {"fasterrcnn_r18_fpn-full"}
+    assert front["fasterrcnn_r18_fpn-full"]["pareto_rank"] is None
+    assert min(front[t]["pareto_rank"] for t in rows) == 1
+    report = (root / "report.md").read_text()
+    assert "fasterrcnn_r18_fpn-full" in report and "detr_r18-lora_only-r4-attention_ffn" in report
+    assert sorted(p.name for p in root.glob("*.png"))
 
     history = pq.read_table(root / "history.parquet").to_pylist()
     epochs = sorted((h["trial_id"], h["epoch"]) for h in history)

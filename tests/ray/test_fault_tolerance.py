@@ -121,6 +121,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, synthetic_root
     resumed = _driver(path, "--resume")
     resumed.wait(timeout=400)
     assert resumed.returncode == 0, _output(resumed)
+    assert "concurrency: Tune keeps 1 the run started with (Tuner.restore)" in _output(resumed)
     after = pq.read_table(root / "results.parquet").to_pylist()
     assert sorted(r["trial_id"] for r in after) == ["detr_r18-full", "detr_r18-partial"]  # once each
     assert all(r["status"] == "ok" for r in after), [(r["trial_id"], r["error"]) for r in after]
@@ -167,3 +168,15 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, synt
     resumed = [h for h in history if h.get("resumed_from_epoch") is not None]
     assert resumed and resumed[0]["resumed_from_epoch"] >= 0  # restarted from a checkpoint, not scratch
     assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+
+
+def test_a_trial_no_node_can_hold_stops_before_any_trial_starts(ray_cluster, tmp_path, synthetic_root, capsys):
+    """4 CPUs in the test cluster, a trial of 2 workers x 3 CPUs: Train would wait forever."""
+    sweep = tiny_sweep(tmp_path, synthetic_root, name="toobig")
+    sweep["resources"]["cpus_per_worker"] = 3
+    path = write_sweep(tmp_path, sweep)
+    assert run.main([str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: trial 'detr_r18-full' needs CPU=6, GPU=0 but the cluster has CPU=4, GPU=1; lower resources in "
+        f"{path}, or set max_concurrent_trials for a cluster that autoscales")
+    assert not (tmp_path / "results" / "toobig" / "tune").exists()
