@@ -76,8 +76,8 @@ class ProcessSampler(threading.Thread):
             time.sleep(0.5)
 
 
-def run_bare(storage: str, repeats: int) -> list[float]:
-    """Trial wall times of the floor, taken where detsweep's `wall_s` is taken: Tune's
+def run_bare(storage: str, i: int) -> float:
+    """One floor trial's wall time, taken where detsweep's `wall_s` is taken: Tune's
     on_trial_start -> on_trial_complete, in the driver."""
     import ray.tune
 
@@ -94,44 +94,41 @@ def run_bare(storage: str, repeats: int) -> list[float]:
             self.walls.append(time.time() - self.start[trial.trial_id])
 
     walls = Walls()
-    for i in range(repeats):
-        ray.tune.Tuner(ray.tune.with_resources(bare_trial, TRIAL_ACTOR_RESOURCES),
-                       param_space={"i": i, "storage": storage},
-                       run_config=ray.tune.RunConfig(name=f"bare-tune-{i}", storage_path=storage, verbose=0,
-                                                     callbacks=[walls])).fit()
-    return walls.walls
+    ray.tune.Tuner(ray.tune.with_resources(bare_trial, TRIAL_ACTOR_RESOURCES),
+                   param_space={"i": i, "storage": storage},
+                   run_config=ray.tune.RunConfig(name=f"bare-tune-{i}", storage_path=storage, verbose=0,
+                                                 callbacks=[walls])).fit()
+    (wall,) = walls.walls
+    return wall
 
 
-def run_detsweep(storage: str, repeats: int, synthetic: str) -> list[dict]:
+def run_detsweep(storage: str, i: int, synthetic: str) -> dict:
     import pyarrow.parquet as pq
     import yaml
 
     from detsweep import run
 
-    rows = []
-    for i in range(repeats):
-        sweep = {
-            "name": f"overhead{i}",
-            "data": {"kind": "synthetic", "root": synthetic, "train_images": 8, "val_images": 4,
-                     "image_size": 64, "num_classes": 3},
-            "model": {"detr": {"backbone": "resnet18", "num_queries": 8, "hidden_dim": 32, "nheads": 2,
-                               "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 64, "dropout": 0.0}},
-            "train": {"epochs": 1, "batch_size_per_worker": 2},
-            "eval": {"visuals": False},
-            "resources": {"ddp_workers": 2, "cpus_per_worker": 1},
-            "grid": {"model": ["detr_r50"], "regime": ["full"]},
-            "storage": storage,
-        }
-        path = Path(storage) / f"overhead{i}.yaml"
-        path.write_text(yaml.safe_dump(sweep))
-        t0 = time.time()
-        assert run.main([str(path), "-q"]) == 0
-        driver_wall = time.time() - t0
-        (row,) = pq.read_table(Path(storage) / f"overhead{i}" / "results.parquet").to_pylist()
-        assert row["status"] == "ok", row["error"]
-        row["driver_wall"] = driver_wall
-        rows.append(row)
-    return rows
+    sweep = {
+        "name": f"overhead{i}",
+        "data": {"kind": "synthetic", "root": synthetic, "train_images": 8, "val_images": 4,
+                 "image_size": 64, "num_classes": 3},
+        "model": {"detr": {"backbone": "resnet18", "num_queries": 8, "hidden_dim": 32, "nheads": 2,
+                           "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 64, "dropout": 0.0}},
+        "train": {"epochs": 1, "batch_size_per_worker": 2},
+        "eval": {"visuals": False},
+        "resources": {"ddp_workers": 2, "cpus_per_worker": 1},
+        "grid": {"model": ["detr_r50"], "regime": ["full"]},
+        "storage": storage,
+    }
+    path = Path(storage) / f"overhead{i}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    t0 = time.time()
+    assert run.main([str(path), "-q"]) == 0
+    driver_wall = time.time() - t0
+    (row,) = pq.read_table(Path(storage) / f"overhead{i}" / "results.parquet").to_pylist()
+    assert row["status"] == "ok", row["error"]
+    row["driver_wall"] = driver_wall
+    return row
 
 
 IMPORT_COST = """
@@ -152,7 +149,7 @@ def torch_import_cost() -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed trials of each kind, alternating")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
 
@@ -162,8 +159,13 @@ def main() -> None:
     sampler = ProcessSampler()
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
-        bare = run_bare(tmp, args.repeats)
-        rows = run_detsweep(tmp, args.repeats, str(Path(tmp) / "synthetic"))
+        synthetic = str(Path(tmp) / "synthetic")
+        run_bare(tmp, -1)  # warm-up (first worker start, imports into the page cache): not timed
+        run_detsweep(tmp, -1, synthetic)  # and the synthetic data generated
+        bare, rows = [], []
+        for i in range(args.repeats):  # alternating, so drifting load on shared cores hits both
+            bare.append(run_bare(tmp, i))
+            rows.append(run_detsweep(tmp, i, synthetic))
     sampler.stop.set()
     ray.shutdown()
     cost = torch_import_cost()
@@ -177,7 +179,8 @@ def main() -> None:
         "",
         f"Machine: 2-core x86_64 CPU, no GPU, Python {sys.version.split()[0]}; Ray 2.60.0, torch "
         f"{__import__('torch').__version__}. Local Ray with 2 CPUs; 2 DDP workers (gloo), 1 CPU each; "
-        f"median of {args.repeats} trials each, measured in one run.",
+        f"median of {args.repeats} trials each, alternating, after one untimed warm-up trial of each, "
+        f"measured in one run.",
         "",
         "| | seconds |",
         "|---|---|",
