@@ -3,6 +3,7 @@ completely before Ray starts. `load_sweep(path)` reads it; `expand(sweep)` gives
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Literal
 import yaml
 
 from detsweep.typed import SweepError, _build, _coerce
-from detsweep.validate import check_resources, check_values
+from detsweep.validate import check_resources, check_values, detr_coco_violation
 
 # Names the validator accepts. Kept here (not imported from models/) so loading a sweep file
 # never imports torch; tests check these equal the models' own registries.
@@ -243,7 +244,25 @@ def _check_grid(grid: dict[str, Any], sweep: Sweep, check_paths: bool) -> dict[s
         if len(set(map(repr, values))) != len(values):
             raise SweepError(f"{sweep.source}: grid.{key}: {values!r} has repeated values")
         out[key] = tuple(values)
+    _check_detr_axes_together(sweep, out)
     return out
+
+
+def _check_detr_axes_together(sweep: Sweep, grid: dict[str, tuple[Any, ...]]) -> None:
+    """Each grid value above was checked alone; the official-checkpoint rule spans several DETR keys
+    (`model.detr.weights: [none, coco]` with `model.detr.num_queries: [50, 200]`), so check every
+    combination of the `model.detr.*` axes for it."""
+    keys = [k for k in grid if k.startswith("model.detr.")]
+    if len(keys) < 2:
+        return
+    for values in itertools.product(*(grid[k] for k in keys)):
+        combined = sweep
+        for key, value in zip(keys, values):
+            combined = _apply_axis(combined, key, value, where=f"grid.{key}")
+        violation = detr_coco_violation(combined.model.detr)
+        if violation is not None:
+            key = f"model.detr.{violation[0]}"
+            raise SweepError(f"{sweep.source}: {'grid.' + key if key in grid else key}: {violation[1]}")
 
 
 def _apply_axis(sweep: Sweep, key: str, value: Any, *, where: str) -> Sweep:

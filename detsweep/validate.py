@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from detsweep.typed import SweepError
 
 if TYPE_CHECKING:
-    from detsweep.config import ResourcesConfig, Sweep
+    from detsweep.config import DetrConfig, ResourcesConfig, Sweep
 
 
 # What a `data.kind: coco` root must hold (as `python -m detsweep.data coco2017` lays it out).
@@ -19,6 +19,11 @@ COCO_LAYOUT = ("images/train2017", "images/val2017", "annotations/instances_trai
 # Metrics a scheduler may watch: what every epoch reports.
 SCHEDULER_METRICS = ("ap", "ap50", "ap75", "ar100", "loss", "ece", "nll", "brier")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# `model.detr.weights: coco` is the official DETR-R50 (detr-r50-e632da11.pth, the official main.py
+# defaults): these settings must equal its own, and its queries and decoder layers can only be cut.
+DETR_COCO_ARCHITECTURE = {"backbone": "resnet50", "hidden_dim": 256, "nheads": 8, "enc_layers": 6,
+                          "dim_feedforward": 2048}
+DETR_COCO_AT_MOST = {"num_queries": 100, "dec_layers": 6}
 
 
 def check_values(sweep: "Sweep", check_paths: bool = True, grid_key: str | None = None) -> None:
@@ -87,9 +92,9 @@ def check_values(sweep: "Sweep", check_paths: bool = True, grid_key: str | None 
                        f"checkpoint file")
     if m.faster_rcnn.weights == "coco" and m.faster_rcnn.backbone != "resnet50":
         raise fail("model.faster_rcnn.weights", f"'coco' needs backbone 'resnet50', not {m.faster_rcnn.backbone!r}")
-    if m.detr.weights == "coco" and m.detr.backbone != "resnet50":
-        raise fail("model.detr.weights", f"'coco' (the official DETR-R50) needs backbone 'resnet50', "
-                   f"not {m.detr.backbone!r}")
+    violation = detr_coco_violation(m.detr)
+    if violation is not None:
+        raise fail(f"model.detr.{violation[0]}", violation[1])
     if check_paths and d.kind == "coco":
         root = Path(d.root).expanduser()
         if not root.is_dir():
@@ -105,6 +110,24 @@ def check_values(sweep: "Sweep", check_paths: bool = True, grid_key: str | None 
         if regime not in REGIMES:
             raise SweepError(f"{src}: resources_by_regime.{regime}: unknown regime; allowed are {list(REGIMES)}")
         check_resources(resources_for(sweep, regime), f"resources_by_regime.{regime}", src)
+
+
+def detr_coco_violation(detr: "DetrConfig") -> tuple[str, str] | None:
+    """(field, message) of the first `model.detr` setting that the official COCO checkpoint cannot
+    load into, or None (also when `weights` is not 'coco')."""
+    if detr.weights != "coco":
+        return None
+    for name, official in DETR_COCO_ARCHITECTURE.items():
+        value = getattr(detr, name)
+        if value != official:
+            return name, (f"{value!r} must be {official!r} with model.detr.weights 'coco' (the official "
+                          f"DETR-R50's architecture)")
+    for name, most in DETR_COCO_AT_MOST.items():
+        value = getattr(detr, name)
+        if value > most:
+            return name, (f"{value!r} must be <= {most} with model.detr.weights 'coco' (the official DETR-R50 "
+                          f"has {most}; a smaller model keeps the first ones)")
+    return None
 
 
 def check_resources(res: "ResourcesConfig", key: str, source: str) -> None:

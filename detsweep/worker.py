@@ -105,7 +105,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         num_classes=d.num_classes)
     family_cfg = trial.detr if trial.family == "detr" else trial.faster_rcnn
     model = build_model(trial.model, family_cfg, num_classes=label_map.num_classes,
-                        category_ids=list(label_map.category_ids))
+                        category_ids=list(label_map.category_ids), category_ids_are_coco=d.kind == "coco")
     if trial.regime == "lora_only":
         apply_lora(model, rank=trial.lora.rank, alpha=trial.lora.alpha, placement=trial.lora.placement,
                    dropout=trial.lora.dropout)

@@ -75,9 +75,33 @@ BAD = [
     ({"name": "x", "model": {"faster_rcnn": {"trainable_backbone_layers": 9}}},
      "f.yaml: model.faster_rcnn.trainable_backbone_layers: 9 must be in [0, 5] or null"),
     ({"name": "x", "resources": {"cpus_per_worker": 0}}, "f.yaml: resources.cpus_per_worker: 0.0 must be > 0"),
-    ({"name": "x", "model": {"detr": {"backbone": "resnet18", "weights": "coco"}}},
-     "f.yaml: model.detr.weights: 'coco' (the official DETR-R50) needs backbone 'resnet50', not 'resnet18'"),
     (["not", "a", "mapping"], "f.yaml: the sweep file must be a mapping, got list"),
+]
+
+_COCO_ARCH = "with model.detr.weights 'coco' (the official DETR-R50's architecture)"
+_COCO_CUT = "with model.detr.weights 'coco' (the official DETR-R50 has {n}; a smaller model keeps the first ones)"
+# `model.detr.weights: coco` into a model the official checkpoint cannot fill, set directly, by a grid
+# axis, or by two grid axes together.
+DETR_COCO_BAD = [
+    ({"backbone": "resnet18"}, {}, f"f.yaml: model.detr.backbone: 'resnet18' must be 'resnet50' {_COCO_ARCH}"),
+    ({"hidden_dim": 128}, {}, f"f.yaml: model.detr.hidden_dim: 128 must be 256 {_COCO_ARCH}"),
+    ({"nheads": 4}, {}, f"f.yaml: model.detr.nheads: 4 must be 8 {_COCO_ARCH}"),
+    ({"enc_layers": 3}, {}, f"f.yaml: model.detr.enc_layers: 3 must be 6 {_COCO_ARCH}"),
+    ({"dim_feedforward": 1024}, {}, f"f.yaml: model.detr.dim_feedforward: 1024 must be 2048 {_COCO_ARCH}"),
+    ({"num_queries": 300}, {}, "f.yaml: model.detr.num_queries: 300 must be <= 100 " + _COCO_CUT.format(n=100)),
+    ({"dec_layers": 8}, {}, "f.yaml: model.detr.dec_layers: 8 must be <= 6 " + _COCO_CUT.format(n=6)),
+    ({}, {"model.detr.num_queries": [100, 200]},
+     "f.yaml: grid.model.detr.num_queries: 200 must be <= 100 " + _COCO_CUT.format(n=100)),
+    ({}, {"model.detr.dec_layers": [3, 7]},
+     "f.yaml: grid.model.detr.dec_layers: 7 must be <= 6 " + _COCO_CUT.format(n=6)),
+    ({}, {"model.detr.backbone": ["resnet50", "resnet101"]},
+     f"f.yaml: grid.model.detr.backbone: 'resnet101' must be 'resnet50' {_COCO_ARCH}"),
+    ({"weights": "none", "num_queries": 200}, {"model.detr.weights": ["none", "coco"]},
+     "f.yaml: model.detr.num_queries: 200 must be <= 100 " + _COCO_CUT.format(n=100)),
+    ({"weights": "none"}, {"model.detr.weights": ["none", "coco"], "model.detr.num_queries": [50, 200]},
+     "f.yaml: grid.model.detr.num_queries: 200 must be <= 100 " + _COCO_CUT.format(n=100)),
+    ({"weights": "none"}, {"model.detr.hidden_dim": [128, 256], "model.detr.weights": ["none", "coco"]},
+     f"f.yaml: grid.model.detr.hidden_dim: 128 must be 256 {_COCO_ARCH}"),
 ]
 
 
@@ -87,6 +111,24 @@ def test_bad_sweep_is_one_line(raw, message):
         parse_sweep(raw, "f.yaml")
     assert str(e.value) == message
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("detr,grid,message", DETR_COCO_BAD, ids=[m.split(": ")[1] for _, _, m in DETR_COCO_BAD])
+def test_detr_coco_weights_reject_what_the_official_checkpoint_cannot_fill(detr, grid, message):
+    raw = {"name": "x", "model": {"detr": {"weights": "coco", **detr}}, "grid": grid}
+    with pytest.raises(SweepError) as e:
+        parse_sweep(raw, "f.yaml")
+    assert str(e.value) == message
+
+
+def test_detr_coco_weights_accept_the_official_shape_and_truncations():
+    sweep = parse_sweep({"name": "x", "model": {"detr": {"weights": "coco", "num_queries": 50}},
+                         "grid": {"model.detr.dec_layers": [6, 3], "model.detr.weights": ["coco", "none"],
+                                  "model.detr.num_queries": [100, 20]}}, "f.yaml")
+    assert sweep.model.detr.num_queries == 50
+    # Beyond the official sizes is fine without the checkpoint.
+    no_checkpoint = parse_sweep({"name": "x", "model": {"detr": {"num_queries": 300, "dec_layers": 8}}})
+    assert (no_checkpoint.model.detr.num_queries, no_checkpoint.model.detr.dec_layers) == (300, 8)
 
 
 def test_seed000_matrix_expands_to_its_nine_real_trials():
@@ -110,8 +152,10 @@ def test_extra_axes_name_the_trial_and_are_deduplicated_where_meaningless():
         "model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full"], "train.seed": [0, 1],
         "model.detr.dec_layers": [6, 3]}})
     ids = [t.trial_id for t in expand(sweep)]
-    assert ids == ["detr_r50-full-seed0-dec_layers6", "detr_r50-full-seed0-dec_layers3",
-                   "detr_r50-full-seed1-dec_layers6", "detr_r50-full-seed1-dec_layers3",
+    # id parts of extra axes sorted by dotted key (model.detr.dec_layers < train.seed), whatever the
+    # YAML order; the grid order still decides the trial order
+    assert ids == ["detr_r50-full-dec_layers6-seed0", "detr_r50-full-dec_layers3-seed0",
+                   "detr_r50-full-dec_layers6-seed1", "detr_r50-full-dec_layers3-seed1",
                    "fasterrcnn_r50_fpn-full-seed0", "fasterrcnn_r50_fpn-full-seed1"]
     t = expand(sweep)[1]
     assert t.detr.dec_layers == 3 and t.train.seed == 0 and t.axes == {"train.seed": 0, "model.detr.dec_layers": 3}

@@ -15,33 +15,40 @@ log = logging.getLogger(__name__)
 MODEL_FAMILIES = {"detr_r50": "detr", "fasterrcnn_r50_fpn": "faster_rcnn"}
 
 
-def _build_detr(cfg: Any, num_classes: int, category_ids: list[int] | None) -> torch.nn.Module:
+def _build_detr(cfg: Any, num_classes: int, category_ids: list[int] | None,
+                category_ids_are_coco: bool) -> torch.nn.Module:
     from detsweep.models.detr_detector import build_detr_detector
 
     return build_detr_detector(
         num_classes=num_classes, backbone=cfg.backbone, hidden_dim=cfg.hidden_dim, nheads=cfg.nheads,
         enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
         num_queries=cfg.num_queries, dropout=cfg.dropout, aux_loss=cfg.aux_loss,
-        min_size=cfg.min_size, max_size=cfg.max_size, weights=cfg.weights, category_ids=category_ids)
+        min_size=cfg.min_size, max_size=cfg.max_size, weights=cfg.weights, category_ids=category_ids,
+        category_ids_are_coco=category_ids_are_coco)
 
 
-def _build_faster_rcnn(cfg: Any, num_classes: int, category_ids: list[int] | None) -> torch.nn.Module:
+def _build_faster_rcnn(cfg: Any, num_classes: int, category_ids: list[int] | None,
+                       category_ids_are_coco: bool) -> torch.nn.Module:
     from detsweep.models.faster_rcnn import build_faster_rcnn
 
     return build_faster_rcnn(
         num_classes=num_classes, backbone=cfg.backbone, weights=cfg.weights, min_size=cfg.min_size,
         max_size=cfg.max_size, trainable_backbone_layers=cfg.trainable_backbone_layers,
-        category_ids=category_ids, box_batch_size_per_image=cfg.box_batch_size_per_image,
+        category_ids=category_ids, category_ids_are_coco=category_ids_are_coco,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test)
 
 
 _BUILDERS = {"detr": _build_detr, "faster_rcnn": _build_faster_rcnn}
 
 
-def build_model(model: str, cfg: Any, *, num_classes: int, category_ids: list[int] | None = None) -> torch.nn.Module:
+def build_model(model: str, cfg: Any, *, num_classes: int, category_ids: list[int] | None = None,
+                category_ids_are_coco: bool = False) -> torch.nn.Module:
     """Build detector `model` (a key of MODEL_FAMILIES) from its family's config section
     (`DetrConfig` / `FasterRCNNConfig`), for `num_classes` contiguous labels whose original
-    COCO category ids are `category_ids` (used to keep pretrained class rows)."""
+    category ids are `category_ids`. Only when `category_ids_are_coco` (the sweep's `data.kind`
+    is `coco`) do those ids pick a COCO checkpoint's class rows; otherwise a pretrained class
+    head of another size is re-initialised."""
     if model not in MODEL_FAMILIES:
         raise ValueError(f"model {model!r} is not one of {sorted(MODEL_FAMILIES)}")
-    return _BUILDERS[MODEL_FAMILIES[model]](cfg, num_classes, category_ids)
+    return _BUILDERS[MODEL_FAMILIES[model]](cfg, num_classes, category_ids, category_ids_are_coco)

@@ -163,10 +163,12 @@ def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_
                         enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048,
                         num_queries: int = 100, dropout: float = 0.1, aux_loss: bool = True,
                         pre_norm: bool = False, min_size: int | None = None, max_size: int | None = None,
-                        weights: str = "none", category_ids: Sequence[int] | None = None) -> DETRDetector:
+                        weights: str = "none", category_ids: Sequence[int] | None = None,
+                        category_ids_are_coco: bool = False) -> DETRDetector:
     """DETR for `num_classes` contiguous labels with the official recipe: matcher costs 1/5/2, loss weights
     1/5/2 (+ aux copies), eos_coef 0.1. `weights`: "none", "coco" or a checkpoint path (see `load_detr_weights`);
-    `category_ids`: original COCO id of each label, sorted, used to keep pretrained class rows.
+    `category_ids`: original category id of each label, sorted; with `category_ids_are_coco` (the dataset is
+    COCO) they keep a COCO checkpoint's class rows, else a checkpoint of other classes gets a fresh class head.
     """
     if category_ids is not None and len(category_ids) != num_classes:
         raise ValueError(f"category_ids has {len(category_ids)} ids but num_classes is {num_classes}; "
@@ -174,7 +176,8 @@ def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_
     detr = build_detr(backbone=backbone, hidden_dim=hidden_dim, nheads=nheads, enc_layers=enc_layers,
                       dec_layers=dec_layers, dim_feedforward=dim_feedforward, num_queries=num_queries,
                       num_classes=num_classes, dropout=dropout, aux_loss=aux_loss, pre_norm=pre_norm)
-    summary = load_detr_weights(detr, weights, category_ids=list(category_ids) if category_ids is not None else None)
+    summary = load_detr_weights(detr, weights, category_ids=list(category_ids) if category_ids is not None else None,
+                                category_ids_are_coco=category_ids_are_coco)
     matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
     criterion = SetCriterion(num_classes, matcher, detr_weight_dict(dec_layers, aux_loss), eos_coef=0.1,
                              losses=["labels", "boxes", "cardinality"])

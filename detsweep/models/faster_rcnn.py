@@ -23,6 +23,8 @@ from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Wei
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detsweep.models.weights import coco_rows_unusable, load_checkpoint_file, load_hub_checkpoint
+
 logger = logging.getLogger(__name__)
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -37,13 +39,13 @@ _IMAGENET = {
 }
 
 # torchvision's COCO layout: 91 rows, row 0 background, row c = COCO category id c (ids 1..90).
-_COCO_ROWS = 91
+_COCO_ROWS = len(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 _CLS_W = "roi_heads.box_predictor.cls_score.weight"
 _CLS_B = "roi_heads.box_predictor.cls_score.bias"
 _BOX_W = "roi_heads.box_predictor.bbox_pred.weight"
 _BOX_B = "roi_heads.box_predictor.bbox_pred.bias"
 _ADAPTATIONS = {
-    "selected": "rows selected by category_ids",
+    "selected": "rows of the COCO category ids kept",
     "kept": "kept as is",
     "fresh": "freshly initialised",
 }
@@ -135,6 +137,7 @@ def build_faster_rcnn(
     max_size: int = 1333,
     trainable_backbone_layers: int | None = None,
     category_ids: Sequence[int] | None = None,
+    category_ids_are_coco: bool = False,
     box_batch_size_per_image: int = 512,
     rpn_post_nms_top_n_test: int = 1000,
 ) -> FasterRCNNDetector:
@@ -142,12 +145,15 @@ def build_faster_rcnn(
 
     With backbone="resnet50" the module tree is exactly `fasterrcnn_resnet50_fpn`'s.
     weights: "none" (random init, BatchNorm2d, every layer trainable, as torchvision does from
-    scratch); "coco" (COCO_V1 detector, resnet50 only); "imagenet" (ImageNet backbone, fresh
-    FPN/RPN/heads); or a path to a torchvision-layout state dict (bare, `{"model": sd}`, or
-    a FasterRCNNDetector's own `model.`-prefixed one). Pretrained weights use FrozenBatchNorm2d.
+    scratch); "coco" (COCO_V1 detector, resnet50 only); "imagenet" (ImageNet ResNet loaded into
+    the backbone body, fresh FPN/RPN/heads); or a path to a torchvision-layout state dict (bare,
+    `{"model": sd}`, or a FasterRCNNDetector's own `model.`-prefixed one). Pretrained weights use
+    FrozenBatchNorm2d. "coco" and "imagenet" come from the torchvision enum's URL through torch
+    hub's cache, sha256-checked on every load; every file loads with weights_only=True.
     trainable_backbone_layers: 0..5 counted from layer4; None -> 3 when pretrained, 5 from scratch.
-    category_ids: the dataset's original category ids, sorted, one per contiguous label; with a
-    COCO-layout checkpoint (91 rows) and ids in 1..90 the pretrained class rows are kept.
+    category_ids: the dataset's original category ids, sorted, one per contiguous label.
+    category_ids_are_coco: the dataset is COCO; only then, with a COCO-layout checkpoint (91 rows),
+    do the ids keep the pretrained class rows (see `load_detector_state_dict`).
     box_batch_size_per_image, rpn_post_nms_top_n_test: torchvision's RoI sampling in training and
     proposals kept in eval (defaults are torchvision's). The box head's cost scales with both:
     small images with few objects need far fewer than 512 / 1000.
@@ -172,7 +178,7 @@ def build_faster_rcnn(
 
     body = resnet_fpn_backbone(
         backbone_name=backbone,
-        weights=enum if weights == "imagenet" else None,
+        weights=None,  # ImageNet weights are loaded below, through our hash-checked, weights_only path
         # Pretrained statistics stay fixed: detection batches are too small for BatchNorm.
         norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d,
         trainable_layers=layers,
@@ -189,17 +195,31 @@ def build_faster_rcnn(
     )
 
     if weights == "coco":
-        state = enum.get_state_dict(progress=True, check_hash=True)
-        load_detector_state_dict(model, state, category_ids=category_ids, source="COCO_V1")
+        load_detector_state_dict(model, load_hub_checkpoint(enum.url), category_ids=category_ids,
+                                 category_ids_are_coco=category_ids_are_coco, source="COCO_V1")
         # COCO_V1 was trained before torchvision fixed FrozenBatchNorm2d's eps (pytorch/vision#2933);
         # torchvision's own builder resets it to 0 for exactly these weights.
         _set_frozen_bn_eps(model, 0.0)
+    elif weights == "imagenet":
+        _load_imagenet_body(model.backbone.body, enum)
     elif is_path:
-        from detsweep.models.weights import load_checkpoint_file
-
-        checkpoint = load_checkpoint_file(weights)
-        load_detector_state_dict(model, checkpoint, category_ids=category_ids, source=str(weights))
+        load_detector_state_dict(model, load_checkpoint_file(weights), category_ids=category_ids,
+                                 category_ids_are_coco=category_ids_are_coco, source=str(weights))
     return FasterRCNNDetector(model, num_classes)
+
+
+def _load_imagenet_body(body: nn.Module, enum: WeightsEnum) -> None:
+    """Load torchvision's ImageNet ResNet weights `enum` into the FPN backbone's ResNet body
+    (conv1, bn1, layer1..4: the classifier `fc` has no place there), strictly."""
+    state = load_hub_checkpoint(enum.url)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{enum.url}: expected a ResNet state dict, got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        body.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{enum.url}: does not fit this ResNet body: {err}") from err
+    logger.info("%s: loaded into the backbone body; FPN, RPN and heads freshly initialised", enum)
 
 
 def load_detector_state_dict(
@@ -207,13 +227,15 @@ def load_detector_state_dict(
     checkpoint: Mapping[str, Any],
     *,
     category_ids: Sequence[int] | None = None,
+    category_ids_are_coco: bool = False,
     source: str = "checkpoint",
 ) -> str:
     """Load a torchvision-layout Faster R-CNN state dict into `model`, adapting the box predictor.
 
     Predictor rows, in order of preference:
-    - "selected": a COCO-layout checkpoint (91 rows) and `category_ids` all in 1..90 -> rows
-      [0] + category_ids of cls_score, and rows 4*id..4*id+3 of bbox_pred;
+    - "selected": a COCO-layout checkpoint (91 rows), a COCO dataset (`category_ids_are_coco`)
+      and `category_ids` all in 1..90 -> rows [0] + category_ids of cls_score, and rows
+      4*id..4*id+3 of bbox_pred;
     - "kept": the checkpoint has as many classes as `model` -> loaded as they are;
     - "fresh": otherwise `model`'s freshly initialised predictor stays.
     Everything else loads with strict=True. Returns which of the three happened.
@@ -236,8 +258,9 @@ def load_detector_state_dict(
         raise ValueError(
             f"{len(category_ids)} category_ids for a model with {our_rows - 1} classes: one id per class"
         )
-    coco_ids = category_ids is not None and all(1 <= c < _COCO_ROWS for c in category_ids)
-    if ckpt_rows == _COCO_ROWS and coco_ids:
+    ids = None if category_ids is None else list(category_ids)
+    not_coco = coco_rows_unusable(ckpt_rows, _COCO_ROWS, ids, category_ids_are_coco)
+    if not_coco is None:
         rows = torch.tensor([0, *category_ids])
         box_rows = (rows[:, None] * 4 + torch.arange(4)).flatten()
         state[_CLS_W], state[_CLS_B] = state[_CLS_W][rows], state[_CLS_B][rows]
@@ -256,12 +279,13 @@ def load_detector_state_dict(
             f"{source}: does not fit this Faster R-CNN (backbone or layout differs): {err}"
         ) from err
     logger.info(
-        "%s: loaded; box predictor %s (checkpoint %d class rows, model %d)%s",
+        "%s: loaded; box predictor %s (checkpoint %d class rows, model %d)%s%s",
         source,
         _ADAPTATIONS[how],
         ckpt_rows,
         our_rows,
         "" if category_ids is None else f", category_ids={list(category_ids)}",
+        f": {not_coco}" if how == "fresh" else "",
     )
     return how
 

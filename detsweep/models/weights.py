@@ -1,6 +1,7 @@
-"""Loading DETR checkpoints (official COCO DETR-R50 or a local file) into a possibly smaller DETR.
-
-Adapts the class head (by COCO category id), the number of queries and of decoder layers, then loads strictly.
+"""Checkpoint files, always read with `weights_only=True`: torch-hub downloads (their sha256 prefix checked on
+every load, not only while downloading) and local files. Loading DETR checkpoints (official COCO DETR-R50 or a
+local file) into a possibly smaller DETR: adapts the class head, the number of queries and of decoder layers,
+then loads strictly.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import hashlib
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -28,20 +30,30 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 # Checkpoints written by the official main.py keep its argparse Namespace under "args"; allowing that one
 # plain-data class keeps them loadable with weights_only=True (which runs no arbitrary code).
 _OFFICIAL_SAFE_GLOBALS = [argparse.Namespace]
+# The official DETR on COCO: num_classes=91 (COCO category ids run 1..90, with gaps) + the "no object" row,
+# so row c is COCO category id c.
+DETR_COCO_CLASS_ROWS = 92
+COCO_MAX_CATEGORY_ID = 90
+# Keys every DETR state dict has; a checkpoint of another detector lacks them.
+_DETR_MARKERS = ("class_embed.weight", "class_embed.bias", "query_embed.weight")
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL \S+")
 _DEC_LAYER_KEY = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.")
 # (block type, blocks per layer1..4) -> torchvision ResNet name.
 _RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
             ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101"}
 
 
-def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | None = None) -> dict[str, Any]:
+def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | None = None,
+                      category_ids_are_coco: bool = False) -> dict[str, Any]:
     """Load `weights` into `detr` in place and return a summary of what was adapted.
 
     weights: "none" (keep the random init), "coco" (official DETR-R50 COCO checkpoint via torch hub, cached and
     sha256-checked), or a path to a checkpoint (`{"model": state_dict}` official layout or a bare state dict).
-    category_ids: the dataset's original COCO category ids, sorted, one per contiguous label; when the checkpoint
-    has a different number of classes they select its class rows (+ the "no object" row). Without them, or when
-    an id is not a class of the checkpoint, the class head keeps its fresh init.
+    category_ids: the dataset's original category ids, sorted, one per contiguous label.
+    category_ids_are_coco: the dataset is COCO, so its category ids are COCO's.
+    Class head: loaded as is when the checkpoint has the model's classes; else, when the checkpoint has the COCO
+    layout (92 rows, row = COCO id) and the dataset is COCO, the rows of `category_ids` (+ "no object") are kept;
+    otherwise it is re-initialised (logged).
     Queries and decoder layers beyond the model's are dropped (first ones kept); anything else that differs raises.
     """
     if weights == "none":
@@ -54,10 +66,11 @@ def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | Non
             raise FileNotFoundError(f"DETR weights file {str(path)!r} does not exist; weights must be 'none', "
                                     "'coco' or the path of a checkpoint file")
         state, source = _unwrap(load_checkpoint_file(path), str(path)), str(path)
+    _check_is_detr(state, source)
     own = detr.state_dict()
     summary: dict[str, Any] = {"source": source}
     _check_backbone(state, own)
-    summary["class_embed"] = _adapt_class_embed(state, own, category_ids)
+    summary["class_embed"] = _adapt_class_embed(state, own, category_ids, category_ids_are_coco)
     summary["num_queries"] = _adapt_queries(state, own)
     summary["dec_layers"] = _adapt_decoder_layers(state, own)
     _check_layout(state, own)
@@ -68,15 +81,25 @@ def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | Non
 
 def _coco_state_dict() -> dict[str, Tensor]:
     url = DETR_R50_COCO_URL  # read at call time: tests point it at a local file:// checkpoint
-    filename = os.path.basename(urlparse(url).path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return _unwrap(load_hub_checkpoint(url), url)
+
+
+def load_hub_checkpoint(url: str) -> Any:
+    """The checkpoint at `url`, through torch hub's cache (`<hub dir>/checkpoints/<file name of url>`), loaded
+    on CPU with weights_only=True. A `name-<hex>.ext` file name carries the sha256 prefix (torch hub's
+    convention): it is checked while downloading and again whenever a cached file is loaded."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
     if cached.exists():
         # torch hub checks the hash only while downloading; a truncated or foreign cached file would otherwise
         # fail later with an unpickling error, or load silently.
         _verify_hash_prefix(cached)
-    with torch.serialization.safe_globals(_OFFICIAL_SAFE_GLOBALS):
-        checkpoint = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
-    return _unwrap(checkpoint, url)
+    else:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        match = _HASH_IN_NAME.search(cached.name)
+        log.info("downloading %s to %s", url, cached)
+        # Writes to a temporary file and moves it into place only when the hash matches.
+        torch.hub.download_url_to_file(url, str(cached), match.group(1) if match else None, progress=True)
+    return load_checkpoint_file(cached)
 
 
 def _verify_hash_prefix(path: Path) -> None:
@@ -106,6 +129,12 @@ def _unwrap(checkpoint: Any, source: str) -> dict[str, Tensor]:
     return dict(state)
 
 
+def _check_is_detr(state: dict[str, Tensor], source: str) -> None:
+    if not any(k.startswith("backbone.0.body.") for k in state) or any(k not in state for k in _DETR_MARKERS):
+        raise ValueError(f"{source}: not a DETR state dict; expected keys like backbone.0.body.*, "
+                         f"{', '.join(_DETR_MARKERS)}; got keys like {sorted(state)[:3]}")
+
+
 def _resnet_name(state: dict[str, Tensor]) -> str:
     blocks = tuple(len({k.split(".")[4] for k in state if k.startswith(f"backbone.0.body.layer{i}.")})
                    for i in range(1, 5))
@@ -120,25 +149,41 @@ def _check_backbone(state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
                          f"the checkpoint's backbone or use weights='none'")
 
 
-def _adapt_class_embed(state: dict[str, Tensor], own: dict[str, Tensor], category_ids: list[int] | None) -> str:
+def coco_rows_unusable(ckpt_rows: int, coco_rows: int, category_ids: list[int] | None,
+                       category_ids_are_coco: bool) -> str | None:
+    """Why a checkpoint's class rows cannot be picked by category id, or None when they can: the checkpoint
+    must have the COCO layout (`coco_rows` rows, row c = COCO category id c) and the dataset must be COCO.
+    Shared with Faster R-CNN (91 rows: background + ids 1..90)."""
+    if ckpt_rows != coco_rows:
+        return f"the checkpoint has {ckpt_rows} class rows, not the COCO layout's {coco_rows}"
+    if category_ids is None:
+        return "no category ids were given"
+    if not category_ids_are_coco:
+        return "the dataset is not COCO, so its category ids are not COCO's"
+    outside = [c for c in category_ids if not 1 <= c <= COCO_MAX_CATEGORY_ID]
+    if outside:
+        return f"category ids {outside} are not COCO ids (1..{COCO_MAX_CATEGORY_ID})"
+    return None
+
+
+def _adapt_class_embed(state: dict[str, Tensor], own: dict[str, Tensor], category_ids: list[int] | None,
+                       category_ids_are_coco: bool) -> str:
     ckpt_rows, our_rows = state["class_embed.weight"].shape[0], own["class_embed.weight"].shape[0]
     if ckpt_rows == our_rows:
         return "loaded"
-    ckpt_classes = ckpt_rows - 1  # the last row is "no object"
-    if category_ids is not None:
-        if len(category_ids) != our_rows - 1:
-            raise ValueError(f"category_ids has {len(category_ids)} ids but the model has {our_rows - 1} classes")
-        if all(0 <= c < ckpt_classes for c in category_ids):
-            rows = torch.tensor(list(category_ids) + [ckpt_classes])
-            for key in ("class_embed.weight", "class_embed.bias"):
-                state[key] = state[key][rows]
-            log.info("class_embed: kept checkpoint rows %s (+ no-object row %d)", list(category_ids), ckpt_classes)
-            return "selected"
-        log.warning("class_embed: category_ids %s are not all in 0..%d (the checkpoint's classes); keeping a fresh "
-                    "class head", list(category_ids), ckpt_classes - 1)
-    else:
-        log.info("class_embed: checkpoint has %d classes, model %d, no category_ids; keeping a fresh class head",
-                 ckpt_classes, our_rows - 1)
+    if category_ids is not None and len(category_ids) != our_rows - 1:
+        raise ValueError(f"category_ids has {len(category_ids)} ids but the model has {our_rows - 1} classes")
+    reason = coco_rows_unusable(ckpt_rows, DETR_COCO_CLASS_ROWS, category_ids, category_ids_are_coco)
+    if reason is None:
+        no_object = ckpt_rows - 1
+        rows = torch.tensor([*category_ids, no_object])
+        for key in ("class_embed.weight", "class_embed.bias"):
+            state[key] = state[key][rows]
+        log.info("class_embed: kept the COCO checkpoint's rows of category ids %s (+ no-object row %d)",
+                 list(category_ids), no_object)
+        return "selected"
+    log.info("class_embed: re-initialised for the model's %d classes (the checkpoint has %d): %s",
+             our_rows - 1, ckpt_rows - 1, reason)
     for key in ("class_embed.weight", "class_embed.bias"):
         state[key] = own[key]
     return "reinitialised"
@@ -193,4 +238,8 @@ def load_checkpoint_file(path: str | Path) -> Any:
     except FileNotFoundError:
         raise
     except Exception as e:  # torch raises many types for a corrupt file (pickle, zip, IndexError)
-        raise ValueError(f"could not load checkpoint file {str(path)!r}: {type(e).__name__}: {e}") from e
+        # weights_only's refusal is many lines of advice; the refused global is what matters.
+        refused = _REFUSED_GLOBAL.search(str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        why = (f"it holds pickled objects other than tensors, which torch.load(weights_only=True) refuses "
+               f"({refused.group(0)})" if refused else f"{type(e).__name__}: {e}")
+        raise ValueError(f"could not load checkpoint file {str(path)!r}: {why}") from e

@@ -17,7 +17,11 @@ from detsweep.models.weights import load_detr_weights
 TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dim_feedforward=32, dropout=0.0,
             aux_loss=True)
 BIG = dict(num_classes=20, num_queries=10, dec_layers=3)  # the "pretrained" checkpoint's head sizes
+COCO = dict(BIG, num_classes=91)  # the official COCO layout: 92 class rows, row c = COCO category id c
 SMALL = dict(num_classes=3, num_queries=4, dec_layers=2)
+TRUNCATION_LOGS = ["query_embed: kept the first 4 of the checkpoint's 10 queries",
+                   "decoder: kept the first 2 of the checkpoint's 3 layers"]
+WEIGHTS_LOGGER = "detsweep.models.weights"
 
 
 def _detr(seed: int, **sizes):
@@ -31,6 +35,18 @@ def big_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     path = tmp_path_factory.mktemp("ckpt") / "detr_big.pth"
     torch.save({"model": state}, path)  # the official layout
     return path, state
+
+
+@pytest.fixture(scope="module")
+def coco_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    state = _detr(0, **COCO).state_dict()
+    path = tmp_path_factory.mktemp("ckpt") / "detr_coco.pth"
+    torch.save({"model": state}, path)
+    return path, state
+
+
+def _messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == WEIGHTS_LOGGER]
 
 
 def _assert_kept_parts_equal(small, state):
@@ -51,28 +67,43 @@ def test_same_config_loads_strictly(big_checkpoint):
         assert torch.equal(value, state[key]), key
 
 
-def test_smaller_model_selects_class_rows_by_category_id(big_checkpoint):
-    path, state = big_checkpoint
+def test_coco_checkpoint_on_coco_data_keeps_class_rows_by_category_id(coco_checkpoint, caplog):
+    """Only a COCO-layout checkpoint (92 rows) on a COCO dataset: then row c is COCO category id c."""
+    path, state = coco_checkpoint
     model = _detr(1, **SMALL)
-    summary = load_detr_weights(model, str(path), category_ids=[2, 5, 17])
+    with caplog.at_level(logging.INFO, logger=WEIGHTS_LOGGER):
+        summary = load_detr_weights(model, str(path), category_ids=[2, 5, 17], category_ids_are_coco=True)
     assert summary["class_embed"] == "selected"
     assert summary["num_queries"] == "truncated 10->4" and summary["dec_layers"] == "truncated 3->2"
-    rows = [2, 5, 17, 20]  # the three classes + the checkpoint's "no object" row
+    rows = [2, 5, 17, 91]  # the three classes + the checkpoint's "no object" row
     assert torch.equal(model.class_embed.weight, state["class_embed.weight"][rows])
     assert torch.equal(model.class_embed.bias, state["class_embed.bias"][rows])
     _assert_kept_parts_equal(model, state)
     assert "transformer.decoder.norm.weight" in model.state_dict()
+    messages = _messages(caplog)
+    assert "class_embed: kept the COCO checkpoint's rows of category ids [2, 5, 17] (+ no-object row 91)" in messages
+    assert all(line in messages for line in TRUNCATION_LOGS)
 
 
-@pytest.mark.parametrize("category_ids", [None, [2, 5, 20]], ids=["no_ids", "id_not_in_checkpoint"])
-def test_class_head_stays_fresh_without_usable_ids(big_checkpoint, category_ids, caplog):
-    path, state = big_checkpoint
+@pytest.mark.parametrize("checkpoint,category_ids,are_coco,reason", [
+    ("coco_checkpoint", [3, 7, 12], False, "the dataset is not COCO, so its category ids are not COCO's"),
+    ("coco_checkpoint", None, True, "no category ids were given"),
+    ("coco_checkpoint", [0, 5, 95], True, "category ids [0, 95] are not COCO ids (1..90)"),
+    ("big_checkpoint", [2, 5, 17], True, "the checkpoint has 21 class rows, not the COCO layout's 92"),
+], ids=["synthetic_ids", "no_ids", "ids_outside_coco", "non_coco_checkpoint"])
+def test_class_head_is_reinitialised_unless_coco_checkpoint_on_coco_data(checkpoint, category_ids, are_coco,
+                                                                         reason, request, caplog):
+    path, state = request.getfixturevalue(checkpoint)
     model = _detr(1, **SMALL)
     fresh = {k: v.clone() for k, v in model.class_embed.state_dict().items()}
-    with caplog.at_level(logging.INFO, logger="detsweep.models.weights"):
-        summary = load_detr_weights(model, str(path), category_ids=category_ids)
+    with caplog.at_level(logging.INFO, logger=WEIGHTS_LOGGER):
+        summary = load_detr_weights(model, str(path), category_ids=category_ids, category_ids_are_coco=are_coco)
     assert summary["class_embed"] == "reinitialised"
-    assert "fresh class head" in caplog.text
+    ckpt_classes = state["class_embed.weight"].shape[0] - 1
+    messages = _messages(caplog)
+    assert f"class_embed: re-initialised for the model's 3 classes (the checkpoint has {ckpt_classes}): {reason}" \
+        in messages
+    assert all(line in messages for line in TRUNCATION_LOGS)
     assert torch.equal(model.class_embed.weight, fresh["weight"]) and torch.equal(model.class_embed.bias, fresh["bias"])
     _assert_kept_parts_equal(model, state)
 
@@ -124,15 +155,63 @@ def test_mismatches_that_cannot_be_adapted_raise(big_checkpoint):
         load_detr_weights(build_detr(**{**TINY, "dim_feedforward": 64}, **BIG), str(path))
 
 
+def _faster_rcnn_state() -> dict[str, torch.Tensor]:
+    from detsweep.models.faster_rcnn import build_faster_rcnn
+
+    return build_faster_rcnn(num_classes=3, backbone="resnet18").model.state_dict()
+
+
+@pytest.mark.parametrize("make_state", [
+    _faster_rcnn_state,
+    lambda: {k: v for k, v in _detr(0, **SMALL).state_dict().items() if k != "class_embed.weight"},
+], ids=["faster_rcnn_state_dict", "no_class_embed_weight"])
+def test_non_detr_checkpoint_is_a_clear_error(make_state, tmp_path):
+    state = make_state()
+    path = tmp_path / "other.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        load_detr_weights(_detr(1, **SMALL), str(path))
+    assert str(info.value) == (f"{path}: not a DETR state dict; expected keys like backbone.0.body.*, "
+                               f"class_embed.weight, class_embed.bias, query_embed.weight; got keys like "
+                               f"{sorted(state)[:3]}")
+
+
+CODE_RAN: list[str] = []
+
+
+def _record_code_ran() -> str:
+    CODE_RAN.append("unpickled")
+    return "payload"
+
+
+class Payload:
+    """Unpickling it calls `_record_code_ran`: what weights_only=False would do with a hostile file."""
+
+    def __reduce__(self):
+        return (_record_code_ran, ())
+
+
+def test_checkpoint_with_a_pickled_object_is_refused_by_weights_only(big_checkpoint, tmp_path):
+    _, state = big_checkpoint
+    path = tmp_path / "hostile.pth"
+    torch.save({"model": state, "extra": Payload()}, path)
+    with pytest.raises(ValueError) as info:
+        load_detr_weights(_detr(1, **BIG), str(path))
+    assert str(info.value) == (f"could not load checkpoint file {str(path)!r}: it holds pickled objects other than "
+                               f"tensors, which torch.load(weights_only=True) refuses (Unsupported global: GLOBAL "
+                               f"{__name__}._record_code_ran)")
+    assert CODE_RAN == []
+
+
 def _hub_checkpoints(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     assert torch.hub.get_dir() == str(tmp_path / "torch_home" / "hub")
     return tmp_path / "torch_home" / "hub" / "checkpoints"
 
 
-def test_coco_downloads_via_torch_hub_with_hash_check(big_checkpoint, tmp_path, monkeypatch):
+def test_coco_downloads_via_torch_hub_with_hash_check(coco_checkpoint, tmp_path, monkeypatch):
     """Happy path: a file:// URL whose name carries the file's real sha256 prefix, like the official URL."""
-    path, state = big_checkpoint
+    path, state = coco_checkpoint
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     served = tmp_path / "served" / f"detr-tiny-{sha[:8]}.pth"
     served.parent.mkdir()
@@ -141,14 +220,16 @@ def test_coco_downloads_via_torch_hub_with_hash_check(big_checkpoint, tmp_path, 
     monkeypatch.setattr(weights_mod, "DETR_R50_COCO_URL", served.as_uri())
 
     model = _detr(1, **SMALL)
-    assert load_detr_weights(model, "coco", category_ids=[0, 1, 2])["source"] == "coco"
+    summary = load_detr_weights(model, "coco", category_ids=[1, 2, 3], category_ids_are_coco=True)
+    assert (summary["source"], summary["class_embed"]) == ("coco", "selected")
     assert (checkpoints / served.name).read_bytes() == path.read_bytes()  # cached by torch hub
     _assert_kept_parts_equal(model, state)
+    assert torch.equal(model.class_embed.weight, state["class_embed.weight"][[1, 2, 3, 91]])
 
     served.unlink()  # the second load must come from the verified cache, not the URL
     again = _detr(2, **SMALL)
-    load_detr_weights(again, "coco", category_ids=[0, 1, 2])
-    assert torch.equal(again.class_embed.weight, model.class_embed.weight)
+    load_detr_weights(again, "coco", category_ids=[1, 2, 3], category_ids_are_coco=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
 
 
 def test_coco_download_with_wrong_hash_raises(big_checkpoint, tmp_path, monkeypatch):

@@ -1,7 +1,10 @@
 """Faster R-CNN baseline: detector contract, torchvision layout, weight loading and adaptation."""
 
+import hashlib
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from urllib.parse import urlparse
@@ -52,6 +55,35 @@ def _cached_hub_file(torch_home, url):
     folder = torch_home / "hub" / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / os.path.basename(urlparse(url).path)
+
+
+def _plant_hub_file(torch_home, monkeypatch, enum, obj):
+    """Save `obj` in torch hub's cache as torchvision names its files (`<stem>-<sha256 prefix>.pth`) and
+    point `enum`'s URL at that name: the download is skipped (none is possible here), the hash check is not."""
+    staged = torch_home / "staged.pth"
+    torch_home.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, staged)
+    prefix = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
+    folder, name = enum.url.rsplit("/", 1)
+    url = f"{folder}/{name.rsplit('-', 1)[0]}-{prefix}.pth"
+    monkeypatch.setattr(enum.value, "url", url)  # torchvision's Weights dataclass holds the URL
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return staged.rename(_cached_hub_file(torch_home, url))
+
+
+CODE_RAN: list[str] = []
+
+
+def _record_code_ran() -> str:
+    CODE_RAN.append("unpickled")
+    return "payload"
+
+
+class Payload:
+    """Unpickling it calls `_record_code_ran`: what weights_only=False would do with a hostile file."""
+
+    def __reduce__(self):
+        return (_record_code_ran, ())
 
 
 # --- contract -----------------------------------------------------------------------------------
@@ -163,7 +195,7 @@ def test_coco_layout_checkpoint_keeps_the_rows_of_the_dataset_categories(tmp_pat
     coco = build_faster_rcnn(num_classes=90, **TINY).model.state_dict()  # 91 rows, row = COCO id
     path = _save(tmp_path, coco)
     ids = [3, 17, 88]
-    detector = build_faster_rcnn(num_classes=3, weights=path, category_ids=ids, **TINY)
+    detector = build_faster_rcnn(num_classes=3, weights=path, category_ids=ids, category_ids_are_coco=True, **TINY)
     loaded = detector.model.state_dict()
 
     rows = [0, *ids]
@@ -194,11 +226,27 @@ def test_checkpoint_without_category_ids_gets_a_fresh_predictor(tmp_path):
     assert all(torch.equal(v, source[k]) for k, v in loaded.items() if k not in PREDICTOR)
 
 
-def test_ids_outside_coco_range_also_get_a_fresh_predictor():
-    model = build_faster_rcnn(num_classes=90, **TINY).model
+@pytest.mark.parametrize("ckpt_classes,category_ids,are_coco,reason", [
+    (90, [3, 7, 12], False, "the dataset is not COCO, so its category ids are not COCO's"),
+    (90, [5, 95, 200], True, "category ids [95, 200] are not COCO ids (1..90)"),
+    (90, None, True, "no category ids were given"),
+    (20, [3, 7, 12], True, "the checkpoint has 21 class rows, not the COCO layout's 91"),
+], ids=["synthetic_ids", "ids_outside_coco", "no_ids", "non_coco_checkpoint"])
+def test_predictor_is_fresh_unless_coco_checkpoint_on_coco_data(ckpt_classes, category_ids, are_coco, reason,
+                                                                 caplog):
+    torch.manual_seed(6)
+    source = build_faster_rcnn(num_classes=ckpt_classes, **TINY).model.state_dict()
     target = build_faster_rcnn(num_classes=K, **TINY).model
-    how = load_detector_state_dict(target, model.state_dict(), category_ids=[5, 95, 200])
+    fresh = {k: v.clone() for k, v in target.state_dict().items() if k in PREDICTOR}
+    with caplog.at_level(logging.INFO, logger="detsweep.models.faster_rcnn"):
+        how = load_detector_state_dict(target, source, category_ids=category_ids, category_ids_are_coco=are_coco)
     assert how == "fresh"
+    loaded = target.state_dict()
+    assert all(torch.equal(loaded[k], fresh[k]) for k in PREDICTOR)
+    assert all(torch.equal(v, source[k]) for k, v in loaded.items() if k not in PREDICTOR)
+    ids = "" if category_ids is None else f", category_ids={category_ids}"
+    assert caplog.messages == [f"checkpoint: loaded; box predictor freshly initialised (checkpoint "
+                               f"{ckpt_classes + 1} class rows, model {K + 1}){ids}: {reason}"]
 
 
 def test_same_classes_load_strictly_from_a_detector_state_dict(tmp_path):
@@ -234,9 +282,9 @@ def test_coco_weights_load_through_torch_hub_and_adapt_rows(tmp_path, monkeypatc
     coco = torchvision.models.detection.fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=91
     ).state_dict()
-    torch.save(coco, _cached_hub_file(tmp_path, FasterRCNN_ResNet50_FPN_Weights.COCO_V1.url))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    model = build_faster_rcnn(num_classes=2, weights="coco", category_ids=[1, 62], min_size=64, max_size=64).model
+    _plant_hub_file(tmp_path, monkeypatch, FasterRCNN_ResNet50_FPN_Weights.COCO_V1, coco)
+    model = build_faster_rcnn(num_classes=2, weights="coco", category_ids=[1, 62], category_ids_are_coco=True,
+                              min_size=64, max_size=64).model
     loaded = model.state_dict()
     assert torch.equal(loaded[PREDICTOR[0]], coco[PREDICTOR[0]][[0, 1, 62]])
     assert torch.equal(loaded["backbone.body.layer3.0.conv1.weight"], coco["backbone.body.layer3.0.conv1.weight"])
@@ -246,13 +294,53 @@ def test_coco_weights_load_through_torch_hub_and_adapt_rows(tmp_path, monkeypatc
 
 def test_imagenet_weights_load_the_backbone_only(tmp_path, monkeypatch):
     torch.manual_seed(5)
-    resnet = torchvision.models.resnet18().state_dict()
-    torch.save(resnet, _cached_hub_file(tmp_path, ResNet18_Weights.IMAGENET1K_V1.url))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    resnet = torchvision.models.resnet18().state_dict()  # with the classifier fc.*, as torchvision's file
+    _plant_hub_file(tmp_path, monkeypatch, ResNet18_Weights.IMAGENET1K_V1, resnet)
+    torch.manual_seed(5)
+    scratch = build_faster_rcnn(num_classes=K, weights="none", **TINY).model.state_dict()
+    torch.manual_seed(5)
     model = build_faster_rcnn(num_classes=K, weights="imagenet", **TINY).model
-    assert torch.equal(model.backbone.body.layer4[1].conv2.weight, resnet["layer4.1.conv2.weight"])
-    assert torch.equal(model.backbone.body.bn1.running_var, resnet["bn1.running_var"])
+    body = model.backbone.body.state_dict()
+    assert set(body) == {k for k in resnet if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    assert all(torch.equal(v, resnet[k]) for k, v in body.items())
+    assert torch.equal(model.rpn.head.conv[0][0].weight, scratch["rpn.head.conv.0.0.weight"])  # same fresh init
     assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
+
+
+HUB_WEIGHTS = [
+    ("resnet50", "coco", FasterRCNN_ResNet50_FPN_Weights.COCO_V1),
+    ("resnet50", "imagenet", ResNet50_Weights.IMAGENET1K_V1),
+]
+
+
+@pytest.mark.parametrize("backbone,weights,enum", HUB_WEIGHTS, ids=["coco", "imagenet"])
+def test_cached_hub_file_with_wrong_hash_names_file_and_expected_prefix(backbone, weights, enum, tmp_path,
+                                                                        monkeypatch):
+    """torch hub checks the hash only while downloading; a foreign file already in its cache must fail."""
+    cached = _cached_hub_file(tmp_path, enum.url)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = re.search(r"-([0-9a-f]+)\.pth$", enum.url).group(1)
+    with pytest.raises(RuntimeError) as info:
+        build_faster_rcnn(num_classes=K, backbone=backbone, weights=weights)
+    assert re.fullmatch(
+        rf"cached checkpoint {re.escape(str(cached))} has sha256 [0-9a-f]{{16}}\.\.\., but its name says it starts "
+        rf"with '{expected}': the file is corrupt or not the official one; delete it to download it again",
+        str(info.value),
+    )
+
+
+@pytest.mark.parametrize("backbone,weights,enum", HUB_WEIGHTS, ids=["coco", "imagenet"])
+def test_hub_file_with_a_pickled_object_is_refused_by_weights_only(backbone, weights, enum, tmp_path, monkeypatch):
+    state = {"conv1.weight": torch.zeros(1), "extra": Payload()}
+    cached = _plant_hub_file(tmp_path, monkeypatch, enum, state)  # right hash: only weights_only can stop it
+    with pytest.raises(ValueError) as info:
+        build_faster_rcnn(num_classes=K, backbone=backbone, weights=weights)
+    assert str(info.value) == (
+        f"could not load checkpoint file {str(cached)!r}: it holds pickled objects other than tensors, which "
+        f"torch.load(weights_only=True) refuses (Unsupported global: GLOBAL {__name__}._record_code_ran)"
+    )
+    assert CODE_RAN == []
 
 
 # --- errors -------------------------------------------------------------------------------------
