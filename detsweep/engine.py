@@ -120,6 +120,7 @@ def predict(
         images, _ = to_device(images, None, device)
         with autocast(device, amp_dtype):
             outputs = model(images)
+        fresh = 0
         for image, target, out in zip(images, targets, outputs):
             boxes_xyxy = out["boxes"].float().cpu()
             boxes_xywh = torch.cat([boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]], dim=1)
@@ -127,6 +128,7 @@ def predict(
             if image_id in seen:
                 continue
             seen.add(image_id)
+            fresh += 1
             for box, score, label in zip(boxes_xywh.tolist(), out["scores"].float().cpu().tolist(),
                                          out["labels"].cpu().tolist()):
                 detections.append({"image_id": image_id, "category_id": int(category_ids[label]),
@@ -135,7 +137,7 @@ def predict(
                 kept.append((image.cpu(), {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in target.items()},
                              {k: v.float().cpu() for k, v in out.items()}))
         if meter is not None:
-            meter.step(len(images))
+            meter.step(fresh)  # a padded repeat is not an image evaluated
     return detections, kept
 
 

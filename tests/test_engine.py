@@ -57,7 +57,10 @@ def test_predict_gives_coco_results_with_original_ids_once_per_image(data):
     model = build_detr_detector(num_classes=label_map.num_classes, **TINY)
     # The same images twice, as a padded DistributedSampler can hand one rank.
     loader = DataLoader(torch.utils.data.ConcatDataset([val, val]), batch_size=2, collate_fn=collate_fn)
-    dets, kept = engine.predict(model, loader, torch.device("cpu"), label_map.category_ids, keep_images=2)
+    seen = []
+    dets, kept = engine.predict(model, loader, torch.device("cpu"), label_map.category_ids, keep_images=2,
+                                meter=SimpleNamespace(step=seen.append))
+    assert seen == [2, 1, 0]  # 3 images, then 3 repeats: repeats are not counted as evaluated
     assert len(dets) == len(val) * TINY["num_queries"]  # every query, no threshold, no repeats
     assert {d["image_id"] for d in dets} == set(val.image_ids)
     assert {d["category_id"] for d in dets} <= set(label_map.category_ids)
@@ -102,3 +105,48 @@ def test_lr_schedule_warmup_step_and_cosine():
     assert g(0) == 1.0 and math.isclose(g(5), 0.5) and math.isclose(g(10), 0.0, abs_tol=1e-12)
     default_drop = _lr_lambda(SimpleNamespace(epochs=300, warmup_steps=0, lr_schedule="step", lr_drop_epoch=None), 1)
     assert default_drop(199) == 1.0 and default_drop(200) == 0.1  # the official recipe: 200 of 300
+
+
+def test_gradients_are_clipped_to_the_configured_norm(data):
+    train, _, label_map = data
+    torch.manual_seed(0)
+    model = build_detr_detector(num_classes=label_map.num_classes, **TINY)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves .grad as clipped
+    loader = DataLoader(train, batch_size=2, collate_fn=collate_fn)
+    norm = lambda: torch.linalg.vector_norm(  # noqa: E731
+        torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
+    engine.train_one_epoch(model, loader, optimizer, torch.device("cpu"), epoch=0, grad_clip=0.0)
+    assert norm() > 0.1  # unclipped, this tiny model's gradients are larger than the limit
+    engine.train_one_epoch(model, loader, optimizer, torch.device("cpu"), epoch=0, grad_clip=0.1)
+    assert norm() == pytest.approx(0.1, rel=1e-4)
+
+
+@pytest.mark.parametrize("amp, device, expected", [
+    ("off", "cuda", None), ("bf16", "cuda", torch.bfloat16), ("fp16", "cuda", torch.float16),
+    ("bf16", "cpu", None), ("auto", "cpu", None),  # AMP is a CUDA feature here: CPU trains in fp32
+])
+def test_amp_dtype_choice(amp, device, expected):
+    from detsweep.worker import _amp_dtype
+
+    assert _amp_dtype(amp, torch.device(device)) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_step_with_grad_scaler_on_cuda(data):
+    train, _, label_map = data
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = build_detr_detector(num_classes=label_map.num_classes, **TINY).to(device)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 1e-4))
+    scaler = torch.amp.GradScaler("cuda")
+    loader = DataLoader(train, batch_size=2, collate_fn=collate_fn)
+    for epoch in range(8):  # the scaler skips steps whose fp16 gradients overflow, then lowers its scale
+        out = engine.train_one_epoch(model, loader, optimizer, device, epoch=epoch, grad_clip=0.1,
+                                     amp_dtype=torch.float16, scaler=scaler)
+        assert math.isfinite(out["loss"])
+        after = [p.detach() for p in model.parameters() if p.requires_grad]
+        if any(not torch.equal(a, b) for a, b in zip(after, before)):
+            break
+    else:
+        pytest.fail(f"no optimizer step was taken in 8 epochs (scale {scaler.get_scale()})")
