@@ -132,17 +132,28 @@ def run_detsweep(storage: str, i: int, synthetic: str) -> dict:
 
 
 IMPORT_COST = """
-import json, psutil
+import json
 import ray.train, ray.tune
-m0 = psutil.Process().memory_full_info()
+
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+before = status()
 import torch
-m1 = psutil.Process().memory_full_info()
-print(json.dumps({"rss": (m1.rss - m0.rss) / 2**20, "uss": (m1.uss - m0.uss) / 2**20}))
+after = status()
+print(json.dumps({k: after[k] - before[k] for k in before}))
 """
 
 
 def torch_import_cost() -> dict[str, float]:
-    """What `import torch` adds to a process that already imported Ray Train and Tune (MiB)."""
+    """What `import torch` adds to a process that already imported Ray Train and Tune (MiB):
+    all resident memory, its private (anonymous) part, and the shared-library part that every
+    process mapping libtorch shares (Linux /proc/self/status)."""
     out = subprocess.run([sys.executable, "-c", IMPORT_COST], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -199,8 +210,9 @@ def main() -> None:
     ] + [f"| {role} | {sampler.peak[role]:.0f} | {sampler.peak_uss[role]:.0f} | "
          f"{'yes' if sampler.torch[role] else 'no'} |" for role in sampler.ROLES] + [
         "",
-        f"`import torch` in a process that already imported Ray Train and Tune adds {cost['rss']:.0f} MiB "
-        f"RSS, {cost['uss']:.0f} MiB USS. Goal \"the trial actor and the Train controller never import "
+        f"`import torch` in a process that already imported Ray Train and Tune adds {cost['VmRSS']:.0f} MiB "
+        f"RSS: {cost['RssAnon']:.0f} MiB private (anonymous) memory, which each such process pays, and "
+        f"{cost['RssFile']:.0f} MiB of mapped libraries, shared by every process on the node. Goal \"the trial actor and the Train controller never import "
         f"torch\": not met. `ray.train.torch` (home of `TorchTrainer` and `TorchConfig`) imports torch at "
         f"module level, and the trial actor constructs the `TorchTrainer` while the controller unpickles "
         f"its `TorchConfig`; detsweep's own trial function imports torch only inside the worker. Meeting "
