@@ -109,11 +109,17 @@ def max_stat_diff(reference: list[float], result: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--dets-per-image", type=int, default=100)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=5000, help="synthetic val images (default: %(default)s)")
+    parser.add_argument("--dets-per-image", type=int, default=100,
+                        help="detections per image, COCO's maxDets (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
+    try:
+        version("faster-coco-eval")
+    except Exception:  # importlib.metadata.PackageNotFoundError
+        parser.exit(2, "bench/eval.py compares against faster-coco-eval, a dev extra: "
+                       "pip install -e '.[dev]' (make install does)\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     (gt, dets), t_gen = timed(make_dataset, args.images, args.dets_per_image)
