@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 
 from detsweep.typed import SweepError, _build, _coerce
-from detsweep.validate import check_resources, check_values, detr_coco_violation
+from detsweep.validate import check_resources, check_values, combination_violation, in_combination_rules
 
 # Names the validator accepts. Kept here (not imported from models/) so loading a sweep file
 # never imports torch; tests check these equal the models' own registries.
@@ -33,7 +33,7 @@ class DataConfig:
     val_images: int | None = None  # synthetic: 16; coco: first N (None/0 = all)
     image_size: int = 128  # synthetic only
     num_classes: int = 5  # synthetic only
-    classes: tuple[str, ...] | None = None  # coco: a class subset by name
+    classes: tuple[str, ...] | None = None  # a class subset by name (synthetic: among num_classes')
     seed: int = 0  # synthetic generation seed
     loader_workers: int = 0
 
@@ -41,7 +41,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class DetrConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
-    weights: str = "none"  # none | coco | /path/to/checkpoint.pth
+    weights: str = "none"  # none | imagenet | coco | /path/to/checkpoint.pth
     num_queries: int = 100
     hidden_dim: int = 256
     nheads: int = 8
@@ -244,25 +244,23 @@ def _check_grid(grid: dict[str, Any], sweep: Sweep, check_paths: bool) -> dict[s
         if len(set(map(repr, values))) != len(values):
             raise SweepError(f"{sweep.source}: grid.{key}: {values!r} has repeated values")
         out[key] = tuple(values)
-    _check_detr_axes_together(sweep, out)
+    _check_combinations(sweep, out)
     return out
 
 
-def _check_detr_axes_together(sweep: Sweep, grid: dict[str, tuple[Any, ...]]) -> None:
-    """Each grid value above was checked alone; the official-checkpoint rule spans several DETR keys
-    (`model.detr.weights: [none, coco]` with `model.detr.num_queries: [50, 200]`), so check every
-    combination of the `model.detr.*` axes for it."""
-    keys = [k for k in grid if k.startswith("model.detr.")]
-    if len(keys) < 2:
-        return
+def _check_combinations(sweep: Sweep, grid: dict[str, tuple[Any, ...]]) -> None:
+    """Each grid value above was checked alone; rules between keys (`train.lr_drop_epoch` <=
+    `train.epochs`, the official checkpoint's DETR shape, ...) must hold for every trial, so check
+    every combination of the grid values of their keys (the sweep's own values without such axes)."""
+    keys = [k for k in grid if in_combination_rules(k)]
     for values in itertools.product(*(grid[k] for k in keys)):
         combined = sweep
         for key, value in zip(keys, values):
             combined = _apply_axis(combined, key, value, where=f"grid.{key}")
-        violation = detr_coco_violation(combined.model.detr)
+        violation = combination_violation(combined, keys)
         if violation is not None:
-            key = f"model.detr.{violation[0]}"
-            raise SweepError(f"{sweep.source}: {'grid.' + key if key in grid else key}: {violation[1]}")
+            key, message = violation
+            raise SweepError(f"{sweep.source}: {'grid.' + key if key in keys else key}: {message}")
 
 
 def _apply_axis(sweep: Sweep, key: str, value: Any, *, where: str) -> Sweep:

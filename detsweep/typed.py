@@ -40,7 +40,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise SweepError(f"{source}: {key}: {value!r} must be a mapping")
-        return dict(value)
+        (_key_type, inner) = typing.get_args(tp)  # keys are checked where they are known (regimes, grid keys)
+        return {k: _coerce(v, inner, f"{key}.{k}", source) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

@@ -1,9 +1,10 @@
-"""Value rules of the sweep file that its types cannot express: ranges, combinations, files that
-must exist, and the resources rule for fractional GPUs. Each violation is one line naming the
+"""Value rules of the sweep file that its types cannot express: ranges, files that must exist, rules
+between keys, and the resources rule for fractional GPUs. Each violation is one line naming the
 file, the dotted key (`grid.<key>` for a grid value), the value and what is allowed."""
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,9 +14,19 @@ if TYPE_CHECKING:
     from detsweep.config import DetrConfig, ResourcesConfig, Sweep
 
 
-# What a `data.kind: coco` root must hold (as `python -m detsweep.data coco2017` lays it out).
-COCO_LAYOUT = ("images/train2017", "images/val2017", "annotations/instances_train2017.json",
-               "annotations/instances_val2017.json")
+# What the driver checks of a `data.kind: coco` root: the annotation files, which make it recognisable.
+# The driver reads nothing of COCO, and a cluster's head holds only these (cluster.yaml); the workers
+# check the images (images/{train2017,val2017}) when they build their datasets.
+COCO_ANNOTATIONS = ("annotations/instances_train2017.json", "annotations/instances_val2017.json")
+# The synthetic generator's class names in order (detsweep.data.synthetic.SHAPE_CLASSES, kept here so
+# loading a sweep file imports no data code; a test keeps the two equal). `data.num_classes: K` makes
+# the first K; `data.classes` may pick among them.
+SYNTHETIC_CLASSES = ("red_square", "green_circle", "blue_triangle", "yellow_diamond", "magenta_ring",
+                     "cyan_cross", "orange_bar", "white_star")
+# Keys whose rules span other keys (see `combination_violation`): checked on every combination of their
+# grid values, since each value alone says nothing about the trials it lands in.
+COMBINATION_KEYS = ("train.epochs", "train.lr_drop_epoch", "data.kind", "data.num_classes", "data.classes")
+COMBINATION_PREFIXES = ("model.detr.",)
 # Metrics a scheduler may watch: what every epoch reports.
 SCHEDULER_METRICS = ("ap", "ap50", "ap75", "ar100", "loss", "ece", "nll", "brier")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -27,9 +38,10 @@ DETR_COCO_AT_MOST = {"num_queries": 100, "dec_layers": 6}
 
 
 def check_values(sweep: "Sweep", check_paths: bool = True, grid_key: str | None = None) -> None:
-    """Value rules the types cannot express. `check_paths=False` skips data and checkpoint
-    files (a --dry-run plans a cluster's sweep on a laptop that lacks them). When checking one
-    grid value, `grid_key` is its dotted key and errors name it as `grid.<key>`."""
+    """Value rules the types cannot express, key by key (rules between keys: `combination_violation`).
+    `check_paths=False` skips data and checkpoint files (a --dry-run plans a cluster's sweep on a
+    laptop that lacks them). When checking one grid value, `grid_key` is its dotted key and errors
+    name it as `grid.<key>`."""
     src = sweep.source
 
     def fail(key: str, message: str) -> SweepError:
@@ -44,6 +56,8 @@ def check_values(sweep: "Sweep", check_paths: bool = True, grid_key: str | None 
         ("data.image_size", d.image_size, d.image_size >= 32, ">= 32"),
         ("data.num_classes", d.num_classes, 1 <= d.num_classes <= 8, "in [1, 8]"),
         ("data.loader_workers", d.loader_workers, d.loader_workers >= 0, ">= 0"),
+        ("data.classes", d.classes, d.classes is None or 0 < len(d.classes) == len(set(d.classes)),
+         "null or a non-empty list of distinct class names"),
         ("train.epochs", t.epochs, t.epochs > 0, "> 0"),
         ("train.batch_size_per_worker", t.batch_size_per_worker, t.batch_size_per_worker > 0, "> 0"),
         ("train.lr", t.lr, t.lr > 0, "> 0"),
@@ -86,30 +100,67 @@ def check_values(sweep: "Sweep", check_paths: bool = True, grid_key: str | None 
                        else f"{value!r} is not {allowed}")
     for fam in ("detr", "faster_rcnn"):
         w = getattr(m, fam).weights
-        named = ("none", "coco") + (("imagenet",) if fam == "faster_rcnn" else ())
+        named = ("none", "coco", "imagenet")
         if w not in named and check_paths and not Path(w).expanduser().is_file():
             raise fail(f"model.{fam}.weights", f"{w!r} is neither one of {list(named)} nor an existing "
                        f"checkpoint file")
     if m.faster_rcnn.weights == "coco" and m.faster_rcnn.backbone != "resnet50":
         raise fail("model.faster_rcnn.weights", f"'coco' needs backbone 'resnet50', not {m.faster_rcnn.backbone!r}")
-    violation = detr_coco_violation(m.detr)
-    if violation is not None:
-        raise fail(f"model.detr.{violation[0]}", violation[1])
     if check_paths and d.kind == "coco":
         root = Path(d.root).expanduser()
         if not root.is_dir():
             raise fail("data.root", f"{d.root!r} is not a directory (run `python -m detsweep.data coco2017 "
                        f"--root DIR` first)")
-        for part in COCO_LAYOUT:
-            if not (root / part).exists():
-                raise fail("data.root", f"{d.root!r} has no {part} (a COCO root holds {list(COCO_LAYOUT)})")
+        for part in COCO_ANNOTATIONS:
+            if not (root / part).is_file():
+                raise fail("data.root", f"{d.root!r} has no {part} (a COCO root holds "
+                           f"{list(COCO_ANNOTATIONS)}, and images/{{train2017,val2017}} where trials run)")
     from detsweep.config import REGIMES, resources_for
 
-    check_resources(sweep.resources, "resources", src)
+    check_resources(sweep.resources, "resources", src, grid_key)
     for regime in sweep.resources_by_regime:
         if regime not in REGIMES:
             raise SweepError(f"{src}: resources_by_regime.{regime}: unknown regime; allowed are {list(REGIMES)}")
         check_resources(resources_for(sweep, regime), f"resources_by_regime.{regime}", src)
+
+
+def in_combination_rules(key: str) -> bool:
+    """Whether the dotted grid `key` takes part in a rule between keys (`combination_violation`)."""
+    return key in COMBINATION_KEYS or key.startswith(COMBINATION_PREFIXES)
+
+
+def combination_violation(sweep: "Sweep", grid_keys: Collection[str] = ()) -> tuple[str, str] | None:
+    """(dotted key, message) of the first rule between keys that `sweep` (one trial's values) breaks,
+    or None. Of a broken rule's keys the first is named, unless only a later one is in `grid_keys`:
+    then that one is, so the error reads `grid.<key>` with the grid value that breaks it."""
+
+    def named(*choices: tuple[str, str]) -> tuple[str, str]:
+        return next((c for c in choices if c[0] in grid_keys), choices[0])
+
+    t, d, sched = sweep.train, sweep.data, sweep.scheduler
+    if t.lr_drop_epoch is not None and t.lr_drop_epoch > t.epochs:
+        why = "(the step schedule lowers the rate at that epoch)"
+        return named(("train.lr_drop_epoch", f"{t.lr_drop_epoch!r} must be <= train.epochs ({t.epochs}) {why}"),
+                     ("train.epochs", f"{t.epochs!r} must be >= train.lr_drop_epoch ({t.lr_drop_epoch}) {why}"))
+    if sched.kind == "asha" and sched.grace_period > t.epochs:
+        why = "with scheduler asha (no trial is stopped before grace_period epochs)"
+        return named(("scheduler.grace_period", f"{sched.grace_period!r} must be <= train.epochs ({t.epochs}) {why}"),
+                     ("train.epochs", f"{t.epochs!r} must be >= scheduler.grace_period ({sched.grace_period}) {why}"))
+    made = list(SYNTHETIC_CLASSES[:d.num_classes])
+    if d.kind == "synthetic" and d.classes is not None and not set(d.classes) <= set(made):
+        # Synthetic classes are chosen with data.num_classes; data.classes can only pick among those.
+        classes = list(d.classes)
+        return named(("data.classes", f"{classes!r} must be among the synthetic classes that data.num_classes "
+                                      f"{d.num_classes} makes, {made} (a subset by other names needs data.kind "
+                                      f"'coco')"),
+                     ("data.num_classes", f"{d.num_classes!r} makes the synthetic classes {made}, which lack some "
+                                          f"of data.classes {classes}; the order is {list(SYNTHETIC_CLASSES)}"),
+                     ("data.kind", f"'synthetic' makes {made} (data.num_classes {d.num_classes}), which lack some "
+                                   f"of data.classes {classes}"))
+    violation = detr_coco_violation(sweep.model.detr)
+    if violation is not None:
+        return f"model.detr.{violation[0]}", violation[1]
+    return None
 
 
 def detr_coco_violation(detr: "DetrConfig") -> tuple[str, str] | None:
@@ -130,21 +181,31 @@ def detr_coco_violation(detr: "DetrConfig") -> tuple[str, str] | None:
     return None
 
 
-def check_resources(res: "ResourcesConfig", key: str, source: str) -> None:
+def check_resources(res: "ResourcesConfig", key: str, source: str, grid_key: str | None = None) -> None:
+    """The resources rules for `res`, found under `key` (`resources`, `resources_by_regime.<regime>`).
+    When checking one grid value, `grid_key` is its dotted key: a rule it breaks names `grid.<key>`."""
+
+    def fail(field: str, message: str) -> SweepError:
+        name = f"{key}.{field}"
+        return SweepError(f"{source}: {'grid.' + name if name == grid_key else name}: {message}")
+
     g = res.gpus_per_worker
     if g < 0:
-        raise SweepError(f"{source}: {key}.gpus_per_worker: {g!r} must be >= 0")
+        raise fail("gpus_per_worker", f"{g!r} must be >= 0")
     if res.cpus_per_worker <= 0:
-        raise SweepError(f"{source}: {key}.cpus_per_worker: {res.cpus_per_worker!r} must be > 0")
+        raise fail("cpus_per_worker", f"{res.cpus_per_worker!r} must be > 0")
     if res.ddp_workers < 1:
-        raise SweepError(f"{source}: {key}.ddp_workers: {res.ddp_workers!r} must be >= 1")
+        raise fail("ddp_workers", f"{res.ddp_workers!r} must be >= 1")
     if g > 1 and g != int(g):
-        raise SweepError(f"{source}: {key}.gpus_per_worker: {g!r} must be a whole number when above 1")
+        raise fail("gpus_per_worker", f"{g!r} must be a whole number when above 1")
     if 0 < g < 1 and res.ddp_workers > 1:
         # Ray packs fractional bundles onto one GPU and NCCL refuses two ranks of one job on a
         # single device (ray-project/ray#48012).
-        raise SweepError(f"{source}: {key}.gpus_per_worker: {g!r} is fractional, which needs "
-                         f"ddp_workers: 1 (got {res.ddp_workers}); NCCL cannot run two ranks of one "
-                         f"trial on one GPU")
+        why = "NCCL cannot run two ranks of one trial on one GPU"
+        if grid_key == f"{key}.ddp_workers":
+            raise fail("ddp_workers", f"{res.ddp_workers!r} must be 1 with a fractional gpus_per_worker ({g}); {why}")
+        raise fail("gpus_per_worker", f"{g!r} is fractional, which needs ddp_workers: 1 (got {res.ddp_workers}); {why}")
     if res.backend == "nccl" and g == 0:
-        raise SweepError(f"{source}: {key}.backend: 'nccl' needs gpus_per_worker > 0; use 'gloo' or 'auto'")
+        if grid_key == f"{key}.gpus_per_worker":
+            raise fail("gpus_per_worker", f"{g!r} must be > 0 with backend 'nccl'; use backend 'gloo' or 'auto'")
+        raise fail("backend", "'nccl' needs gpus_per_worker > 0; use 'gloo' or 'auto'")

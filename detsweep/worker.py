@@ -104,6 +104,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         image_size=d.image_size, classes=list(d.classes) if d.classes else None, seed=d.seed,
         num_classes=d.num_classes)
     family_cfg = trial.detr if trial.family == "detr" else trial.faster_rcnn
+    if trial.family == "detr" and family_cfg.weights == "none":
+        log.info("DETR weights 'none': the backbone's stem and layer1, frozen as in the official code, stay at "
+                 "their random init; weights 'imagenet' starts from torchvision's ImageNet ResNet, as the official "
+                 "DETR does")
     model = build_model(trial.model, family_cfg, num_classes=label_map.num_classes,
                         category_ids=list(label_map.category_ids), category_ids_are_coco=d.kind == "coco")
     if trial.regime == "lora_only":

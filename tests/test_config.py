@@ -13,6 +13,7 @@ import yaml
 from detsweep.config import (LORA_PLACEMENTS, MODELS, REGIMES, SweepError, TrialConfig, expand, load_sweep,
                              parse_sweep)
 from detsweep.grid import max_concurrent
+from detsweep.validate import SYNTHETIC_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 SEED000_GRID = {"model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full", "lora_only", "partial"],
@@ -52,7 +53,8 @@ BAD = [
     ({"name": "x", "grid": {"train.lr": 0.1}}, "f.yaml: grid.train.lr: 0.1 must be a non-empty list"),
     ({"name": "x", "grid": {"train.seed": [0, "one"]}}, "f.yaml: grid.train.seed: 'one' must be of type int"),
     ({"name": "x", "model": {"detr": {"weights": "/nonexistent/detr.pth"}}},
-     "f.yaml: model.detr.weights: '/nonexistent/detr.pth' is neither one of ['none', 'coco'] nor an existing "
+     "f.yaml: model.detr.weights: '/nonexistent/detr.pth' is neither one of ['none', 'coco', 'imagenet'] nor an "
+     "existing "
      "checkpoint file"),
     ({"name": "x", "data": {"kind": "coco", "root": "/nonexistent/coco"}},
      "f.yaml: data.root: '/nonexistent/coco' is not a directory (run `python -m detsweep.data coco2017 "
@@ -64,7 +66,8 @@ BAD = [
     ({"name": "x", "grid": {"eval.calibration.match_iou": [2.0]}},
      "f.yaml: grid.eval.calibration.match_iou: 2.0 must be in (0, 1]"),
     ({"name": "x", "grid": {"model.detr.weights": ["/nonexistent/a.pth"]}},
-     "f.yaml: grid.model.detr.weights: '/nonexistent/a.pth' is neither one of ['none', 'coco'] nor an existing "
+     "f.yaml: grid.model.detr.weights: '/nonexistent/a.pth' is neither one of ['none', 'coco', 'imagenet'] nor an "
+     "existing "
      "checkpoint file"),
     ({"name": "a/b"}, "f.yaml: name: 'a/b' must be letters, digits, '_', '-' or '.' (it names a folder)"),
     ({"name": "x", "scheduler": {"kind": "asha", "metric": "accuracy"}},
@@ -76,6 +79,47 @@ BAD = [
      "f.yaml: model.faster_rcnn.trainable_backbone_layers: 9 must be in [0, 5] or null"),
     ({"name": "x", "resources": {"cpus_per_worker": 0}}, "f.yaml: resources.cpus_per_worker: 0.0 must be > 0"),
     (["not", "a", "mapping"], "f.yaml: the sweep file must be a mapping, got list"),
+    ({"name": "x", "resources_by_regime": {"lora_only": 5}}, "f.yaml: resources_by_regime.lora_only: 5 must be a mapping"),
+    ({"name": "x", "resources_by_regime": {"lora_only": None}},
+     "f.yaml: resources_by_regime.lora_only: None must be a mapping"),
+    ({"name": "x", "resources_by_regime": {"lora_only": {"gpus": 1}}},
+     "f.yaml: resources_by_regime.lora_only.gpus: unknown key; allowed keys are ['ddp_workers', 'cpus_per_worker', "
+     "'gpus_per_worker', 'backend']"),
+    ({"name": "x", "resources_by_regime": {"half": {}}},
+     "f.yaml: resources_by_regime.half: unknown regime; allowed are ['full', 'lora_only', 'partial']"),
+    ({"name": "x", "grid": {"resources.gpus_per_worker": [1, 0.5]}},
+     "f.yaml: grid.resources.gpus_per_worker: 0.5 is fractional, which needs ddp_workers: 1 (got 2); NCCL cannot "
+     "run two ranks of one trial on one GPU"),
+    ({"name": "x", "resources": {"ddp_workers": 1, "gpus_per_worker": 0.5}, "grid": {"resources.ddp_workers": [1, 2]}},
+     "f.yaml: grid.resources.ddp_workers: 2 must be 1 with a fractional gpus_per_worker (0.5); NCCL cannot run two "
+     "ranks of one trial on one GPU"),
+    ({"name": "x", "resources": {"backend": "nccl", "gpus_per_worker": 1}, "grid": {"resources.gpus_per_worker": [0]}},
+     "f.yaml: grid.resources.gpus_per_worker: 0.0 must be > 0 with backend 'nccl'; use backend 'gloo' or 'auto'"),
+    ({"name": "x", "data": {"classes": ["person"]}},
+     "f.yaml: data.classes: ['person'] must be among the synthetic classes that data.num_classes 5 makes, "
+     "['red_square', 'green_circle', 'blue_triangle', 'yellow_diamond', 'magenta_ring'] (a subset by other names "
+     "needs data.kind 'coco')"),
+    ({"name": "x", "data": {"classes": ["cyan_cross"]}, "grid": {"data.num_classes": [8, 2]}},
+     "f.yaml: grid.data.num_classes: 2 makes the synthetic classes ['red_square', 'green_circle'], which lack some "
+     "of data.classes ['cyan_cross']; the order is ['red_square', 'green_circle', 'blue_triangle', 'yellow_diamond', "
+     "'magenta_ring', 'cyan_cross', 'orange_bar', 'white_star']"),
+    ({"name": "x", "data": {"kind": "coco", "classes": ["dog", "dog"]}},
+     "f.yaml: data.classes: ('dog', 'dog') must be null or a non-empty list of distinct class names"),
+    ({"name": "x", "train": {"epochs": 2}, "scheduler": {"kind": "asha", "grace_period": 3}},
+     "f.yaml: scheduler.grace_period: 3 must be <= train.epochs (2) with scheduler asha (no trial is stopped "
+     "before grace_period epochs)"),
+    ({"name": "x", "train": {"epochs": 10}, "scheduler": {"kind": "asha", "grace_period": 3},
+      "grid": {"train.epochs": [10, 2]}},
+     "f.yaml: grid.train.epochs: 2 must be >= scheduler.grace_period (3) with scheduler asha (no trial is stopped "
+     "before grace_period epochs)"),
+    ({"name": "x", "train": {"epochs": 3, "lr_drop_epoch": 4}},
+     "f.yaml: train.lr_drop_epoch: 4 must be <= train.epochs (3) (the step schedule lowers the rate at that epoch)"),
+    ({"name": "x", "train": {"epochs": 30, "lr_drop_epoch": 20}, "grid": {"train.epochs": [30, 12]}},
+     "f.yaml: grid.train.epochs: 12 must be >= train.lr_drop_epoch (20) (the step schedule lowers the rate at that "
+     "epoch)"),
+    ({"name": "x", "train": {"epochs": 30}, "grid": {"train.epochs": [10, 20], "train.lr_drop_epoch": [8, 15]}},
+     "f.yaml: grid.train.lr_drop_epoch: 15 must be <= train.epochs (10) (the step schedule lowers the rate at that "
+     "epoch)"),
 ]
 
 _COCO_ARCH = "with model.detr.weights 'coco' (the official DETR-R50's architecture)"
@@ -173,21 +217,28 @@ def test_model_label_names_the_backbone_that_runs():
     assert [t.trial_id for t in expand(sweep)] == ["detr_r18-full", "fasterrcnn_r101_fpn-full"]
 
 
-def test_coco_root_must_hold_the_coco_layout(tmp_path):
+def test_coco_root_must_hold_the_annotation_files(tmp_path):
     with pytest.raises(SweepError) as e:
         parse_sweep({"name": "s", "data": {"kind": "coco", "root": str(tmp_path)}}, "f.yaml")
-    assert str(e.value) == (f"f.yaml: data.root: {str(tmp_path)!r} has no images/train2017 (a COCO root holds "
-                            "['images/train2017', 'images/val2017', 'annotations/instances_train2017.json', "
-                            "'annotations/instances_val2017.json'])")
+    assert str(e.value) == (f"f.yaml: data.root: {str(tmp_path)!r} has no annotations/instances_train2017.json (a "
+                            "COCO root holds ['annotations/instances_train2017.json', "
+                            "'annotations/instances_val2017.json'], and images/{train2017,val2017} where trials run)")
 
 
 def _coco_root(tmp_path):
-    for part in ("images/train2017", "images/val2017"):
-        (tmp_path / part).mkdir(parents=True)
-    (tmp_path / "annotations").mkdir()
+    """What a cluster's head holds (cluster.yaml syncs only annotations/ there): no images."""
+    (tmp_path / "annotations").mkdir(parents=True)
     for split in ("train", "val"):
         (tmp_path / "annotations" / f"instances_{split}2017.json").write_text("{}")
     return tmp_path
+
+
+def test_coco_root_with_annotations_only_passes_the_driver_check(tmp_path):
+    """The driver reads nothing of COCO; the workers check the images when they build their datasets."""
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "data": {"kind": "coco", "root": str(_coco_root(tmp_path / "coco"))},
+                                    "grid": SEED000_GRID}))
+    assert len(expand(load_sweep(path, check_paths=True))) == 9
 
 
 def test_image_counts_default_by_data_kind(tmp_path):
@@ -218,6 +269,7 @@ def test_resources_by_regime_and_concurrency_for_a_four_gpu_node():
 
 
 def test_validator_names_equal_the_models_own_registries():
+    from detsweep.data.synthetic import SHAPE_CLASSES
     from detsweep.models import MODEL_FAMILIES
     from detsweep.models.lora import PLACEMENT_NAMES
     from detsweep.models.regimes import REGIMES as MODEL_REGIMES
@@ -225,6 +277,26 @@ def test_validator_names_equal_the_models_own_registries():
     assert MODELS == MODEL_FAMILIES
     assert tuple(LORA_PLACEMENTS) == tuple(PLACEMENT_NAMES)
     assert tuple(REGIMES) == tuple(MODEL_REGIMES)
+    assert SYNTHETIC_CLASSES == tuple(c.name for c in SHAPE_CLASSES)
+
+
+def test_rules_between_keys_hold_for_every_trial_not_for_overridden_values():
+    """A sweep value every trial overrides by a grid axis is not checked against the other keys."""
+    sweep = parse_sweep({"name": "x", "train": {"epochs": 2, "lr_drop_epoch": 4},
+                         "scheduler": {"kind": "asha", "grace_period": 3}, "grid": {"train.epochs": [5, 10]}})
+    assert [t.train.epochs for t in expand(sweep)] == [5, 10]
+    # A synthetic class subset picks among the classes that num_classes makes (the data layer supports it).
+    subset = parse_sweep({"name": "x", "data": {"num_classes": 6, "classes": ["cyan_cross", "red_square"]}})
+    assert subset.data.classes == ("cyan_cross", "red_square")
+    assert parse_sweep({"name": "x", "model": {"detr": {"weights": "imagenet", "backbone": "resnet18"}}})
+
+
+def test_cli_resources_by_regime_not_a_mapping_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "resources_by_regime": {"lora_only": 5}}))
+    out = _cli(str(path), "--dry-run")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: {path}: resources_by_regime.lora_only: 5 must be a mapping"]
 
 
 def test_shipped_sweeps_load(tmp_path):

@@ -86,7 +86,8 @@ class ResNetBody(nn.Module):
 class Backbone(nn.Module):
     """ResNet feature extractor plus mask downsampling (official `Backbone` + `BackboneBase`).
 
-    The stem and layer1 are frozen (requires_grad False) as in the official code; layer2-4 train.
+    The stem and layer1 are frozen (requires_grad False) as in the official code; layer2-4 train. The ResNet is
+    built random: without pretrained weights (`weights.load_detr_weights`) the frozen part stays random.
     """
 
     def __init__(self, name: str, dilation: bool = False) -> None:

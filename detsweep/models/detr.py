@@ -84,7 +84,9 @@ class DETR(nn.Module):
 def build_detr(*, backbone: str, hidden_dim: int, nheads: int, enc_layers: int, dec_layers: int,
                dim_feedforward: int, num_queries: int, num_classes: int, dropout: float, aux_loss: bool,
                pre_norm: bool = False, dilation: bool = False) -> DETR:
-    """Build DETR with the official builder's argument names (backbone: resnet18/34/50/101, weights random)."""
+    """Build DETR with the official builder's argument names (backbone: resnet18/34/50/101, weights random;
+    `weights.load_detr_weights` loads pretrained ones). An official-style config dict, with its extra keys
+    (`position_embedding`, loss weights, ...), goes through `build_detr_from_official_config` instead."""
     for name, value in (("hidden_dim", hidden_dim), ("nheads", nheads), ("enc_layers", enc_layers),
                         ("dec_layers", dec_layers), ("dim_feedforward", dim_feedforward),
                         ("num_queries", num_queries), ("num_classes", num_classes)):

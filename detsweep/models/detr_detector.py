@@ -166,7 +166,8 @@ def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_
                         weights: str = "none", category_ids: Sequence[int] | None = None,
                         category_ids_are_coco: bool = False) -> DETRDetector:
     """DETR for `num_classes` contiguous labels with the official recipe: matcher costs 1/5/2, loss weights
-    1/5/2 (+ aux copies), eos_coef 0.1. `weights`: "none", "coco" or a checkpoint path (see `load_detr_weights`);
+    1/5/2 (+ aux copies), eos_coef 0.1. `weights`: "none", "imagenet" (the backbone only, the official starting
+    point), "coco" or a checkpoint path (see `load_detr_weights`);
     `category_ids`: original category id of each label, sorted; with `category_ids_are_coco` (the dataset is
     COCO) they keep a COCO checkpoint's class rows, else a checkpoint of other classes gets a fresh class head.
     """

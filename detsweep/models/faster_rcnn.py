@@ -12,31 +12,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import (
-    ResNet18_Weights,
-    ResNet34_Weights,
-    ResNet50_Weights,
-    ResNet101_Weights,
-    WeightsEnum,
-)
+from torchvision.models import WeightsEnum
 from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detsweep.models.weights import coco_rows_unusable, load_checkpoint_file, load_hub_checkpoint
+from detsweep.models.weights import IMAGENET_RESNETS, coco_rows_unusable, load_checkpoint_file, load_hub_checkpoint
 
 logger = logging.getLogger(__name__)
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 WEIGHTS = ("none", "coco", "imagenet")  # or a path to a torchvision-layout state dict
 
-# ImageNet weights of torchvision's detection recipe (its legacy `pretrained_backbone=True`).
-_IMAGENET = {
-    "resnet18": ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": ResNet101_Weights.IMAGENET1K_V1,
-}
 
 # torchvision's COCO layout: 91 rows, row 0 background, row c = COCO category id c (ids 1..90).
 _COCO_ROWS = len(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
@@ -124,7 +111,7 @@ def weights_enum(backbone: str, weights: str) -> WeightsEnum | None:
             )
         return FasterRCNN_ResNet50_FPN_Weights.COCO_V1
     if weights == "imagenet":
-        return _IMAGENET[backbone]
+        return IMAGENET_RESNETS[backbone]  # also torchvision's detection recipe (`pretrained_backbone`)
     return None
 
 

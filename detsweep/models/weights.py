@@ -1,7 +1,7 @@
 """Checkpoint files, always read with `weights_only=True`: torch-hub downloads (their sha256 prefix checked on
 every load, not only while downloading) and local files. Loading DETR checkpoints (official COCO DETR-R50 or a
 local file) into a possibly smaller DETR: adapts the class head, the number of queries and of decoder layers,
-then loads strictly.
+then loads strictly. Or only torchvision's ImageNet ResNet into DETR's backbone, as the official training starts.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
+from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, ResNet101_Weights, WeightsEnum
 
 from detsweep.models.detr import DETR
 
@@ -25,6 +26,14 @@ log = logging.getLogger(__name__)
 
 # Official DETR-R50 trained on COCO 2017 (42.0 AP); torch hub names the cached file after the URL.
 DETR_R50_COCO_URL = "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth"
+# `weights: imagenet`: torchvision's ImageNet classification ResNet per backbone. The official DETR starts
+# from torchvision's `resnet50(pretrained=True)`, which is IMAGENET1K_V1; the other depths take their V1 too.
+IMAGENET_RESNETS: dict[str, WeightsEnum] = {
+    "resnet18": ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": ResNet101_Weights.IMAGENET1K_V1,
+}
 # torch.hub's own rule (HASH_REGEX): the sha256 prefix is the first `-<hex>.` run of the file name.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 # Checkpoints written by the official main.py keep its argparse Namespace under "args"; allowing that one
@@ -47,8 +56,10 @@ def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | Non
                       category_ids_are_coco: bool = False) -> dict[str, Any]:
     """Load `weights` into `detr` in place and return a summary of what was adapted.
 
-    weights: "none" (keep the random init), "coco" (official DETR-R50 COCO checkpoint via torch hub, cached and
-    sha256-checked), or a path to a checkpoint (`{"model": state_dict}` official layout or a bare state dict).
+    weights: "none" (keep the random init), "imagenet" (torchvision's ImageNet ResNet into `backbone.0.body` only,
+    the official starting point; see `load_imagenet_backbone`), "coco" (official DETR-R50 COCO checkpoint via torch
+    hub, cached and sha256-checked), or a path to a checkpoint (`{"model": state_dict}` official layout or a bare
+    state dict).
     category_ids: the dataset's original category ids, sorted, one per contiguous label.
     category_ids_are_coco: the dataset is COCO, so its category ids are COCO's.
     Class head: loaded as is when the checkpoint has the model's classes; else, when the checkpoint has the COCO
@@ -56,15 +67,17 @@ def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | Non
     otherwise it is re-initialised (logged).
     Queries and decoder layers beyond the model's are dropped (first ones kept); anything else that differs raises.
     """
-    if weights == "none":
+    if weights == "none":  # the worker says once per trial what this means for the frozen stem
         return {"source": "none"}
+    if weights == "imagenet":
+        return load_imagenet_backbone(detr)
     if weights == "coco":
         state, source = _coco_state_dict(), "coco"
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"DETR weights file {str(path)!r} does not exist; weights must be 'none', "
-                                    "'coco' or the path of a checkpoint file")
+                                    "'imagenet', 'coco' or the path of a checkpoint file")
         state, source = _unwrap(load_checkpoint_file(path), str(path)), str(path)
     _check_is_detr(state, source)
     own = detr.state_dict()
@@ -77,6 +90,26 @@ def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | Non
     detr.load_state_dict(state, strict=True)
     log.info("loaded DETR weights from %s: %s", source, summary)
     return summary
+
+
+def load_imagenet_backbone(detr: DETR) -> dict[str, Any]:
+    """Load torchvision's ImageNet weights for `detr`'s ResNet (`IMAGENET_RESNETS`) into `backbone.0.body`,
+    strictly, through the hash-checked torch hub cache. The classifier `fc.*` has no place in the body and
+    FrozenBatchNorm2d drops BatchNorm's `num_batches_tracked`; input_proj, transformer, queries and heads keep
+    their random init."""
+    backbone = detr.backbone[0]
+    enum = IMAGENET_RESNETS[backbone.name]
+    state = load_hub_checkpoint(enum.url)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{enum.url}: expected a ResNet state dict, got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        backbone.body.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{enum.url}: does not fit DETR's {backbone.name} backbone: {err}") from err
+    log.info("loaded %s into DETR's backbone.0.body; input_proj, transformer, queries and heads are freshly "
+             "initialised", enum)
+    return {"source": "imagenet", "backbone": str(enum)}
 
 
 def _coco_state_dict() -> dict[str, Tensor]:

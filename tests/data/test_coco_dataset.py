@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,17 @@ def test_bad_hflip_prob_and_missing_folder(tiny, tmp_path):
         CocoDetection(tmp_path / "nowhere", tiny[1])
 
 
+def test_missing_image_file_is_named_when_the_dataset_is_built(tiny):
+    """An interrupted copy of COCO fails when the worker builds its dataset, not mid-epoch."""
+    image_dir, ann_file = tiny
+    (image_dir / "b.png").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        CocoDetection(image_dir, ann_file)
+    assert str(err.value) == (f"1 of the 3 images that {ann_file} lists are missing from {image_dir}, "
+                              f"e.g. {image_dir / 'b.png'}")
+    assert CocoDetection(image_dir, ann_file, image_ids=[10, 12]).image_ids == [10, 12]  # only its own images
+
+
 def test_collate_and_dataloader_keep_lists(tiny):
     loader = torch.utils.data.DataLoader(CocoDetection(*tiny), batch_size=3, collate_fn=collate_fn)
     images, targets = next(iter(loader))
@@ -251,13 +263,26 @@ def test_build_coco_subset_trains_only_on_images_with_those_classes(tmp_path):
     assert {a["category_id"] for a in gt["annotations"]} == {18} and len(gt["images"]) == 3
 
 
-def test_build_coco_missing_path_is_named(tmp_path):
+@pytest.mark.parametrize("part", ["annotations/instances_val2017.json", "images/val2017"])
+def test_build_coco_missing_path_is_named(tmp_path, part):
+    """The driver checks only the annotation files; a worker without the images says which path it lacks."""
     root = _coco_root(tmp_path)
-    (root / "annotations" / "instances_val2017.json").unlink()
+    path = root / part
+    if path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
     with pytest.raises(FileNotFoundError) as err:
         build_datasets(kind="coco", root=root, train_images=0, val_images=0, image_size=800, classes=None)
-    assert str(err.value).startswith(
-        f"COCO data incomplete: {root / 'annotations' / 'instances_val2017.json'} is missing")
+    assert str(err.value).startswith(f"COCO data incomplete: {path} is missing")
+
+
+def test_build_coco_missing_image_file_is_named(tmp_path):
+    root = _coco_root(tmp_path)
+    (root / "images" / "val2017" / "c.png").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        build_datasets(kind="coco", root=root, train_images=0, val_images=0, image_size=800, classes=None)
+    assert str(err.value).endswith(f"e.g. {root / 'images' / 'val2017' / 'c.png'}")
 
 
 def test_build_unknown_kind():

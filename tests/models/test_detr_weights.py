@@ -1,18 +1,23 @@
-"""DETR checkpoint loading: official layout, head/query/decoder adaptation, torch-hub 'coco' path with hash checks."""
+"""DETR checkpoint loading: official layout, head/query/decoder adaptation, torch-hub 'coco' and 'imagenet' with
+hash checks."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
+from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, ResNet101_Weights
 
 from detsweep.models import weights as weights_mod
 from detsweep.models.detr import build_detr
-from detsweep.models.weights import load_detr_weights
+from detsweep.models.detr_detector import build_detr_detector
+from detsweep.models.weights import IMAGENET_RESNETS, load_detr_weights
 
 TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dim_feedforward=32, dropout=0.0,
             aux_loss=True)
@@ -138,7 +143,7 @@ def test_none_is_a_no_op():
 def test_missing_file_names_the_path_and_choices(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match=rf"DETR weights file '{missing}' does not exist; weights must be "
-                                                r"'none', 'coco' or the path of a checkpoint file"):
+                                                r"'none', 'imagenet', 'coco' or the path of a checkpoint file"):
         load_detr_weights(_detr(1, **SMALL), str(missing))
 
 
@@ -252,3 +257,79 @@ def test_coco_cached_file_with_wrong_hash_raises(big_checkpoint, tmp_path, monke
     with pytest.raises(RuntimeError, match=r"detr-r50-e632da11.pth has sha256 [0-9a-f]{16}\.\.\., but its name says "
                                            r"it starts with 'e632da11': the file is corrupt or not the official one"):
         load_detr_weights(_detr(1, **SMALL), "coco")
+
+
+# --- weights: imagenet (torchvision's ResNet into backbone.0.body, through torch hub's cache) --------------------
+
+def _plant_imagenet_resnet(tmp_path: Path, monkeypatch, enum, state: dict[str, torch.Tensor]) -> Path:
+    """Save `state` in torch hub's cache under a `<stem>-<sha256 prefix>.pth` name, as torchvision names its files,
+    and point `enum`'s URL at it: nothing is downloaded, the hash is still checked."""
+    staged = tmp_path / "staged.pth"
+    torch.save(state, staged)
+    prefix = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
+    folder, name = enum.url.rsplit("/", 1)
+    url = f"{folder}/{name.rsplit('-', 1)[0]}-{prefix}.pth"
+    monkeypatch.setattr(enum.value, "url", url)  # torchvision's Weights dataclass holds the URL
+    checkpoints = _hub_checkpoints(tmp_path, monkeypatch)
+    checkpoints.mkdir(parents=True)
+    return staged.rename(checkpoints / url.rsplit("/", 1)[1])
+
+
+def test_imagenet_resnets_are_the_official_starting_weights():
+    """The official DETR builds torchvision's resnet50(pretrained=True): IMAGENET1K_V1."""
+    assert IMAGENET_RESNETS == {"resnet18": ResNet18_Weights.IMAGENET1K_V1, "resnet34": ResNet34_Weights.IMAGENET1K_V1,
+                                "resnet50": ResNet50_Weights.IMAGENET1K_V1,
+                                "resnet101": ResNet101_Weights.IMAGENET1K_V1}
+
+
+def test_imagenet_loads_the_resnet_into_the_backbone_body_only(tmp_path, monkeypatch, caplog):
+    torch.manual_seed(7)
+    resnet = torchvision.models.resnet18().state_dict()  # with fc.* and num_batches_tracked, as torchvision's file
+    _plant_imagenet_resnet(tmp_path, monkeypatch, ResNet18_Weights.IMAGENET1K_V1, resnet)
+    model = _detr(1, **SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger=WEIGHTS_LOGGER):
+        summary = load_detr_weights(model, "imagenet")
+    assert summary == {"source": "imagenet", "backbone": "ResNet18_Weights.IMAGENET1K_V1"}
+    body = model.backbone[0].body.state_dict()
+    assert set(body) == {k for k in resnet if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    assert all(torch.equal(v, resnet[k]) for k, v in body.items())
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.0.body.")}
+    assert any(k.startswith("transformer.") for k in rest) and "input_proj.weight" in rest
+    assert all(torch.equal(v, before[k]) for k, v in rest.items())  # transformer, input_proj, heads untouched
+    assert _messages(caplog) == ["loaded ResNet18_Weights.IMAGENET1K_V1 into DETR's backbone.0.body; input_proj, "
+                                 "transformer, queries and heads are freshly initialised"]
+
+
+def test_imagenet_through_the_detector_builder_keeps_the_official_freezing(tmp_path, monkeypatch):
+    torch.manual_seed(8)
+    resnet = torchvision.models.resnet18().state_dict()
+    _plant_imagenet_resnet(tmp_path, monkeypatch, ResNet18_Weights.IMAGENET1K_V1, resnet)
+    detector = build_detr_detector(num_classes=3, weights="imagenet", num_queries=4, dec_layers=1,
+                                   **TINY)
+    assert detector.weights_summary["source"] == "imagenet"
+    body = detector.detr.backbone[0].body
+    assert torch.equal(body.conv1.weight, resnet["conv1.weight"])
+    assert torch.equal(body.layer4[1].bn2.running_var, resnet["layer4.1.bn2.running_var"])
+    frozen = {n.split(".")[0] for n, p in body.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "layer1"}  # FrozenBatchNorm2d holds buffers, no parameters
+
+
+def test_imagenet_cached_file_with_wrong_hash_raises(tmp_path, monkeypatch):
+    """The cache is hash-checked on every load, as for 'coco'."""
+    torch.manual_seed(9)
+    cached = _plant_imagenet_resnet(tmp_path, monkeypatch, ResNet18_Weights.IMAGENET1K_V1,
+                                    torchvision.models.resnet18().state_dict())
+    cached.write_bytes(cached.read_bytes()[:-1] + b"x")
+    with pytest.raises(RuntimeError, match=rf"cached checkpoint {re.escape(str(cached))} has sha256 "
+                                           r"[0-9a-f]{16}\.\.\., but its name says it starts with '[0-9a-f]{8}'"):
+        load_detr_weights(_detr(1, **SMALL), "imagenet")
+
+
+def test_imagenet_of_another_resnet_is_a_clear_error(tmp_path, monkeypatch):
+    torch.manual_seed(10)
+    _plant_imagenet_resnet(tmp_path, monkeypatch, ResNet18_Weights.IMAGENET1K_V1,
+                           torchvision.models.resnet34().state_dict())
+    with pytest.raises(ValueError, match=r"resnet18-[0-9a-f]{8}\.pth: does not fit DETR's resnet18 backbone: "
+                                         r"Error\(s\) in loading state_dict for ResNetBody:"):
+        load_detr_weights(_detr(1, **SMALL), "imagenet")

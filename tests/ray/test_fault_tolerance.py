@@ -123,7 +123,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, synthetic_root
     resumed = _driver(path, "--resume")
     resumed.wait(timeout=400)
     assert resumed.returncode == 0, _output(resumed)
-    assert "concurrency: Tune keeps 1 the run started with (Tuner.restore)" in _output(resumed)
+    assert "concurrency: Tune keeps 1 the run started with (Tuner.restore)" in Path(resumed.log_path).read_text()
     after = pq.read_table(root / "results.parquet").to_pylist()
     assert sorted(r["trial_id"] for r in after) == ["detr_r18-full", "detr_r18-partial"]  # once each
     assert all(r["status"] == "ok" for r in after), [(r["trial_id"], r["error"]) for r in after]
@@ -182,3 +182,34 @@ def test_a_trial_no_node_can_hold_stops_before_any_trial_starts(ray_cluster, tmp
         f"error: trial 'detr_r18-full' needs CPU=6, GPU=0 but the cluster has CPU=4, GPU=1; lower resources in "
         f"{path}, or set max_concurrent_trials for a cluster that autoscales")
     assert not (tmp_path / "results" / "toobig" / "tune").exists()
+
+
+@pytest.mark.parametrize("mode", ["restart", "skip"])
+def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_root, mode):
+    """A trial failed on a bad weights file; the user fixes the file and resumes. `restart` runs
+    it again from scratch (now ok); `skip` leaves it as it was."""
+    import dataclasses
+
+    import torch
+
+    from detsweep.config import expand, parse_sweep
+    from detsweep.models import build_model
+
+    weights = tmp_path / "detr.pth"
+    weights.write_bytes(b"not written yet")
+    sweep = tiny_sweep(tmp_path, synthetic_root, name=f"errored-{mode}")
+    sweep["train"]["epochs"] = 1
+    sweep["model"]["detr"]["weights"] = str(weights)
+    sweep["fault_tolerance"] = {"on_resume_errored": mode}
+    path = write_sweep(tmp_path, sweep)
+    root = tmp_path / "results" / f"errored-{mode}"
+    assert run.main([str(path)]) == 1  # its only trial failed: a failed command
+    assert _rows(root)["detr_r18-full"]["status"] == "error"
+
+    (trial,) = expand(parse_sweep(sweep))
+    model = build_model(trial.model, dataclasses.replace(trial.detr, weights="none"), num_classes=3)
+    torch.save({"model": model.detr.state_dict()}, weights)  # the official checkpoint layout
+    assert run.main([str(path), "--resume"]) == (0 if mode == "restart" else 1)
+    (row,) = pq.read_table(root / "results.parquet").to_pylist()
+    assert row["status"] == ("ok" if mode == "restart" else "error"), row["error"]
+    assert (row["error"] is None) == (mode == "restart")
