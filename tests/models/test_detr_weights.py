@@ -18,6 +18,7 @@ from detsweep.models import weights as weights_mod
 from detsweep.models.detr import build_detr
 from detsweep.models.detr_detector import build_detr_detector
 from detsweep.models.weights import IMAGENET_RESNETS, load_detr_weights
+from tests.models.hostile import CODE_RAN, Payload
 
 TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dim_feedforward=32, dropout=0.0,
             aux_loss=True)
@@ -181,21 +182,6 @@ def test_non_detr_checkpoint_is_a_clear_error(make_state, tmp_path):
                                f"{sorted(state)[:3]}")
 
 
-CODE_RAN: list[str] = []
-
-
-def _record_code_ran() -> str:
-    CODE_RAN.append("unpickled")
-    return "payload"
-
-
-class Payload:
-    """Unpickling it calls `_record_code_ran`: what weights_only=False would do with a hostile file."""
-
-    def __reduce__(self):
-        return (_record_code_ran, ())
-
-
 def test_checkpoint_with_a_pickled_object_is_refused_by_weights_only(big_checkpoint, tmp_path):
     _, state = big_checkpoint
     path = tmp_path / "hostile.pth"
@@ -204,7 +190,7 @@ def test_checkpoint_with_a_pickled_object_is_refused_by_weights_only(big_checkpo
         load_detr_weights(_detr(1, **BIG), str(path))
     assert str(info.value) == (f"could not load checkpoint file {str(path)!r}: it holds pickled objects other than "
                                f"tensors, which torch.load(weights_only=True) refuses (Unsupported global: GLOBAL "
-                               f"{__name__}._record_code_ran)")
+                               f"tests.models.hostile.record_code_ran)")
     assert CODE_RAN == []
 
 

@@ -22,6 +22,7 @@ from detsweep.models.faster_rcnn import (
     load_detector_state_dict,
     weights_enum,
 )
+from tests.models.hostile import CODE_RAN, Payload
 
 K = 3
 TINY = {"backbone": "resnet18", "min_size": 64, "max_size": 96}
@@ -69,21 +70,6 @@ def _plant_hub_file(torch_home, monkeypatch, enum, obj):
     monkeypatch.setattr(enum.value, "url", url)  # torchvision's Weights dataclass holds the URL
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     return staged.rename(_cached_hub_file(torch_home, url))
-
-
-CODE_RAN: list[str] = []
-
-
-def _record_code_ran() -> str:
-    CODE_RAN.append("unpickled")
-    return "payload"
-
-
-class Payload:
-    """Unpickling it calls `_record_code_ran`: what weights_only=False would do with a hostile file."""
-
-    def __reduce__(self):
-        return (_record_code_ran, ())
 
 
 # --- contract -----------------------------------------------------------------------------------
@@ -338,7 +324,7 @@ def test_hub_file_with_a_pickled_object_is_refused_by_weights_only(backbone, wei
         build_faster_rcnn(num_classes=K, backbone=backbone, weights=weights)
     assert str(info.value) == (
         f"could not load checkpoint file {str(cached)!r}: it holds pickled objects other than tensors, which "
-        f"torch.load(weights_only=True) refuses (Unsupported global: GLOBAL {__name__}._record_code_ran)"
+        f"torch.load(weights_only=True) refuses (Unsupported global: GLOBAL tests.models.hostile.record_code_ran)"
     )
     assert CODE_RAN == []
 
