@@ -189,9 +189,16 @@ def run_eval(device_name: str, steps: int) -> dict:
     return {"device": device_name, "max_abs_diff": diff, **times}
 
 
+def _title() -> str:
+    """The RESULTS.md section: the issue's 256 px setting, or its own section for another size."""
+    return TITLE if IMAGE_SIZE == 256 else f"Regimes at {IMAGE_SIZE} px (bench/regimes.py --image-size {IMAGE_SIZE})"
+
+
 def _subprocess(args: list[str], threads: int) -> dict:
-    cmd = [sys.executable, __file__, *args, "--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    cmd = [sys.executable, __file__, *args, "--threads", str(threads), "--image-size", str(IMAGE_SIZE)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -214,10 +221,15 @@ def main() -> None:
     parser.add_argument("--cuda-steps", type=int, default=20, help="timed steps per variant on CUDA")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per variant (1: on a shared 2-core box OpenMP spinning dominates)")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help="square image side in px (default %(default)s, the issue's setting; another size "
+                             "writes its own RESULTS.md section)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global IMAGE_SIZE
+    IMAGE_SIZE = args.image_size
     import torch
 
     torch.set_num_threads(args.threads)
@@ -243,7 +255,7 @@ def main() -> None:
         sys.path.insert(0, str(REPO / "bench"))
         from results_md import write_section
 
-        write_section(TITLE, text)
+        write_section(_title(), text)
         logger.info("wrote bench/RESULTS.md")
 
 
@@ -264,7 +276,7 @@ def _report(rows: list[dict], evals: list[dict], args, load_before: float, elaps
         eval_lines.append(f"| {e['device']} | {e['unmerged'][i]:.3f} | {e['cached'][i]:.3f} | {e['merged'][i]:.3f} | "
                           f"{e['unmerged'][i] / e['merged'][i]:.2f}x | {e['max_abs_diff']:.1e} |")
     return "\n".join([
-        f"## {TITLE}", "",
+        f"## {_title()}", "",
         f"DETR-R50 (91 classes, 100 queries, aux loss) through `DETRDetector`, batch {BATCH} of {IMAGE_SIZE}x"
         f"{IMAGE_SIZE} images with 2 boxes each; one step = forward + SetCriterion + backward + clip 0.1 + AdamW "
         f"(`param_groups`). LoRA r={RANK}, alpha={ALPHA}. Median of {args.steps} CPU steps"
