@@ -216,6 +216,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    global IMAGE_SIZE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed CPU steps per variant (median, after 1 warm-up)")
     parser.add_argument("--cuda-steps", type=int, default=20, help="timed steps per variant on CUDA")
@@ -228,7 +229,6 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global IMAGE_SIZE
     IMAGE_SIZE = args.image_size
     import torch
 
