@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from detsweep import frontier, frontier_plots, pareto
+from detsweep import frontier, frontier_plots, frontier_report, pareto
 from detsweep.results import rows_to_table, write_parquet_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -226,7 +226,7 @@ def test_report_sweep_section(tmp_path):
             {"sweep": "smoke", "trial_id": "rcnn", "status": "error", "model": "fasterrcnn_r50_fpn",
              "regime": "full", "seed": 0, "lr": 1e-4, "error": "boom", "started_at": t0, "wall_s": 20.0, **prov}]
     fr = frontier.compute_frontier(rows_to_table(rows), pareto.parse_objectives("ap:max,trainable_params:min"))
-    report = frontier.render_markdown(fr, [])
+    report = frontier_report.render_markdown(fr, [])
     assert ("## Sweep\n\n"
             "- trials: 3 (2 ok, 1 error)\n"
             "- models: detr_r50, fasterrcnn_r50_fpn\n"
@@ -240,7 +240,7 @@ def test_report_sweep_section(tmp_path):
             "- time: 2025-03-01 09:00:00 .. 2025-03-01 10:00:07 UTC\n"
             "- total wall time: 5,427 s (1.51 h); GPU-hours: 1.50\n") in report
 
-    bare = frontier.render_markdown(frontier.compute_frontier(
+    bare = frontier_report.render_markdown(frontier.compute_frontier(
         rows_to_table([_trial("a", "full", 0.4, 1000, 10.0, 0.1)]), pareto.parse_objectives("ap:max,ece:min")), [])
     assert ("- grid axes that vary: none\n- data: -\n- epochs: -\n- device: -; GPU: -\n- git sha: -\n"
             "- versions: detsweep -; torch -; ray -\n- time: - .. - UTC\n"
