@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from detsweep.data.__main__ import main
 from detsweep.data.coco import build_datasets
@@ -38,6 +39,8 @@ def coco_root(tmp_path) -> Path:
     val = _split([10, 11, 12], [_ann(7, 10, 18, [0, 0, 30, 30]), _ann(8, 11, 3, [0, 0, 30, 30])])
     for split, coco in (("train2017", train), ("val2017", val)):
         (root / "images" / split).mkdir(parents=True)
+        for im in coco["images"]:  # a COCO root holds the images its annotations list
+            Image.new("RGB", (im["width"], im["height"])).save(root / "images" / split / im["file_name"])
         (root / "annotations").mkdir(exist_ok=True)
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     return root
