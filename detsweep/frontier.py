@@ -27,7 +27,7 @@ METADATA_KEY = b"detsweep.frontier"
 _STATUS_REASONS = {"stopped": "stopped early by the scheduler", "running": "unfinished (running)",
                    "error": "no error message"}
 # Config columns the Sweep section lists on lines of their own rather than among the varying axes.
-_OWN_LINE_COLUMNS = ("sweep", "model", "regime", "data", "epochs")
+_OWN_LINE_COLUMNS = ("sweep", "model", "backbone", "regime", "data", "epochs")
 
 
 class FrontierError(ValueError):

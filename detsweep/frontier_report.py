@@ -58,7 +58,7 @@ def _sweep_lines(table: pa.Table) -> list[str]:
     wall = sum(v for v in _column(table, "wall_s") if v is not None and v == v)
     gpu_hours = [v for v in _column(table, "gpu_hours") if v is not None and v == v]
     return [f"- trials: {len(table)} ({counts or 'no status'})",
-            f"- models: {_values(table, 'model')}",
+            f"- models: {_values(table, 'model')}; backbones: {_values(table, 'backbone')}",
             f"- regimes: {_values(table, 'regime')}",
             f"- grid axes that vary: {', '.join(varying) or 'none'}",
             f"- data: {_values(table, 'data')}",

@@ -218,7 +218,8 @@ def test_excluded_reasons_by_status():
 def test_report_sweep_section(tmp_path):
     t0 = dt.datetime(2025, 3, 1, 9, 0, tzinfo=dt.timezone.utc)
     prov = {"data": "synthetic:/data/syn", "epochs": 2, "device": "cuda", "gpu_name": "NVIDIA H100",
-            "git_sha": "abc123", "detsweep_version": "0.1.0", "torch_version": "2.5.1", "ray_version": "2.60.0"}
+            "git_sha": "abc123", "detsweep_version": "0.1.0", "torch_version": "2.5.1", "ray_version": "2.60.0",
+            "backbone": "resnet50"}
     rows = [_trial("full-a", "full", 0.4, 41_000_000, 3000.0, 0.1, started_at=t0,
                    finished_at=t0 + dt.timedelta(minutes=30), wall_s=1800.0, gpu_hours=0.5, **prov),
             _trial("lora-a", "lora_only", 0.3, 200_000, 1500.0, 0.1, lr=1e-3, started_at=t0 + dt.timedelta(minutes=5),
@@ -229,7 +230,7 @@ def test_report_sweep_section(tmp_path):
     report = frontier_report.render_markdown(fr, [])
     assert ("## Sweep\n\n"
             "- trials: 3 (2 ok, 1 error)\n"
-            "- models: detr_r50, fasterrcnn_r50_fpn\n"
+            "- models: detr_r50, fasterrcnn_r50_fpn; backbones: resnet50\n"
             "- regimes: full, lora_only\n"
             "- grid axes that vary: `lr` (0.0001, 0.001)\n"
             "- data: synthetic:/data/syn\n"
