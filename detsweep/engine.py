@@ -115,7 +115,7 @@ def predict(
     model.eval()
     detections: list[dict[str, Any]] = []
     kept: list[tuple[torch.Tensor, dict, dict]] = []
-    seen: set[int] = set()  # a padded sampler may hand this rank the same image twice
+    seen: set[int] = set()  # a loader that repeats an image (e.g. a ConcatDataset) scores it once
     for images, targets in loader:
         images, _ = to_device(images, None, device)
         with autocast(device, amp_dtype):
@@ -137,7 +137,7 @@ def predict(
                 kept.append((image.cpu(), {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in target.items()},
                              {k: v.float().cpu() for k, v in out.items()}))
         if meter is not None:
-            meter.step(fresh)  # a padded repeat is not an image evaluated
+            meter.step(fresh)  # a repeat is not another image evaluated
     return detections, kept
 
 

@@ -198,10 +198,19 @@ def _first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any]
     return None if old == new else (key, old, new)
 
 
+# Trial config sections a resumed run may change: how failures are handled, not what a trial is.
+RESUME_MAY_CHANGE = ("fault_tolerance",)
+
+
 def trials_change(saved: list[dict[str, Any]], trials: list["TrialConfig"]) -> str | None:
-    """How `trials` differ from a saved trial list (order aside), in a few words; None if they don't."""
-    old = {t["trial_id"]: t["config"] for t in saved}
-    new = {t["trial_id"]: t["config"] for t in plain_trials(trials)}
+    """How `trials` differ from a saved trial list (order aside, `RESUME_MAY_CHANGE` sections
+    aside), in a few words; None if they don't."""
+
+    def what(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k not in RESUME_MAY_CHANGE}
+
+    old = {t["trial_id"]: what(t["config"]) for t in saved}
+    new = {t["trial_id"]: what(t["config"]) for t in plain_trials(trials)}
     gone = [tid for tid in old if tid not in new]
     if gone:
         return f"trial {gone[0]!r} is no longer in it"

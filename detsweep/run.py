@@ -232,13 +232,14 @@ def load_trials(root: str) -> dict[str, Any] | None:
 
 def check_resume(root: str, trials: list[TrialConfig]) -> int | None:
     """Refuse to resume a run whose trials differ from the sweep's now. Returns the concurrency the
-    run started with (Tuner.restore keeps it), None if unknown. A run saved before trials.json
-    existed is not checked."""
+    run started with (Tuner.restore keeps it), None if unknown. Every run writes trials.json before
+    Tune writes anything, so a run without one cannot be checked and is refused: resuming it with
+    other trial ids would fail every unfinished trial."""
     saved = load_trials(root)
     if saved is None:
-        print(f"warning: {_trials_uri(root)} is missing (a run from an older detsweep); resuming without "
-              f"checking that the sweep is unchanged", file=sys.stderr)
-        return None
+        raise SweepError(f"--resume: {_trials_uri(root)} is missing, so the trials this run started with are "
+                         f"unknown (a run from an older detsweep); pass --fresh to start over, or --output-dir "
+                         f"for another folder")
     change = trials_change(saved["trials"], trials)
     if change:
         raise SweepError(f"--resume: the sweep changed since the run in {root} started: {change}; pass --fresh "
@@ -298,7 +299,9 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse
         ray.init(log_to_driver=not args.quiet)
     cluster = {k: float(ray.cluster_resources().get(k, 0.0)) for k in ("CPU", "GPU")}
     too_big = unfit(trials, cluster)
-    if too_big and configured_concurrency(sweep, args.max_concurrent)[0] is None:  # Train would wait forever
+    # Train would wait forever. Not checked on --resume: the run passed this check when it started,
+    # and an autoscaling cluster that has shrunk since grows back for the pending trials.
+    if too_big and not args.resume and configured_concurrency(sweep, args.max_concurrent)[0] is None:
         print(f"error: trial {too_big[0].trial_id!r} needs {_resources_text(trial_resources(too_big[0]))} but the "
               f"cluster has {_resources_text(cluster)}; lower resources in {args.sweep}, or set "
               f"max_concurrent_trials for a cluster that autoscales", file=sys.stderr)

@@ -42,7 +42,7 @@ _CONFIG_COLUMNS = {
 _AXES_WITH_COLUMNS = {"lora.rank", "lora.placement", "lora.alpha", "train.lr", "train.seed", "train.epochs",
                       "model.detr.num_queries", "model.detr.dec_layers", "model.detr.backbone",
                       "model.faster_rcnn.backbone", "resources.ddp_workers", "resources.gpus_per_worker"}
-# Reported keys that the driver fills in itself (hostname comes from rank 0 when it reported one:
+# Reported keys that the driver fills in itself (`hostname` from the worker's `rank0_hostname`:
 # on a cluster the driver runs on the head node, the trial on a GPU node).
 _SKIP_REPORTED = {"sweep", "trial_id", "status", "error", "wall_s", "gpu_hours", "started_at", "finished_at",
                   "detsweep_version", "git_sha", "torch_version", "ray_version", "checkpoint_path"}
@@ -138,7 +138,7 @@ class ResultsCallback(Callback):
             row["gpu_hours"] = gpu_hours(row["wall_s"], res["ddp_workers"] * res["gpus_per_worker"])
             row["checkpoint_path"] = latest_checkpoint(f"{cfg['storage']}/train-{tid}")
         row.update(self._prov)
-        row["hostname"] = last.get("hostname") or self._prov["hostname"]
+        row["hostname"] = last.get("rank0_hostname") or self._prov["hostname"]
         row["gpu_name"] = last.get("gpu_name")
         row["started_at"] = started
         row["finished_at"] = finished if status != "running" else None

@@ -205,6 +205,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         phase = dist.gather_objects((train_stats, eval_stats, peak_rss_mb()))
         tr = reduce_phase_stats([p[0] for p in phase])  # images/s summed, seconds and VRAM maxed
         evs = reduce_phase_stats([p[1] for p in phase])
+        if evs["images"] > len(val_ds):  # the sampler padded the last round with images of other ranks
+            evs["images_per_s"] *= len(val_ds) / evs["images"]
         totals["train_s"] += tr["seconds"]
         totals["eval_s"] += evs["seconds"]
         # Peak VRAM of the whole trial: the largest of any epoch (each epoch resets per phase).
@@ -234,7 +236,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 "peak_rss_mb": max(p[2] for p in phase),
                 "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],
                 "train_s": totals["train_s"], "eval_s": totals["eval_s"], **info,
-                "hostname": socket.gethostname(),  # rank 0's node; the driver runs elsewhere on a cluster
+                # Rank 0's node (the driver and Tune's trial actor run elsewhere on a cluster). Not
+                # `hostname`: Tune overwrites that key of every result with the trial actor's node.
+                "rank0_hostname": socket.gethostname(),
                 "worker_started_at": worker_started_at,  # unix time: when this worker group began
             }
             if resumed_from is not None:

@@ -55,7 +55,7 @@ def test_train_one_epoch_returns_mean_losses_and_meters_images(data):
 def test_predict_gives_coco_results_with_original_ids_once_per_image(data):
     _, val, label_map = data
     model = build_detr_detector(num_classes=label_map.num_classes, **TINY)
-    # The same images twice, as a padded DistributedSampler can hand one rank.
+    # The same images twice (a loader that repeats images): each is scored once.
     loader = DataLoader(torch.utils.data.ConcatDataset([val, val]), batch_size=2, collate_fn=collate_fn)
     seen = []
     dets, kept = engine.predict(model, loader, torch.device("cpu"), label_map.category_ids, keep_images=2,

@@ -291,6 +291,10 @@ def test_trials_change_names_the_first_difference_and_ignores_order(tmp_path):
     assert trials_change(list(reversed(saved)), trials) is None
     assert trials_change(saved[:-1], trials) == "trial 'fasterrcnn_r18_fpn-full' is new"
     assert trials_change(saved, trials[1:]) == "trial 'detr_r18-full' is no longer in it"
+    # How failures are handled may change between runs (e.g. on_resume_errored: restart after a fix).
+    saved[0]["config"]["fault_tolerance"]["on_resume_errored"] = "skip"
+    saved[0]["config"]["fault_tolerance"]["max_failures"] = 5
+    assert trials_change(saved, trials) is None
     del saved[0]["config"]["detr"]["nheads"]
     assert trials_change(saved, trials) == "trial 'detr_r18-full': detr.nheads was absent, is now 4"
 
@@ -335,9 +339,11 @@ def test_resume_with_an_unreadable_trial_list_stops_before_ray_starts(tmp_path):
         f"{{trial_id, config}}); pass --fresh to start over, or --output-dir for another folder"]
 
 
-def test_resume_of_a_run_without_a_trial_list_warns(tmp_path, capsys):
-    (tmp_path / "smoke").mkdir()
-    assert run.check_resume(str(tmp_path / "smoke"), _smoke_trials(tmp_path)) is None
-    assert capsys.readouterr().err.splitlines() == [
-        f"warning: {tmp_path / 'smoke' / 'trials.json'} is missing (a run from an older detsweep); resuming "
-        f"without checking that the sweep is unchanged"]
+def test_resume_of_a_run_without_a_trial_list_stops_before_ray_starts(tmp_path):
+    root = tmp_path / "smoke"
+    (root / "tune").mkdir(parents=True)
+    out = _cli("sweeps/smoke.yaml", "--output-dir", str(tmp_path), "--resume")
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"error: --resume: {root / 'trials.json'} is missing, so the trials this run started with are unknown "
+        f"(a run from an older detsweep); pass --fresh to start over, or --output-dir for another folder"]

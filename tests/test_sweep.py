@@ -47,7 +47,8 @@ def test_results_row_gpu_hours_hostname_and_checkpoint(tmp_path):
     ckpt.mkdir(parents=True)
     cb._started[trial.trial_id] = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
     tune_trial = SimpleNamespace(config={"trial_id": trial.trial_id},
-                                 last_result={"ap": 0.5, "hostname": "gpu-node-7", "gpu_name": "NVIDIA A10G",
+                                 last_result={"ap": 0.5, "rank0_hostname": "gpu-node-7", "hostname": "head-node",
+                                              "gpu_name": "NVIDIA A10G",
                                               "epochs_completed": 1, "checkpoint_path": "ignored"})
     row = cb._row(tune_trial, "ok", None)
     assert abs(row["wall_s"] - 7200) < 60

@@ -186,8 +186,8 @@ def test_a_trial_no_node_can_hold_stops_before_any_trial_starts(ray_cluster, tmp
 
 @pytest.mark.parametrize("mode", ["restart", "skip"])
 def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_root, mode):
-    """A trial failed on a bad weights file; the user fixes the file and resumes. `restart` runs
-    it again from scratch (now ok); `skip` leaves it as it was."""
+    """A trial failed on a bad weights file; the user fixes the file, sets on_resume_errored and
+    resumes. `restart` runs it again from scratch (now ok); `skip` leaves it as it was."""
     import dataclasses
 
     import torch
@@ -200,7 +200,6 @@ def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_r
     sweep = tiny_sweep(tmp_path, synthetic_root, name=f"errored-{mode}")
     sweep["train"]["epochs"] = 1
     sweep["model"]["detr"]["weights"] = str(weights)
-    sweep["fault_tolerance"] = {"on_resume_errored": mode}
     path = write_sweep(tmp_path, sweep)
     root = tmp_path / "results" / f"errored-{mode}"
     assert run.main([str(path)]) == 1  # its only trial failed: a failed command
@@ -209,6 +208,8 @@ def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_r
     (trial,) = expand(parse_sweep(sweep))
     model = build_model(trial.model, dataclasses.replace(trial.detr, weights="none"), num_classes=3)
     torch.save({"model": model.detr.state_dict()}, weights)  # the official checkpoint layout
+    sweep["fault_tolerance"] = {"on_resume_errored": mode}  # may change between runs
+    write_sweep(tmp_path, sweep)
     assert run.main([str(path), "--resume"]) == (0 if mode == "restart" else 1)
     (row,) = pq.read_table(root / "results.parquet").to_pylist()
     assert row["status"] == ("ok" if mode == "restart" else "error"), row["error"]
