@@ -184,13 +184,24 @@ def delete_dir(uri: str) -> None:
 
 
 def latest_checkpoint(run_uri: str) -> str | None:
-    """The newest `checkpoint_<timestamp>` folder of a Ray Train run (Ray names them by time, so
-    the largest name is the newest), or None when the run has none."""
+    """The `checkpoint_*` folder of a Ray Train run that holds the latest epoch, by the `epoch` of
+    its `meta.json` (Ray names the folders by each node's local clock, which restarts and clock
+    skew can reorder); a folder without a readable meta.json (an upload cut short) is skipped.
+    None when the run has no complete checkpoint."""
     fs, path = filesystem(run_uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    names = sorted(i.base_name for i in infos
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    return f"{run_uri.rstrip('/')}/{names[-1]}" if names else None
+    best: tuple[tuple[int, float], str] | None = None
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/meta.json") as f:
+                meta = json.loads(f.read())
+            key = (int(meta["epoch"]), float(meta.get("saved_at", 0.0)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if best is None or key > best[0]:
+            best = (key, info.base_name)
+    return f"{run_uri.rstrip('/')}/{best[1]}" if best else None
 
 
 def gpu_hours(wall_s: float, gpus_held: float) -> float:

@@ -259,14 +259,20 @@ def test_gpu_hours():
         results.gpu_hours(-1, 1)
 
 
-def test_latest_checkpoint_is_the_newest_timestamped_folder(tmp_path):
+def test_latest_checkpoint_is_the_one_of_the_latest_epoch(tmp_path):
+    import json
+
     run = tmp_path / "train-t1"
     assert results.latest_checkpoint(str(run)) is None  # no run folder yet
-    for name in ("checkpoint_2026-11-23_05-54-14.770964", "checkpoint_2026-11-23_05-54-57.790161",
-                 "checkpoint_2026-11-22_23-59-59.000000"):
+    # A restart on a node whose clock is behind names epoch 2's folder before epoch 1's.
+    for name, epoch in (("checkpoint_2026-11-23_05-54-14.770964", 0), ("checkpoint_2026-11-23_05-54-57.790161", 1),
+                        ("checkpoint_2026-11-23_05-50-00.000000", 2)):
         (run / name).mkdir(parents=True)
+        (run / name / "meta.json").write_text(json.dumps({"epoch": epoch, "saved_at": 1.0e9 + epoch}))
+    (run / "checkpoint_2026-11-23_06-00-00.000000").mkdir()  # an upload cut short: no meta.json
     (run / "checkpoint_manager_snapshot.json").write_text("{}")  # a file, not a checkpoint
-    assert results.latest_checkpoint(str(run)) == f"{run}/checkpoint_2026-11-23_05-54-57.790161"
+    assert results.latest_checkpoint(str(run)) == f"{run}/checkpoint_2026-11-23_05-50-00.000000"
+    assert results.latest_checkpoint(f"file://{run}") == f"file://{run}/checkpoint_2026-11-23_05-50-00.000000"
 
 
 def test_history_drops_orphaned_epochs_of_a_crashed_attempt(tmp_path):

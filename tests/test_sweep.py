@@ -45,6 +45,7 @@ def test_results_row_gpu_hours_hostname_and_checkpoint(tmp_path):
     cb = ResultsCallback(trial.storage, "s", {trial.trial_id: trial.to_dict()}, {})
     ckpt = tmp_path / "s" / f"train-{trial.trial_id}" / "checkpoint_2026-11-23_05-54-57.790161"
     ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text('{"epoch": 0, "saved_at": 1.0}')
     cb._started[trial.trial_id] = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
     tune_trial = SimpleNamespace(config={"trial_id": trial.trial_id},
                                  last_result={"ap": 0.5, "rank0_hostname": "gpu-node-7", "hostname": "head-node",
