@@ -17,7 +17,8 @@ from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Wei
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detsweep.models.weights import IMAGENET_RESNETS, coco_rows_unusable, load_checkpoint_file, load_hub_checkpoint
+from detsweep.models.weights import (IMAGENET_RESNETS, coco_rows_unusable, load_checkpoint_file, load_hub_checkpoint,
+                                     load_imagenet_body)
 
 logger = logging.getLogger(__name__)
 
@@ -188,25 +189,12 @@ def build_faster_rcnn(
         # torchvision's own builder resets it to 0 for exactly these weights.
         _set_frozen_bn_eps(model, 0.0)
     elif weights == "imagenet":
-        _load_imagenet_body(model.backbone.body, enum)
+        load_imagenet_body(model.backbone.body, enum, "the FPN backbone's ResNet body")
+        logger.info("%s: loaded into the backbone body; FPN, RPN and heads freshly initialised", enum)
     elif is_path:
         load_detector_state_dict(model, load_checkpoint_file(weights), category_ids=category_ids,
                                  category_ids_are_coco=category_ids_are_coco, source=str(weights))
     return FasterRCNNDetector(model, num_classes)
-
-
-def _load_imagenet_body(body: nn.Module, enum: WeightsEnum) -> None:
-    """Load torchvision's ImageNet ResNet weights `enum` into the FPN backbone's ResNet body
-    (conv1, bn1, layer1..4: the classifier `fc` has no place there), strictly."""
-    state = load_hub_checkpoint(enum.url)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{enum.url}: expected a ResNet state dict, got {type(state).__name__}")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        body.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{enum.url}: does not fit this ResNet body: {err}") from err
-    logger.info("%s: loaded into the backbone body; FPN, RPN and heads freshly initialised", enum)
 
 
 def load_detector_state_dict(

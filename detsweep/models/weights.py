@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, ResNet101_Weights, WeightsEnum
 
 from detsweep.models.detr import DETR
@@ -99,17 +99,23 @@ def load_imagenet_backbone(detr: DETR) -> dict[str, Any]:
     their random init."""
     backbone = detr.backbone[0]
     enum = IMAGENET_RESNETS[backbone.name]
+    load_imagenet_body(backbone.body, enum, f"DETR's {backbone.name} backbone")
+    log.info("loaded %s into DETR's backbone.0.body; input_proj, transformer, queries and heads are freshly "
+             "initialised", enum)
+    return {"source": "imagenet", "backbone": str(enum)}
+
+
+def load_imagenet_body(body: nn.Module, enum: WeightsEnum, what: str) -> None:
+    """torchvision's ImageNet ResNet weights `enum` into a ResNet `body` (conv1, bn1, layer1..4) of a
+    detector, `what`, strictly: the classifier `fc.*` has no place there. Hash-checked, weights_only."""
     state = load_hub_checkpoint(enum.url)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{enum.url}: expected a ResNet state dict, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
-        backbone.body.load_state_dict(state, strict=True)
+        body.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{enum.url}: does not fit DETR's {backbone.name} backbone: {err}") from err
-    log.info("loaded %s into DETR's backbone.0.body; input_proj, transformer, queries and heads are freshly "
-             "initialised", enum)
-    return {"source": "imagenet", "backbone": str(enum)}
+        raise ValueError(f"{enum.url}: does not fit {what}: {err}") from err
 
 
 def _coco_state_dict() -> dict[str, Tensor]:

@@ -172,7 +172,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, synt
     assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
 
 
-def test_a_trial_no_node_can_hold_stops_before_any_trial_starts(ray_cluster, tmp_path, synthetic_root, capsys):
+def test_a_trial_bigger_than_the_cluster_stops_before_any_trial_starts(ray_cluster, tmp_path, synthetic_root, capsys):
     """4 CPUs in the test cluster, a trial of 2 workers x 3 CPUs: Train would wait forever."""
     sweep = tiny_sweep(tmp_path, synthetic_root, name="toobig")
     sweep["resources"]["cpus_per_worker"] = 3
