@@ -149,9 +149,18 @@ def max_concurrent(trials: list["TrialConfig"], cluster: dict[str, float]) -> in
     return max(1, most_at_once(trials, cluster))
 
 
-def unfit(trials: list["TrialConfig"], cluster: dict[str, float]) -> list["TrialConfig"]:
-    """The trials that `cluster` cannot run even once: Train would wait for their workers."""
-    return [t for t in trials if fits(t, cluster) == 0]
+def unfit(trials: list["TrialConfig"], cluster: dict[str, float],
+          nodes: list[dict[str, float]] | None = None) -> list["TrialConfig"]:
+    """The trials that `cluster` (its total resources) cannot run even once, or, given its `nodes`'
+    resources, whose DDP worker is bigger than every node: Train would wait for their workers."""
+    return [t for t in trials if fits(t, cluster) == 0 or (nodes is not None and not worker_fits_a_node(t, nodes))]
+
+
+def worker_fits_a_node(trial: "TrialConfig", nodes: list[dict[str, float]]) -> bool:
+    """Whether one DDP worker of `trial` (one placement-group bundle) fits on some node."""
+    r = trial.resources
+    return any(node.get("CPU", 0.0) >= r.cpus_per_worker and node.get("GPU", 0.0) >= r.gpus_per_worker
+               for node in nodes)
 
 
 def trial_table(trials: list["TrialConfig"], concurrency: int | None = None,

@@ -279,6 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     return run_sweep(sweep, trials, root, args, resumed_concurrency)
 
 
+def _unfit_reason(trial: TrialConfig, cluster: dict[str, float], nodes: list[dict[str, float]]) -> str:
+    if unfit([trial], cluster):
+        return (f"trial {trial.trial_id!r} needs {_resources_text(trial_resources(trial))} but the cluster has "
+                f"{_resources_text(cluster)}")
+    r = trial.resources
+    worker = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+    largest = {k: max(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    return (f"trial {trial.trial_id!r}: one DDP worker needs {_resources_text(worker)} on one node, but the "
+            f"largest node has CPU={largest['CPU']:g}, GPU={largest['GPU']:g}")
+
+
 def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.Namespace,
               resumed: int | None) -> int:
     """Start (or connect to) Ray, print the plan for the cluster it finds, and fit the Tuner.
@@ -298,12 +309,12 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse
     if not ray.is_initialized():
         ray.init(log_to_driver=not args.quiet)
     cluster = {k: float(ray.cluster_resources().get(k, 0.0)) for k in ("CPU", "GPU")}
-    too_big = unfit(trials, cluster)
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    too_big = unfit(trials, cluster, nodes)
     # Train would wait forever. Not checked on --resume: the run passed this check when it started,
     # and an autoscaling cluster that has shrunk since grows back for the pending trials.
     if too_big and not args.resume and configured_concurrency(sweep, args.max_concurrent)[0] is None:
-        print(f"error: trial {too_big[0].trial_id!r} needs {_resources_text(trial_resources(too_big[0]))} but the "
-              f"cluster has {_resources_text(cluster)}; lower resources in {args.sweep}, or set "
+        print(f"error: {_unfit_reason(too_big[0], cluster, nodes)}; lower resources in {args.sweep}, or set "
               f"max_concurrent_trials for a cluster that autoscales", file=sys.stderr)
         return 2
     if args.resume:  # Tuner.restore keeps the TuneConfig, max_concurrent_trials included

@@ -347,3 +347,21 @@ def test_resume_of_a_run_without_a_trial_list_stops_before_ray_starts(tmp_path):
     assert out.stderr.splitlines() == [
         f"error: --resume: {root / 'trials.json'} is missing, so the trials this run started with are unknown "
         f"(a run from an older detsweep); pass --fresh to start over, or --output-dir for another folder"]
+
+
+def test_a_worker_bigger_than_every_node_is_unfit_though_the_total_fits(tmp_path):
+    from detsweep.grid import unfit
+
+    sweep = parse_sweep({"name": "s", "storage": str(tmp_path), "grid": {"regime": ["full"]},
+                         "resources": {"ddp_workers": 2, "cpus_per_worker": 8, "gpus_per_worker": 1}})
+    (trial,) = expand(sweep)
+    cluster = {"CPU": 16.0, "GPU": 2.0}  # two nodes of CPU=8, GPU=1 hold it; two of CPU=4, GPU=1 do not
+    assert unfit([trial], cluster, [{"CPU": 8.0, "GPU": 1.0}] * 2) == []
+    small = [{"CPU": 4.0, "GPU": 1.0}] * 4
+    assert unfit([trial], cluster, small) == [trial]
+    assert unfit([trial], cluster) == []  # totals alone cannot tell
+    assert run._unfit_reason(trial, cluster, small) == (
+        "trial 'detr_r50-full': one DDP worker needs CPU=8, GPU=1 on one node, but the largest node has "
+        "CPU=4, GPU=1")
+    assert run._unfit_reason(trial, {"CPU": 8.0, "GPU": 2.0}, small) == (
+        "trial 'detr_r50-full' needs CPU=16, GPU=2 but the cluster has CPU=8, GPU=2")
