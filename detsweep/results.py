@@ -5,16 +5,12 @@ Used by the sweep driver only; nothing here imports ray or torch.
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import importlib.metadata
 import json
 import logging
 import math
 import numbers
 import os
 import secrets
-import socket
-import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,8 +18,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-import detsweep
 
 log = logging.getLogger(__name__)
 
@@ -367,36 +361,3 @@ class ResultsStore:
         if status is None:
             return set(ids)
         return {t for t, s in zip(ids, table.column("status").to_pylist()) if s == status}
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def _git_sha() -> str | None:
-    """HEAD of the repo that holds the detsweep package, None if not a git checkout."""
-    package_dir = Path(detsweep.__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package_dir,
-                             capture_output=True, text=True, timeout=5, check=True).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    # Only trust a repo whose top level holds this package, not some enclosing unrelated repo.
-    if len(out) != 2 or Path(out[0]).resolve() != package_dir.parent:
-        return None
-    return out[1]
-
-
-def provenance() -> dict[str, str | None]:
-    """Provenance columns known on the driver; torch/ray versions without importing them."""
-    return {
-        "detsweep_version": detsweep.__version__,
-        "git_sha": _git_sha(),
-        "torch_version": _version("torch"),
-        "ray_version": _version("ray"),
-        "hostname": socket.gethostname(),
-    }

@@ -13,8 +13,8 @@ import ray.tune
 from ray.tune import Callback
 
 from detsweep.config import Sweep, TrialConfig
-from detsweep.results import (RESULTS_SCHEMA, ResultsStore, gpu_hours, infer_extra_columns, latest_checkpoint,
-                              provenance)
+from detsweep.provenance import provenance
+from detsweep.results import RESULTS_SCHEMA, ResultsStore, gpu_hours, infer_extra_columns, latest_checkpoint
 from detsweep.worker import train_fn_per_worker
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import detsweep
+from detsweep import provenance as provenance_mod
 from detsweep import results
-from detsweep.results import (RESULTS_SCHEMA, ResultsStore, infer_extra_columns, provenance,
+from detsweep.provenance import provenance
+from detsweep.results import (RESULTS_SCHEMA, ResultsStore, infer_extra_columns,
                               results_schema, rows_to_table, write_parquet_atomic)
 
 UTC = dt.timezone.utc
@@ -202,7 +204,7 @@ def test_provenance_fields():
 
 
 def test_provenance_does_not_import_torch_or_ray():
-    code = ("import sys; from detsweep.results import provenance; p = provenance(); "
+    code = ("import sys; from detsweep.provenance import provenance; p = provenance(); "
             "assert p['torch_version']; assert 'torch' not in sys.modules and 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -211,11 +213,11 @@ def test_git_sha_none_outside_a_repo(monkeypatch, tmp_path):
     fake = tmp_path / "detsweep"
     fake.mkdir()
     monkeypatch.setattr(detsweep, "__file__", str(fake / "__init__.py"))
-    results._git_sha.cache_clear()
+    provenance_mod._git_sha.cache_clear()
     try:
-        assert results._git_sha() is None
+        assert provenance_mod._git_sha() is None
     finally:
-        results._git_sha.cache_clear()
+        provenance_mod._git_sha.cache_clear()
 
 
 @pytest.mark.parametrize("scheme", ["", "file://"])
