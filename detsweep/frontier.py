@@ -26,8 +26,6 @@ METADATA_KEY = b"detsweep.frontier"
 # Why a trial without an error message was excluded, by status.
 _STATUS_REASONS = {"stopped": "stopped early by the scheduler", "running": "unfinished (running)",
                    "error": "no error message"}
-# Config columns the Sweep section lists on lines of their own rather than among the varying axes.
-_OWN_LINE_COLUMNS = ("sweep", "model", "backbone", "regime", "data", "epochs")
 
 
 class FrontierError(ValueError):
@@ -90,7 +88,8 @@ def resolve_objectives(table: pa.Table, objectives: list[Objective]) -> tuple[li
     return resolved, notes
 
 
-def _column(table: pa.Table, name: str) -> list:
+def column_list(table: pa.Table, name: str) -> list:
+    """A column's values as a list; all None when the table lacks it (older or partial results)."""
     return table.column(name).to_pylist() if name in table.column_names else [None] * len(table)
 
 
@@ -107,8 +106,8 @@ def compute_frontier(table: pa.Table, objectives: list[Objective], sweep: str | 
     table = table.drop_columns([c for c in pareto.ADDED_COLUMNS if c in table.column_names])
     objectives, notes = resolve_objectives(table, objectives)
     values = np.column_stack([_column_values(table, o.column) for o in objectives])
-    status = _column(table, "status")
-    trial_ids = [str(t) for t in _column(table, "trial_id")]
+    status = column_list(table, "status")
+    trial_ids = [str(t) for t in column_list(table, "trial_id")]
     valid = np.array([s == "ok" for s in status]) & np.isfinite(values).all(axis=1)
     maximise = [o.maximise for o in objectives]
 
@@ -126,14 +125,14 @@ def compute_frontier(table: pa.Table, objectives: list[Objective], sweep: str | 
     norms = pareto.fit_normalisation(values[idx], objectives)
     front = values[idx][ranks_valid == 1]
     hv = pareto.hypervolume(pareto.normalise(front, norms), pareto.REFERENCE_POINT)
-    errors = _column(table, "error")
+    errors = column_list(table, "error")
     excluded = []
     for i in np.flatnonzero(~valid):
         missing = [o.column for j, o in enumerate(objectives) if not np.isfinite(values[i, j])]
         excluded.append({"trial_id": trial_ids[i], "status": status[i],
                          "reason": _exclusion_reason(status[i], errors[i], missing)})
     if sweep is None:
-        names = sorted({s for s in _column(table, "sweep") if s})
+        names = sorted({s for s in column_list(table, "sweep") if s})
         sweep = ", ".join(names) or "unnamed sweep"
     result = Frontier(sweep, objectives, out, values, valid, norms, hv, excluded, notes)
     replicates = pareto.aggregate_replicates(out, values, valid, objectives, norms)

@@ -8,8 +8,11 @@ import numpy as np
 import pyarrow as pa
 
 from detsweep import pareto
-from detsweep.frontier import _OWN_LINE_COLUMNS, Frontier, _column, headline_index
+from detsweep.frontier import Frontier, column_list, headline_index
 from detsweep.results import RESULTS_SCHEMA, STATUSES
+
+# Config columns the Sweep section lists on lines of their own rather than among the varying axes.
+_OWN_LINE_COLUMNS = ("sweep", "model", "backbone", "regime", "data", "epochs")
 
 
 def _fmt(value: object) -> str:
@@ -38,7 +41,7 @@ def _plural(n: int, noun: str) -> str:
 
 def _distinct(table: pa.Table, column: str) -> list:
     """Sorted distinct non-null (and non-NaN) values of a column; [] when the column is absent."""
-    return sorted({v for v in _column(table, column) if v is not None and v == v})
+    return sorted({v for v in column_list(table, column) if v is not None and v == v})
 
 
 def _values(table: pa.Table, column: str) -> str:
@@ -47,7 +50,7 @@ def _values(table: pa.Table, column: str) -> str:
 
 def _sweep_lines(table: pa.Table) -> list[str]:
     """The Sweep section of report.md: what ran, where, with what code, for how long, at what cost."""
-    status = _column(table, "status")
+    status = column_list(table, "status")
     counts = ", ".join(f"{status.count(s)} {s}" for s in STATUSES if s in status)
     axes = [c for c in pareto.CONFIG_COLUMNS + ["seed"] if c not in _OWN_LINE_COLUMNS]
     axes += [c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in pareto.ADDED_COLUMNS]
@@ -55,8 +58,8 @@ def _sweep_lines(table: pa.Table) -> list[str]:
     started, finished = _distinct(table, "started_at"), _distinct(table, "finished_at")
     span = f"{f'{started[0]:%Y-%m-%d %H:%M:%S}' if started else '-'} .. " \
            f"{f'{finished[-1]:%Y-%m-%d %H:%M:%S}' if finished else '-'} UTC"
-    wall = sum(v for v in _column(table, "wall_s") if v is not None and v == v)
-    gpu_hours = [v for v in _column(table, "gpu_hours") if v is not None and v == v]
+    wall = sum(v for v in column_list(table, "wall_s") if v is not None and v == v)
+    gpu_hours = [v for v in column_list(table, "gpu_hours") if v is not None and v == v]
     return [f"- trials: {len(table)} ({counts or 'no status'})",
             f"- models: {_values(table, 'model')}; backbones: {_values(table, 'backbone')}",
             f"- regimes: {_values(table, 'regime')}",
@@ -76,7 +79,7 @@ def _nothing_ranked(fr: Frontier) -> str:
     """Why the front is empty, or '' when something was ranked."""
     if fr.valid.any():
         return ""
-    if "ok" not in _column(fr.table, "status"):
+    if "ok" not in column_list(fr.table, "status"):
         return "No trial finished (status ok): nothing to rank."
     return "No finished trial has a value for every objective: nothing to rank."
 

@@ -184,12 +184,20 @@ def dry_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.N
     where = f"{_resources_text(cluster)} ({'assumed' if assumed else 'this machine'})"
     print(f"sweep {sweep.name!r} from {args.sweep} -> {root}")
     print(f"cluster: {where}")
-    print(trial_table(trials, concurrency_for(sweep, trials, cluster, args.max_concurrent), cluster))
-    print(concurrency_line(sweep, trials, cluster, args.max_concurrent))
+    _print_plan(sweep, trials, cluster, args, concurrency_for(sweep, trials, cluster, args.max_concurrent),
+                concurrency_line(sweep, trials, cluster, args.max_concurrent), where)
+    return 0
+
+
+def _print_plan(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], args: argparse.Namespace,
+                n: int | None, line: str, where: str) -> None:
+    """The trial table with `n` at once, the concurrency `line`, and a warning on stderr when some
+    trial fits 0 times on `cluster` (described by `where`): the same for --dry-run and a run."""
+    print(trial_table(trials, n, cluster))
+    print(line, flush=True)
     warning = unfit_warning(sweep, trials, cluster, args.max_concurrent, where)
     if warning:
-        print(warning, file=sys.stderr)
-    return 0
+        print(warning, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,11 +331,7 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse
         n, line = (concurrency_for(sweep, trials, cluster, args.max_concurrent),
                    concurrency_line(sweep, trials, cluster, args.max_concurrent))
     print(f"sweep {sweep.name!r}: {len(trials)} trials on {_resources_text(cluster)} -> {root}")
-    print(trial_table(trials, n, cluster))
-    print(line, flush=True)
-    warning = unfit_warning(sweep, trials, cluster, args.max_concurrent, f"the cluster ({_resources_text(cluster)})")
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
+    _print_plan(sweep, trials, cluster, args, n, line, f"the cluster ({_resources_text(cluster)})")
     if not args.resume or resumed is None:
         save_trials(root, trials, n)  # before the Tuner writes <root>/tune: every run has its trial list
     if args.resume:

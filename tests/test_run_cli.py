@@ -299,6 +299,14 @@ def test_trials_change_names_the_first_difference_and_ignores_order(tmp_path):
     assert trials_change(saved, trials) == "trial 'detr_r18-full': detr.nheads was absent, is now 4"
 
 
+def _refused_resume(tmp_path: Path) -> list[str]:
+    """`--resume` of the smoke sweep in `tmp_path`: it must exit 2 before Ray starts (nothing on
+    stdout, no plan); returns its stderr lines."""
+    out = _cli("sweeps/smoke.yaml", "--output-dir", str(tmp_path), "--resume")
+    assert out.returncode == 2 and out.stdout == ""
+    return out.stderr.splitlines()
+
+
 def _earlier_run(tmp_path: Path, trials: list[TrialConfig]) -> Path:
     root = tmp_path / "smoke"
     (root / "tune").mkdir(parents=True)
@@ -309,20 +317,15 @@ def _earlier_run(tmp_path: Path, trials: list[TrialConfig]) -> Path:
 def test_resume_with_a_changed_config_stops_before_ray_starts(tmp_path):
     sweep = load_sweep(REPO / "sweeps" / "smoke.yaml")
     root = _earlier_run(tmp_path, _smoke_trials(tmp_path, train=dataclasses.replace(sweep.train, lr=2e-4)))
-    out = _cli("sweeps/smoke.yaml", "--output-dir", str(tmp_path), "--resume")
-    assert out.returncode == 2
-    assert out.stderr.splitlines() == [
+    assert _refused_resume(tmp_path) == [
         f"error: --resume: the sweep changed since the run in {root} started: trial 'detr_r18-full': train.lr was "
         f"0.0002, is now 0.0001; pass --fresh to start over, or --output-dir for another folder"]
-    assert out.stdout == ""
 
 
 def test_resume_with_a_changed_grid_stops_before_ray_starts(tmp_path):
     sweep = load_sweep(REPO / "sweeps" / "smoke.yaml")
     root = _earlier_run(tmp_path, _smoke_trials(tmp_path, grid={**sweep.grid, "lora.rank": (4, 16)}))
-    out = _cli("sweeps/smoke.yaml", "--output-dir", str(tmp_path), "--resume")
-    assert out.returncode == 2
-    assert out.stderr.splitlines() == [
+    assert _refused_resume(tmp_path) == [
         f"error: --resume: the sweep changed since the run in {root} started: trial "
         f"'detr_r18-lora_only-r16-attention_only' is no longer in it; pass --fresh to start over, or --output-dir "
         f"for another folder"]
@@ -332,9 +335,7 @@ def test_resume_with_an_unreadable_trial_list_stops_before_ray_starts(tmp_path):
     root = tmp_path / "smoke"
     (root / "tune").mkdir(parents=True)
     (root / "trials.json").write_text('{"trials": "none"}')
-    out = _cli("sweeps/smoke.yaml", "--output-dir", str(tmp_path), "--resume")
-    assert out.returncode == 2
-    assert out.stderr.splitlines() == [
+    assert _refused_resume(tmp_path) == [
         f"error: --resume: {root / 'trials.json'} is not a trial list saved by detsweep (no list of "
         f"{{trial_id, config}}); pass --fresh to start over, or --output-dir for another folder"]
 
@@ -342,9 +343,7 @@ def test_resume_with_an_unreadable_trial_list_stops_before_ray_starts(tmp_path):
 def test_resume_of_a_run_without_a_trial_list_stops_before_ray_starts(tmp_path):
     root = tmp_path / "smoke"
     (root / "tune").mkdir(parents=True)
-    out = _cli("sweeps/smoke.yaml", "--output-dir", str(tmp_path), "--resume")
-    assert out.returncode == 2
-    assert out.stderr.splitlines() == [
+    assert _refused_resume(tmp_path) == [
         f"error: --resume: {root / 'trials.json'} is missing, so the trials this run started with are unknown "
         f"(a run from an older detsweep); pass --fresh to start over, or --output-dir for another folder"]
 
