@@ -14,10 +14,8 @@ import logging
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 TITLE = "DETR training step (bench/detr_step.py)"
 VARIANTS = ("full", "frozen_backbone")
@@ -83,10 +81,9 @@ def run_variant(variant: str, device_name: str, steps: int, threads: int) -> dic
 def run_in_subprocess(variant: str, device_name: str, steps: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--device", device_name, "--steps", str(steps),
            "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    if out.returncode != 0:
-        sys.exit(f"variant {variant} on {device_name} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from results_md import child_json
+
+    return child_json(cmd, f"variant {variant} on {device_name}")
 
 
 def format_table(rows: list[dict]) -> str:

@@ -16,7 +16,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -196,10 +195,9 @@ def _title() -> str:
 
 def _subprocess(args: list[str], threads: int) -> dict:
     cmd = [sys.executable, __file__, *args, "--threads", str(threads), "--image-size", str(IMAGE_SIZE)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from results_md import child_json
+
+    return child_json(cmd, " ".join(args))
 
 
 def _table(rows: list[dict]) -> str:
