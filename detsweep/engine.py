@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -25,6 +25,34 @@ def to_device(images: list[torch.Tensor], targets: list[dict[str, Any]] | None, 
         targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in targets]
     return images, targets
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that `train.amp` (`auto | bf16 | fp16 | off`) gives on `device`; None = fp32."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def lr_lambda(train: Any, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier on each param group's base lr per optimizer step (`LambdaLR`): linear warm-up over
+    `train.warmup_steps`, then `train.lr_schedule` (`step`: x0.1 from `train.lr_drop_epoch`, default
+    2/3 of the epochs as the official 200 of 300; `cosine`; `constant`)."""
+    total = max(1, train.epochs * steps_per_epoch)
+    drop_epoch = train.lr_drop_epoch or max(1, round(2 * train.epochs / 3))
+
+    def f(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_schedule == "step":
+            return 0.1 if step >= drop_epoch * steps_per_epoch else 1.0
+        if train.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return 1.0
+
+    return f
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):

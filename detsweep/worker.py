@@ -24,35 +24,6 @@ MODEL_STATE = "model.pt"
 META = "meta.json"
 
 
-def _amp_dtype(amp: str, device: Any):
-    import torch
-
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def _lr_lambda(train: Any, steps_per_epoch: int):
-    """Multiplier on each group's base lr, per optimizer step: linear warm-up, then the schedule."""
-    import math
-
-    total = max(1, train.epochs * steps_per_epoch)
-    drop_epoch = train.lr_drop_epoch or max(1, round(2 * train.epochs / 3))  # official: 200 of 300
-
-    def f(step: int) -> float:
-        if train.warmup_steps and step < train.warmup_steps:
-            return (step + 1) / train.warmup_steps
-        if train.lr_schedule == "step":
-            return 0.1 if step >= drop_epoch * steps_per_epoch else 1.0
-        if train.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-        return 1.0
-
-    return f
-
-
 def _model_state(module: Any, regime: str) -> dict:
     """A LoRA trial keeps only its adapters and heads; other regimes keep the whole model."""
     if regime == "lora_only":
@@ -137,8 +108,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     val_loader = ray.train.torch.prepare_data_loader(
         DataLoader(val_ds, sampler=val_sampler, **loader_kw), add_dist_sampler=False, move_to_device=on_cuda)
     steps_per_epoch = len(train_loader)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t, steps_per_epoch))
-    amp_dtype = _amp_dtype(t.amp, device)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.lr_lambda(t, steps_per_epoch))
+    amp_dtype = engine.amp_dtype_for(t.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start_epoch, history, totals = 0, [], {"train_s": 0.0, "eval_s": 0.0}

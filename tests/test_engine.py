@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 
 from detsweep import engine
 from detsweep.data.coco import build_datasets, collate_fn
+from detsweep.engine import amp_dtype_for, lr_lambda
 from detsweep.models.detr_detector import build_detr_detector
-from detsweep.worker import _lr_lambda
 
 TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=64,
             num_queries=5, dropout=0.0)
@@ -98,12 +98,12 @@ def test_gather_detections_across_two_gloo_ranks_dedups_on_rank_0(tmp_path):
 
 def test_lr_schedule_warmup_step_and_cosine():
     train = SimpleNamespace(epochs=3, warmup_steps=2, lr_schedule="step", lr_drop_epoch=2)
-    f = _lr_lambda(train, steps_per_epoch=4)
+    f = lr_lambda(train, steps_per_epoch=4)
     assert [f(s) for s in range(12)] == [0.5, 1.0, 1, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1]
     train = SimpleNamespace(epochs=2, warmup_steps=0, lr_schedule="cosine", lr_drop_epoch=None)
-    g = _lr_lambda(train, steps_per_epoch=5)
+    g = lr_lambda(train, steps_per_epoch=5)
     assert g(0) == 1.0 and math.isclose(g(5), 0.5) and math.isclose(g(10), 0.0, abs_tol=1e-12)
-    default_drop = _lr_lambda(SimpleNamespace(epochs=300, warmup_steps=0, lr_schedule="step", lr_drop_epoch=None), 1)
+    default_drop = lr_lambda(SimpleNamespace(epochs=300, warmup_steps=0, lr_schedule="step", lr_drop_epoch=None), 1)
     assert default_drop(199) == 1.0 and default_drop(200) == 0.1  # the official recipe: 200 of 300
 
 
@@ -126,9 +126,8 @@ def test_gradients_are_clipped_to_the_configured_norm(data):
     ("bf16", "cpu", None), ("auto", "cpu", None),  # AMP is a CUDA feature here: CPU trains in fp32
 ])
 def test_amp_dtype_choice(amp, device, expected):
-    from detsweep.worker import _amp_dtype
 
-    assert _amp_dtype(amp, torch.device(device)) == expected
+    assert amp_dtype_for(amp, torch.device(device)) == expected
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
