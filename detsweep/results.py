@@ -1,6 +1,7 @@
-"""The results schema (one row per trial), the per-epoch history, and their atomic Parquet writers.
+"""The results schema (one row per trial) and the per-epoch history: the one place where a results
+column is defined, with the trial-config value it shows; `ResultsStore` reads and writes both files.
 
-Used by the sweep driver only; nothing here imports ray or torch.
+Used by the sweep driver and the frontier; nothing here imports ray or torch.
 """
 from __future__ import annotations
 
@@ -10,14 +11,13 @@ import logging
 import math
 import numbers
 import os
-import secrets
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+
+from detsweep.storage import HISTORY_FILE, RESULTS_FILE, is_local, join, read_parquet, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,70 @@ _F64, _I32, _I64, _STR = pa.float64(), pa.int32(), pa.int64(), pa.string()
 _QUALITY = ["ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
             "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large"]
 
+def _lora(key: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda t: t["lora"][key] if t["lora"] else None
+
+
+def _detr(key: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda t: t["detector"][key] if t["family"] == "detr" else None
+
+
+@dataclass(frozen=True)
+class ConfigColumn:
+    """A results column that shows a trial's configuration.
+
+    `get` reads it from a trial config dict (`TrialConfig.to_dict()`); `keys` are the dotted sweep
+    keys it shows, so a grid axis on one of them gets no extra column; `replicate`: seed replicates
+    share its value (all but the seed); `own_line`: report.md's Sweep section names it on a line."""
+
+    name: str
+    dtype: pa.DataType
+    get: Callable[[dict[str, Any]], Any]
+    keys: tuple[str, ...] = ()
+    replicate: bool = True
+    own_line: bool = False
+
+
+# The one list of config columns (lora_* null where the trial has no LoRA, DETR's null for Faster R-CNN).
+CONFIG_COLUMNS: tuple[ConfigColumn, ...] = (
+    ConfigColumn("model", _STR, lambda t: t["model"], ("model",), own_line=True),
+    ConfigColumn("regime", _STR, lambda t: t["regime"], ("regime",), own_line=True),
+    ConfigColumn("lora_rank", _I32, _lora("rank"), ("lora.rank",)),
+    ConfigColumn("lora_placement", _STR, _lora("placement"), ("lora.placement",)),
+    ConfigColumn("lora_alpha", _F64, _lora("alpha"), ("lora.alpha",)),
+    ConfigColumn("backbone", _STR, lambda t: t["detector"]["backbone"],
+                 ("model.detr.backbone", "model.faster_rcnn.backbone"), own_line=True),
+    ConfigColumn("num_queries", _I32, _detr("num_queries"), ("model.detr.num_queries",)),
+    ConfigColumn("dec_layers", _I32, _detr("dec_layers"), ("model.detr.dec_layers",)),
+    ConfigColumn("epochs", _I32, lambda t: t["train"]["epochs"], ("train.epochs",), own_line=True),
+    ConfigColumn("lr", _F64, lambda t: t["train"]["lr"], ("train.lr",)),
+    ConfigColumn("seed", _I64, lambda t: t["train"]["seed"], ("train.seed",), replicate=False),
+    ConfigColumn("ddp_workers", _I32, lambda t: t["resources"]["ddp_workers"], ("resources.ddp_workers",)),
+    ConfigColumn("gpus_per_worker", _F64, lambda t: t["resources"]["gpus_per_worker"],
+                 ("resources.gpus_per_worker",)),
+    ConfigColumn("data", _STR, lambda t: f"{t['data']['kind']}:{t['data']['root']}", own_line=True),
+)
+# Dotted sweep keys that already have a config column.
+KEYS_WITH_COLUMNS = frozenset(k for c in CONFIG_COLUMNS for k in c.keys)
+# Columns that replicates (the same config, other seeds) share, and those report.md names on a line.
+REPLICATE_COLUMNS = ("sweep",) + tuple(c.name for c in CONFIG_COLUMNS if c.replicate)
+OWN_LINE_COLUMNS = ("sweep",) + tuple(c.name for c in CONFIG_COLUMNS if c.own_line)
+# Columns the driver fills in itself, never from a worker's report.
+DRIVER_COLUMNS = frozenset({"sweep", "trial_id", "status", "error", "wall_s", "gpu_hours", "started_at",
+                            "finished_at", "detsweep_version", "git_sha", "torch_version", "ray_version",
+                            "checkpoint_path", "hostname", "gpu_name"})
+
+
+def config_values(trial: dict[str, Any]) -> dict[str, Any]:
+    """The config columns of one trial config dict."""
+    return {c.name: c.get(trial) for c in CONFIG_COLUMNS}
+
+
 RESULTS_SCHEMA: pa.Schema = pa.schema(
     # identity
     [("sweep", _STR), ("trial_id", _STR), ("status", _STR), ("error", _STR)]
-    # config (lora_* null where the trial has no LoRA)
-    + [("model", _STR), ("regime", _STR), ("lora_rank", _I32), ("lora_placement", _STR),
-       ("lora_alpha", _F64), ("backbone", _STR), ("num_queries", _I32), ("dec_layers", _I32),
-       ("epochs", _I32), ("lr", _F64), ("seed", _I64), ("ddp_workers", _I32),
-       ("gpus_per_worker", _F64), ("data", _STR)]
+    # config
+    + [(c.name, c.dtype) for c in CONFIG_COLUMNS]
     # quality: COCOeval's 12 bbox stats
     + [(name, _F64) for name in _QUALITY]
     # calibration
@@ -154,115 +210,11 @@ def rows_to_table(rows: list[dict], extra_columns: Mapping[str, pa.DataType] | N
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path on it) for a local path or a URI (``s3://``, ``gs://``, ``file://``)."""
-    if _is_local(uri):
-        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
-    return pafs.FileSystem.from_uri(uri)
-
-
-def exists(uri: str) -> bool:
-    """Whether a file or folder is at ``uri``."""
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def delete_dir(uri: str) -> None:
-    """Remove the folder at ``uri`` and everything under it."""
-    fs, path = filesystem(uri)
-    fs.delete_dir(path)
-
-
-def latest_checkpoint(run_uri: str) -> str | None:
-    """The `checkpoint_*` folder of a Ray Train run that holds the latest epoch, by the `epoch` of
-    its `meta.json` (Ray names the folders by each node's local clock, which restarts and clock
-    skew can reorder); a folder without a readable meta.json (an upload cut short) is skipped.
-    None when the run has no complete checkpoint."""
-    fs, path = filesystem(run_uri)
-    best: tuple[tuple[int, float], str] | None = None
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-            continue
-        try:
-            with fs.open_input_stream(f"{info.path}/meta.json") as f:
-                meta = json.loads(f.read())
-            key = (int(meta["epoch"]), float(meta.get("saved_at", 0.0)))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if best is None or key > best[0]:
-            best = (key, info.base_name)
-    return f"{run_uri.rstrip('/')}/{best[1]}" if best else None
-
-
 def gpu_hours(wall_s: float, gpus_held: float) -> float:
     """GPU-hours of a trial: wall seconds times GPUs held (fractional allowed), over 3600."""
     if wall_s < 0 or gpus_held < 0:
         raise ValueError(f"wall_s and gpus_held must be >= 0, got wall_s={wall_s}, gpus_held={gpus_held}")
     return wall_s * gpus_held / 3600.0
-
-
-def write_atomic(uri: str, write: Callable[[Any], None]) -> None:
-    """Call ``write(stream)`` to fill the file at ``uri`` so that readers see the old file or the
-    new one, never a part.
-
-    Local path: write ``<name>.tmp-<pid>-<rand>`` in the same folder, fsync, ``os.replace``
-    (atomic rename on POSIX and Windows). URI (``s3://``, ``gs://``, ``file://``, any pyarrow.fs
-    scheme): write a temporary object next to the target, then ``fs.move``. On object stores
-    the move is a server-side copy whose single PUT is atomic, so ``uri`` is never partial.
-    On any error the temporary file is removed and the error re-raised.
-    """
-    suffix = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    if _is_local(uri):
-        path = Path(uri).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + suffix)
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return
-    fs, path = filesystem(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    tmp_path = path + suffix
-    try:
-        with fs.open_output_stream(tmp_path) as stream:
-            write(stream)
-        fs.move(tmp_path, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp_path)
-        except (OSError, FileNotFoundError):
-            pass
-        raise
-
-
-def write_bytes_atomic(data: bytes, uri: str) -> None:
-    """``data`` to ``uri``, atomically (see `write_atomic`)."""
-    write_atomic(uri, lambda stream: stream.write(data))
-
-
-def write_parquet_atomic(table: pa.Table, uri: str) -> None:
-    """``table`` as Parquet to ``uri``, atomically (see `write_atomic`)."""
-    write_atomic(uri, lambda stream: pq.write_table(table, stream))
-
-
-def read_parquet(uri: str) -> pa.Table | None:
-    """The table at ``uri``, or None when there is no file yet."""
-    if not exists(uri):
-        return None
-    fs, path = filesystem(uri)
-    return pq.read_table(path, filesystem=fs)
 
 
 def _extra_columns_of(schema: pa.Schema) -> dict[str, pa.DataType]:
@@ -277,16 +229,16 @@ class ResultsStore:
 
     def __init__(self, root_uri: str) -> None:
         self.root_uri = str(root_uri).rstrip("/")
-        if _is_local(self.root_uri):
-            self.root_uri = str(Path(self.root_uri).expanduser())
+        if is_local(self.root_uri):
+            self.root_uri = os.path.expanduser(self.root_uri)
 
     @property
     def results_uri(self) -> str:
-        return f"{self.root_uri}/results.parquet"
+        return join(self.root_uri, RESULTS_FILE)
 
     @property
     def history_uri(self) -> str:
-        return f"{self.root_uri}/history.parquet"
+        return join(self.root_uri, HISTORY_FILE)
 
     def read_results(self) -> pa.Table | None:
         """The current results table, or None before the first trial is written."""
