@@ -81,7 +81,7 @@ def run_bare(storage: str, i: int) -> float:
     on_trial_start -> on_trial_complete, in the driver."""
     import ray.tune
 
-    from detsweep.sweep import TRIAL_ACTOR_RESOURCES
+    from detsweep.cluster.tuner import TRIAL_ACTOR_RESOURCES
 
     class Walls(ray.tune.Callback):
         def __init__(self):

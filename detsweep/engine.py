@@ -3,6 +3,7 @@ same code runs under Ray, torchrun or a notebook. The model follows DESIGN.md's 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Any, Callable, Iterable
@@ -184,3 +185,72 @@ def gather_detections(detections: list[dict[str, Any]]) -> list[dict[str, Any]] 
             if owner == r:
                 merged.append(d)
     return merged
+
+
+def to_cpu(obj: Any) -> Any:
+    """`obj` (nested dicts/lists of tensors) with every tensor detached and copied to the CPU, so a
+    checkpoint written on a GPU node loads on a CPU-only machine without `map_location`."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def model_state(module: torch.nn.Module, regime: str) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model, on the CPU: a LoRA trial only its adapters and heads
+    (the base is rebuilt from its weights), other regimes the whole state dict."""
+    if regime == "lora_only":
+        from detsweep.models.lora import lora_state_dict
+
+        return to_cpu(lora_state_dict(module))
+    return to_cpu(module.state_dict())
+
+
+def load_model_state(module: torch.nn.Module, regime: str, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of `model_state`."""
+    if regime == "lora_only":
+        from detsweep.models.lora import load_lora_state_dict
+
+        load_lora_state_dict(module, state)
+    else:
+        module.load_state_dict(state)
+
+
+@dataclasses.dataclass
+class Optimization:
+    """A trial's optimizer, per-step LR schedule and (fp16 only) GradScaler."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+
+    def state_dict(self) -> dict[str, Any]:
+        return to_cpu({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                       "scaler": self.scaler.state_dict() if self.scaler is not None else None})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def prepare_training(model: torch.nn.Module, train: Any, *, steps_per_epoch: int, to: torch.device | torch.dtype,
+                     amp_dtype: torch.dtype | None, state: dict[str, Any] | None = None) -> Optimization:
+    """Move `model` to `to` (its device), then build AdamW over its param groups (`model.param_groups`:
+    heads at `train.lr`, backbone at `train.lr_backbone`), the LR schedule and the GradScaler, and load
+    a checkpoint's `state` into them. The order matters: `Optimizer.load_state_dict` casts the saved
+    moments to the device and dtype of the parameters it finds, so the model must already be where it
+    trains; loaded before the move, AdamW's state stays on the CPU and the first CUDA step fails."""
+    model.to(to)
+    optimizer = torch.optim.AdamW(model.param_groups(train.lr, train.lr_backbone, train.weight_decay),
+                                  lr=train.lr, weight_decay=train.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    opt = Optimization(optimizer, lr_scheduler, scaler)
+    if state is not None:
+        opt.load_state_dict(state)
+    return opt

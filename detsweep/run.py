@@ -1,4 +1,5 @@
-"""`python -m detsweep.run SWEEP.yaml`: load → expand → plan → Tuner.fit (or restore) → results.
+"""`python -m detsweep.run SWEEP.yaml`, the CLI only: flags → `sweep.load_sweep` → `expand` → plan →
+`cluster.tuner.fit_sweep` → summary. Imports no ray itself (the cluster package does, once a run starts).
 
 Every error in the sweep file or the flags, and a --resume of a sweep whose trials changed, is
 reported in one line, with exit status 2, before Ray starts.
@@ -7,22 +8,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
 import shutil
 import subprocess
 import sys
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from detsweep.config import Sweep, SweepError, TrialConfig, expand, load_sweep, trial_table
-from detsweep.grid import (max_concurrent, most_at_once, plain_trials, storage_root, trial_resources,
-                           trials_change, unfit)
-
-log = logging.getLogger("detsweep.run")
-
-TRIALS_FILE = "trials.json"  # <root>/trials.json: the expanded trial list a run started with
+from detsweep.results import ResultsStore
+from detsweep.storage import TUNE_DIR, delete_dir, exists, join, sweep_root
+from detsweep.sweep import Sweep, SweepError, TrialConfig, expand, load_sweep
+from detsweep.sweep.plan import (concurrency_for, concurrency_line, configured_concurrency, resources_text,
+                                 trial_resources, trial_table, unfit, unfit_warning)
+from detsweep.sweep.resume import check_resume, save_trials
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,62 +125,14 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> tuple[list[TrialConfig], str
     if args.output_dir:
         sweep = dataclasses.replace(sweep, storage=args.output_dir)
     trials = expand(sweep)
-    return trials, storage_root(sweep)
-
-
-def _resources_text(resources: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in resources.items())
-
-
-def configured_concurrency(sweep: Sweep, override: int | None) -> tuple[int | None, str]:
-    """The set value of Tune's `max_concurrent_trials` (None: not set) and where it comes from."""
-    in_file = f"max_concurrent_trials in {sweep.source}"
-    if override is not None:
-        also = f" (over {sweep.max_concurrent_trials} from {in_file})" if sweep.max_concurrent_trials else ""
-        return override, f"--max-concurrent sets {override}{also}"
-    if sweep.max_concurrent_trials is not None:
-        return sweep.max_concurrent_trials, f"{in_file} sets {sweep.max_concurrent_trials}"
-    return None, "max_concurrent_trials is not set"
-
-
-def concurrency_for(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], override: int | None) -> int:
-    """What Tune uses: --max-concurrent, else the sweep's `max_concurrent_trials`, else what `cluster` holds."""
-    configured, _ = configured_concurrency(sweep, override)
-    return configured if configured is not None else max_concurrent(trials, cluster)
-
-
-def concurrency_line(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], override: int | None) -> str:
-    """Both values, computed and set, and which one Tune uses."""
-    computed = most_at_once(trials, cluster)
-    configured, setting = configured_concurrency(sweep, override)
-    if configured is not None:
-        which = "the set value"
-    else:
-        which = "the computed value" if computed else "at least 1"
-    return (f"concurrency: the cluster fits {computed} at once; {setting}; "
-            f"Tune uses {concurrency_for(sweep, trials, cluster, override)} ({which})")
-
-
-def unfit_warning(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, float], override: int | None,
-                  where: str) -> str | None:
-    """One line when some trial fits 0 times on `cluster` (described by `where`), else None."""
-    too_big = unfit(trials, cluster)
-    if not too_big:
-        return None
-    if configured_concurrency(sweep, override)[0] is not None:
-        then = "Ray queues them until the cluster has room for their workers (an autoscaling cluster adds nodes)"
-    else:
-        then = (f"a run on this cluster stops with an error; lower resources in {sweep.source}, or set "
-                f"max_concurrent_trials (or --max-concurrent) for a cluster that autoscales")
-    return (f"warning: {len(too_big)} of {len(trials)} trials fit 0 times on {where}, first {too_big[0].trial_id!r} "
-            f"(needs {_resources_text(trial_resources(too_big[0]))}); {then}")
+    return trials, sweep_root(sweep.storage, sweep.name)
 
 
 def dry_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.Namespace,
             assumed: dict[str, float] | None) -> int:
     """Print the plan for the assumed cluster, else this machine; start nothing."""
     cluster = assumed or _local_resources()
-    where = f"{_resources_text(cluster)} ({'assumed' if assumed else 'this machine'})"
+    where = f"{resources_text(cluster)} ({'assumed' if assumed else 'this machine'})"
     print(f"sweep {sweep.name!r} from {args.sweep} -> {root}")
     print(f"cluster: {where}")
     _print_plan(sweep, trials, cluster, args, concurrency_for(sweep, trials, cluster, args.max_concurrent),
@@ -200,67 +151,10 @@ def _print_plan(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, floa
         print(warning, file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------------------------
-# <root>/trials.json: the trial list a run started with, so --resume can refuse a changed sweep.
-# --------------------------------------------------------------------------------------------
-def _trials_uri(root: str) -> str:
-    return f"{root.rstrip('/')}/{TRIALS_FILE}"
-
-
-def save_trials(root: str, trials: list[TrialConfig], concurrency: int | None) -> None:
-    """Write `<root>/trials.json` atomically, local path or URI (`results.write_atomic`)."""
-    from detsweep.results import write_bytes_atomic
-
-    text = json.dumps({"max_concurrent_trials": concurrency, "trials": plain_trials(trials)}, indent=1)
-    write_bytes_atomic(text.encode(), _trials_uri(root))
-
-
-def load_trials(root: str) -> dict[str, Any] | None:
-    """`<root>/trials.json` as saved by `save_trials`, or None when there is none."""
-    from detsweep.results import exists, filesystem
-
-    uri = _trials_uri(root)
-    if not exists(uri):
-        return None
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as stream:
-        text = stream.read().decode()
-    try:
-        saved = json.loads(text)
-        entries = saved.get("trials") if isinstance(saved, dict) else None
-        if not isinstance(entries, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("trial_id"), str) and isinstance(e.get("config"), dict)
-                for e in entries):
-            raise ValueError("no list of {trial_id, config}")
-        return saved
-    except ValueError as e:
-        raise SweepError(f"--resume: {uri} is not a trial list saved by detsweep ({e}); pass --fresh to "
-                         f"start over, or --output-dir for another folder") from None
-
-
-def check_resume(root: str, trials: list[TrialConfig]) -> int | None:
-    """Refuse to resume a run whose trials differ from the sweep's now. Returns the concurrency the
-    run started with (Tuner.restore keeps it), None if unknown. Every run writes trials.json before
-    Tune writes anything, so a run without one cannot be checked and is refused: resuming it with
-    other trial ids would fail every unfinished trial."""
-    saved = load_trials(root)
-    if saved is None:
-        raise SweepError(f"--resume: {_trials_uri(root)} is missing, so the trials this run started with are "
-                         f"unknown (a run from an older detsweep); pass --fresh to start over, or --output-dir "
-                         f"for another folder")
-    change = trials_change(saved["trials"], trials)
-    if change:
-        raise SweepError(f"--resume: the sweep changed since the run in {root} started: {change}; pass --fresh "
-                         f"to start over, or --output-dir for another folder")
-    return saved.get("max_concurrent_trials")
-
-
 def guard_earlier_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.Namespace) -> int | None:
     """Before Ray starts: an earlier run needs --resume (with unchanged trials) or --fresh. Returns
     the earlier run's concurrency on --resume."""
-    from detsweep.results import delete_dir, exists
-
-    had_run = exists(f"{root}/tune")
+    had_run = exists(join(root, TUNE_DIR))
     if had_run and not (args.resume or args.fresh):
         raise SweepError(f"{root} already holds a run of sweep {sweep.name!r}; pass --resume to continue it, "
                          f"--fresh to start over, or --output-dir for another folder")
@@ -289,35 +183,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _unfit_reason(trial: TrialConfig, cluster: dict[str, float], nodes: list[dict[str, float]]) -> str:
     if unfit([trial], cluster):
-        return (f"trial {trial.trial_id!r} needs {_resources_text(trial_resources(trial))} but the cluster has "
-                f"{_resources_text(cluster)}")
+        return (f"trial {trial.trial_id!r} needs {resources_text(trial_resources(trial))} but the cluster has "
+                f"{resources_text(cluster)}")
     r = trial.resources
     worker = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
     largest = {k: max(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
-    return (f"trial {trial.trial_id!r}: one DDP worker needs {_resources_text(worker)} on one node, but the "
+    return (f"trial {trial.trial_id!r}: one DDP worker needs {resources_text(worker)} on one node, but the "
             f"largest node has CPU={largest['CPU']:g}, GPU={largest['GPU']:g}")
 
 
 def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.Namespace,
               resumed: int | None) -> int:
-    """Start (or connect to) Ray, print the plan for the cluster it finds, and fit the Tuner.
+    """Start (or connect to) Ray, print the plan for the cluster it finds, and run the sweep.
     `resumed`: on --resume, the concurrency the run started with (None: unknown)."""
     prepare_data(trials)
-    import ray
+    from detsweep.cluster import tuner  # imports ray: only once a run really starts
 
-    from detsweep import sweep as sweep_mod
-
-    # Ray's own rule: RAY_ADDRESS, else a running cluster on this node, else a new local one.
-    # Save Tune's experiment state at every step (not every ~10 s): a driver killed right after a
-    # trial ends must find that trial finished when it resumes.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    # The dashboard's Train tab shows each trial's run, workers and restarts (a local Ray started
-    # here inherits it; cluster.yaml sets it on every node).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    if not ray.is_initialized():
-        ray.init(log_to_driver=not args.quiet)
-    cluster = {k: float(ray.cluster_resources().get(k, 0.0)) for k in ("CPU", "GPU")}
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    cluster, nodes = tuner.connect(quiet=args.quiet)
     too_big = unfit(trials, cluster, nodes)
     # Train would wait forever. Not checked on --resume: the run passed this check when it started,
     # and an autoscaling cluster that has shrunk since grows back for the pending trials.
@@ -330,21 +212,15 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse
     else:
         n, line = (concurrency_for(sweep, trials, cluster, args.max_concurrent),
                    concurrency_line(sweep, trials, cluster, args.max_concurrent))
-    print(f"sweep {sweep.name!r}: {len(trials)} trials on {_resources_text(cluster)} -> {root}")
-    _print_plan(sweep, trials, cluster, args, n, line, f"the cluster ({_resources_text(cluster)})")
+    print(f"sweep {sweep.name!r}: {len(trials)} trials on {resources_text(cluster)} -> {root}")
+    _print_plan(sweep, trials, cluster, args, n, line, f"the cluster ({resources_text(cluster)})")
     if not args.resume or resumed is None:
         save_trials(root, trials, n)  # before the Tuner writes <root>/tune: every run has its trial list
-    if args.resume:
-        tuner = sweep_mod.restore_tuner(sweep, trials, root=root)
-    else:
-        tuner = sweep_mod.build_tuner(sweep, trials, root=root, concurrency=n)
-    tuner.fit()
+    tuner.fit_sweep(sweep, trials, root=root, concurrency=n, resume=args.resume, quiet=args.quiet)
     return summarize(root)
 
 
 def summarize(root: str) -> int:
-    from detsweep.results import ResultsStore
-
     store = ResultsStore(root)
     table = store.read_results()
     if table is None:

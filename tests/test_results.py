@@ -14,10 +14,10 @@ import pytest
 
 import detsweep
 from detsweep import provenance as provenance_mod
-from detsweep import results
+from detsweep import checkpoint, results, storage
 from detsweep.provenance import provenance
-from detsweep.results import (RESULTS_SCHEMA, ResultsStore, infer_extra_columns,
-                              results_schema, rows_to_table, write_parquet_atomic)
+from detsweep.results import RESULTS_SCHEMA, ResultsStore, infer_extra_columns, results_schema, rows_to_table
+from detsweep.storage import write_parquet_atomic
 
 UTC = dt.timezone.utc
 
@@ -222,7 +222,7 @@ def test_git_sha_none_outside_a_repo(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("scheme", ["", "file://"])
 def test_exists_and_delete_dir_for_paths_and_uris(tmp_path, scheme):
-    from detsweep.results import delete_dir, exists
+    from detsweep.storage import delete_dir, exists
 
     folder = tmp_path / "sweep"
     (folder / "tune").mkdir(parents=True)
@@ -265,7 +265,7 @@ def test_latest_checkpoint_is_the_one_of_the_latest_epoch(tmp_path):
     import json
 
     run = tmp_path / "train-t1"
-    assert results.latest_checkpoint(str(run)) is None  # no run folder yet
+    assert checkpoint.latest_checkpoint(str(run)) is None  # no run folder yet
     # A restart on a node whose clock is behind names epoch 2's folder before epoch 1's.
     for name, epoch in (("checkpoint_2026-11-23_05-54-14.770964", 0), ("checkpoint_2026-11-23_05-54-57.790161", 1),
                         ("checkpoint_2026-11-23_05-50-00.000000", 2)):
@@ -273,8 +273,8 @@ def test_latest_checkpoint_is_the_one_of_the_latest_epoch(tmp_path):
         (run / name / "meta.json").write_text(json.dumps({"epoch": epoch, "saved_at": 1.0e9 + epoch}))
     (run / "checkpoint_2026-11-23_06-00-00.000000").mkdir()  # an upload cut short: no meta.json
     (run / "checkpoint_manager_snapshot.json").write_text("{}")  # a file, not a checkpoint
-    assert results.latest_checkpoint(str(run)) == f"{run}/checkpoint_2026-11-23_05-50-00.000000"
-    assert results.latest_checkpoint(f"file://{run}") == f"file://{run}/checkpoint_2026-11-23_05-50-00.000000"
+    assert checkpoint.latest_checkpoint(str(run)) == f"{run}/checkpoint_2026-11-23_05-50-00.000000"
+    assert checkpoint.latest_checkpoint(f"file://{run}") == f"file://{run}/checkpoint_2026-11-23_05-50-00.000000"
 
 
 def test_history_drops_orphaned_epochs_of_a_crashed_attempt(tmp_path):
@@ -295,7 +295,7 @@ def test_history_drops_orphaned_epochs_of_a_crashed_attempt(tmp_path):
 def test_write_bytes_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch, uri):
     target = tmp_path / "report.md"
     dest = f"file://{target}" if uri else str(target)
-    results.write_bytes_atomic(b"old", dest)
+    storage.write_bytes_atomic(b"old", dest)
     assert target.read_bytes() == b"old"
 
     class FailingMoveFileSystem(pafs.LocalFileSystem):
@@ -306,7 +306,7 @@ def test_write_bytes_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch,
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", crash)  # local path: temp file + os.replace
-    monkeypatch.setattr(results, "filesystem", lambda u: (FailingMoveFileSystem(), u.removeprefix("file://")))
+    monkeypatch.setattr(storage, "filesystem", lambda u: (FailingMoveFileSystem(), u.removeprefix("file://")))
     with pytest.raises(OSError, match="disk full"):
-        results.write_bytes_atomic(b"new", dest)
+        storage.write_bytes_atomic(b"new", dest)
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["report.md"]

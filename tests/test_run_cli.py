@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from detsweep import run
-from detsweep.config import SweepError, TrialConfig, expand, load_sweep, parse_sweep
-from detsweep.grid import id_value, trials_change
+from detsweep.sweep import SweepError, TrialConfig, expand, load_sweep, parse_sweep
+from detsweep.sweep.grid import id_value
+from detsweep.sweep import resume
+from detsweep.sweep.resume import trials_change
 
 REPO = Path(__file__).resolve().parents[1]
 SAFE_ID = re.compile(r"^[A-Za-z0-9._=-]+$")
@@ -264,24 +266,24 @@ def _smoke_trials(storage: Path, **changes: object) -> list[TrialConfig]:
 def test_trials_json_round_trips_and_leaves_no_temporary_file(tmp_path):
     trials = _smoke_trials(tmp_path)
     root = str(tmp_path / "smoke")
-    run.save_trials(root, trials, 4)
+    resume.save_trials(root, trials, 4)
     assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["trials.json"]
     saved = json.loads((tmp_path / "smoke" / "trials.json").read_text())
     assert saved["max_concurrent_trials"] == 4
     assert [t["trial_id"] for t in saved["trials"]] == [t.trial_id for t in trials]
     assert [TrialConfig.from_dict(t["config"]) for t in saved["trials"]] == trials  # plain JSON, complete
-    assert run.check_resume(root, trials) == 4
-    run.save_trials(root, trials[:3], None)  # rewritten in place
-    assert run.load_trials(root)["max_concurrent_trials"] is None
-    assert len(run.load_trials(root)["trials"]) == 3
+    assert resume.check_resume(root, trials) == 4
+    resume.save_trials(root, trials[:3], None)  # rewritten in place
+    assert resume.load_trials(root)["max_concurrent_trials"] is None
+    assert len(resume.load_trials(root)["trials"]) == 3
 
 
 def test_trials_json_goes_through_pyarrow_filesystems_for_uris(tmp_path):
     trials = _smoke_trials(tmp_path)
     root = f"file://{tmp_path}/smoke"
-    run.save_trials(root, trials, 2)
-    assert run.load_trials(root) == json.loads((tmp_path / "smoke" / "trials.json").read_text())
-    assert run.check_resume(root, trials) == 2
+    resume.save_trials(root, trials, 2)
+    assert resume.load_trials(root) == json.loads((tmp_path / "smoke" / "trials.json").read_text())
+    assert resume.check_resume(root, trials) == 2
 
 
 def test_trials_change_names_the_first_difference_and_ignores_order(tmp_path):
@@ -295,8 +297,24 @@ def test_trials_change_names_the_first_difference_and_ignores_order(tmp_path):
     saved[0]["config"]["fault_tolerance"]["on_resume_errored"] = "skip"
     saved[0]["config"]["fault_tolerance"]["max_failures"] = 5
     assert trials_change(saved, trials) is None
-    del saved[0]["config"]["detr"]["nheads"]
-    assert trials_change(saved, trials) == "trial 'detr_r18-full': detr.nheads was absent, is now 4"
+    del saved[0]["config"]["detector"]["nheads"]
+    assert trials_change(saved, trials) == "trial 'detr_r18-full': model.detr.nheads was absent, is now 4"
+
+
+def test_resume_ignores_keys_of_the_other_model_family(tmp_path):
+    """A trial holds only its own family's settings: a Faster R-CNN key changed under a sweep whose
+    trials are all DETR does not refuse --resume (it once read `faster_rcnn.min_size was 800, is now
+    600`); a key the trials really use still does."""
+    detr_only = {"model": ("detr_r50",), "regime": ("full", "partial")}
+    trials = _smoke_trials(tmp_path, grid=detr_only)
+    root = _earlier_run(tmp_path, trials)
+    sweep = load_sweep(REPO / "sweeps" / "smoke.yaml")
+    other_family = dataclasses.replace(sweep.model, faster_rcnn=dataclasses.replace(sweep.model.faster_rcnn,
+                                                                                    min_size=600))
+    assert resume.check_resume(str(root), _smoke_trials(tmp_path, grid=detr_only, model=other_family)) == 2
+    own_family = dataclasses.replace(sweep.model, detr=dataclasses.replace(sweep.model.detr, num_queries=7))
+    with pytest.raises(SweepError, match=r"trial 'detr_r18-full': model.detr.num_queries was \d+, is now 7"):
+        resume.check_resume(str(root), _smoke_trials(tmp_path, grid=detr_only, model=own_family))
 
 
 def _refused_resume(tmp_path: Path) -> list[str]:
@@ -310,7 +328,7 @@ def _refused_resume(tmp_path: Path) -> list[str]:
 def _earlier_run(tmp_path: Path, trials: list[TrialConfig]) -> Path:
     root = tmp_path / "smoke"
     (root / "tune").mkdir(parents=True)
-    run.save_trials(str(root), trials, 2)
+    resume.save_trials(str(root), trials, 2)
     return root
 
 
@@ -349,7 +367,7 @@ def test_resume_of_a_run_without_a_trial_list_stops_before_ray_starts(tmp_path):
 
 
 def test_a_worker_bigger_than_every_node_is_unfit_though_the_total_fits(tmp_path):
-    from detsweep.grid import unfit
+    from detsweep.sweep.plan import unfit
 
     sweep = parse_sweep({"name": "s", "storage": str(tmp_path), "grid": {"regime": ["full"]},
                          "resources": {"ddp_workers": 2, "cpus_per_worker": 8, "gpus_per_worker": 1}})

@@ -1,12 +1,15 @@
-"""The Ray Train worker: `train_fn_per_worker` builds one trial's model and data, trains and
-evaluates every epoch, and reports. The only `ray.train` calls of detsweep live here.
+"""The Ray Train worker: `train_fn_per_worker` runs one trial on one DDP rank as a short sequence of
+named steps (build data, build model, restore, then per epoch: train, evaluate, report with a
+checkpoint). Every `ray.train` call of detsweep is visible in this file; the steps themselves are
+plain torch (`detsweep.engine`, `detsweep.models`, `detsweep.metrics`).
 
-Nothing heavy is imported at module level: the Tune trial actor and the Train controller
-unpickle this function, and importing torch there costs ~258 MiB of private memory per process
+Nothing heavy is imported at module level: the Tune trial actor and the Train controller unpickle
+this function, and importing torch there costs ~258 MiB of private memory per process
 (bench/overhead.py). Ray's own `TorchTrainer` still imports it there; this module adds nothing to that.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,221 +20,305 @@ import tempfile
 import time
 from typing import Any
 
+from detsweep.checkpoint import DETECTIONS, MODEL_STATE, TRAIN_STATE, write_meta
+from detsweep.sweep.spec import TrialConfig
+
 log = logging.getLogger("detsweep.worker")
-
-TRAIN_STATE = "train_state.pt"
-MODEL_STATE = "model.pt"
-META = "meta.json"
-
-
-def _model_state(module: Any, regime: str) -> dict:
-    """A LoRA trial keeps only its adapters and heads; other regimes keep the whole model."""
-    if regime == "lora_only":
-        from detsweep.models.lora import lora_state_dict
-
-        return lora_state_dict(module)
-    return module.state_dict()
-
-
-def _load_model_state(module: Any, regime: str, state: dict) -> None:
-    if regime == "lora_only":
-        from detsweep.models.lora import load_lora_state_dict
-
-        load_lora_state_dict(module, state)
-    else:
-        module.load_state_dict(state)
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    import dataclasses
-
     import ray.train
     import ray.train.torch
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
-    from detsweep import dist, engine
-    from detsweep.config import TrialConfig
-    from detsweep.data.coco import build_datasets, collate_fn
-    from detsweep.metrics import evaluate_detections
-    from detsweep.metrics.efficiency import PhaseMeter, count_parameters, device_info, peak_rss_mb, reduce_phase_stats
-    from detsweep.models import build_model
-    from detsweep.models.lora import apply_lora, count_lora_params, merged_state_dict
-    from detsweep.models.regimes import apply_regime
-
-    worker_started_at = time.time()
+    started_at = time.time()
     trial = TrialConfig.from_dict(config["trial"])
     ctx = ray.train.get_context()
-    logging.basicConfig(level=logging.INFO if ctx.get_world_rank() == 0 else logging.WARNING,
-                        format=f"%(asctime)s {trial.trial_id} r{ctx.get_world_rank()} %(name)s: %(message)s")
+    device = _setup(trial, ctx.get_world_rank())
+    data = build_data(trial, ctx.get_world_size(), ctx.get_world_rank(), device)
+    model, counts = build_trial_model(trial, data.label_map)
+    checkpoint = ray.train.get_checkpoint()  # a restarted worker group, or a resumed sweep
+    run = restore(trial, model, data, device, checkpoint)
+    if run.finished is not None:
+        # Finished before the driver died, but Tune had not yet recorded it: report the final
+        # metrics again, so the trial ends as `ok` with its real numbers.
+        ray.train.report(run.finished)
+        return
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)  # already on `device`
+    evaluator = Evaluator(trial, model, data, device)
+    for epoch in range(run.start_epoch, trial.train.epochs):
+        train_stats, losses = train_epoch(trial, ddp_model, data, run, device, epoch)
+        eval_stats, quality, kept = evaluator.run(epoch)
+        metrics = epoch_metrics(trial, run, epoch, losses, quality, train_stats, eval_stats, counts, started_at,
+                                device, n_val=len(data.val_ds))
+        ckpt_dir = save_checkpoint(trial, model, run, data, epoch, metrics, quality, kept)
+        metrics = _broadcast(metrics)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The steps
+# --------------------------------------------------------------------------------------------
+def _setup(trial: TrialConfig, rank: int) -> Any:
+    """Rank-0 logging, seeds, threads; the device (Ray's CUDA device only when CUDA is really there:
+    tests give CPU-only nodes logical GPUs)."""
+    import ray.train.torch
+    import torch
+
+    from detsweep import dist
+
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {trial.trial_id} r{rank} %(name)s: %(message)s")
     dist.seed_everything(trial.train.seed)
     torch.set_num_threads(max(1, int(trial.resources.cpus_per_worker)))
-    # Ray assigns a CUDA device whenever the trial holds GPUs, even logical ones on a CPU-only
-    # node (tests do this); only trust it when CUDA is really there.
-    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
 
-    d = trial.data
+
+@dataclasses.dataclass
+class TrialData:
+    train_ds: Any
+    val_ds: Any
+    label_map: Any
+    val_ann: Any
+    train_loader: Any
+    val_loader: Any
+
+
+def build_data(trial: TrialConfig, world: int, rank: int, device: Any) -> TrialData:
+    """The datasets, and loaders sharded over the ranks by our own samplers (Ray's would shuffle
+    with seed 0 whatever `train.seed` says)."""
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    from detsweep.data.coco import build_datasets, collate_fn
+
+    d, t = trial.data, trial.train
     train_ds, val_ds, label_map, val_ann = build_datasets(
         kind=d.kind, root=d.root, train_images=d.train_images, val_images=d.val_images,
         image_size=d.image_size, classes=list(d.classes) if d.classes else None, seed=d.seed,
         num_classes=d.num_classes)
-    family_cfg = trial.detr if trial.family == "detr" else trial.faster_rcnn
-    if trial.family == "detr" and family_cfg.weights == "none":
-        log.info("DETR weights 'none': the backbone's stem and layer1, frozen as in the official code, stay at "
-                 "their random init; weights 'imagenet' starts from torchvision's ImageNet ResNet, as the official "
-                 "DETR does")
-    model = build_model(trial.model, family_cfg, num_classes=label_map.num_classes,
-                        category_ids=list(label_map.category_ids), category_ids_are_coco=d.kind == "coco")
-    if trial.regime == "lora_only":
-        apply_lora(model, rank=trial.lora.rank, alpha=trial.lora.alpha, placement=trial.lora.placement,
-                   dropout=trial.lora.dropout)
-    apply_regime(model, trial.regime)
-    counts = count_parameters(model)
-    counts["lora_params"] = count_lora_params(model)
-
-    t = trial.train
-    optimizer = torch.optim.AdamW(model.param_groups(t.lr, t.lr_backbone, t.weight_decay),
-                                  lr=t.lr, weight_decay=t.weight_decay)
-    on_cuda = device.type == "cuda"  # the engine moves CPU batches itself
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    # Our own samplers: Ray's would shuffle with seed 0 whatever `train.seed` says.
     if world > 1:
         train_sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=t.seed)
         val_sampler = DistributedSampler(val_ds, world, rank, shuffle=False)
     else:
-        train_sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(t.seed))
-        val_sampler = None
+        train_sampler, val_sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(t.seed)), None
+    on_cuda = device.type == "cuda"  # the engine moves CPU batches itself
     loader_kw = dict(batch_size=t.batch_size_per_worker, collate_fn=collate_fn, num_workers=d.loader_workers,
                      pin_memory=on_cuda)
-    train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(train_ds, sampler=train_sampler, **loader_kw), add_dist_sampler=False, move_to_device=on_cuda)
-    val_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(val_ds, sampler=val_sampler, **loader_kw), add_dist_sampler=False, move_to_device=on_cuda)
-    steps_per_epoch = len(train_loader)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.lr_lambda(t, steps_per_epoch))
-    amp_dtype = engine.amp_dtype_for(t.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    train_loader, val_loader = (
+        ray.train.torch.prepare_data_loader(DataLoader(ds, sampler=sampler, **loader_kw), add_dist_sampler=False,
+                                            move_to_device=on_cuda)
+        for ds, sampler in ((train_ds, train_sampler), (val_ds, val_sampler)))
+    return TrialData(train_ds, val_ds, label_map, val_ann, train_loader, val_loader)
 
-    start_epoch, history, totals = 0, [], {"train_s": 0.0, "eval_s": 0.0}
-    resumed_from = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker group, or a resumed sweep
-        with checkpoint.as_directory() as ckpt_dir:
-            _load_model_state(model, trial.regime, torch.load(os.path.join(ckpt_dir, MODEL_STATE),
-                                                               map_location="cpu", weights_only=True))
-            state = torch.load(os.path.join(ckpt_dir, TRAIN_STATE), map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, history, totals = state["epoch"] + 1, state["history"], state["totals"]
-        resumed_from = state["epoch"]
-        log.info("resumed from the checkpoint of epoch %d", state["epoch"])
-        if start_epoch >= t.epochs:
-            # Finished before the driver died, but Tune had not yet recorded it: report the final
-            # metrics again, so the trial ends as `ok` with its real numbers.
-            ray.train.report(state["metrics"])
-            return
 
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=device)
-    module = getattr(ddp_model, "module", ddp_model)
-    # LoRA trials evaluate a plain copy of the base architecture holding the merged weights, so
-    # adapters cost nothing at inference. The copy waits on the CPU while training runs: its
-    # weights must not count in the trial's training VRAM.
-    merged_eval = trial.regime == "lora_only" and trial.eval.merge_lora
-    eval_module = build_model(trial.model, dataclasses.replace(family_cfg, weights="none"),
-                              num_classes=label_map.num_classes) if merged_eval else module
-    info = device_info(device)
+def build_trial_model(trial: TrialConfig, label_map: Any) -> tuple[Any, dict[str, int]]:
+    """The trial's detector with its regime applied (LoRA adapters, frozen parts), on the CPU, and its
+    parameter counts."""
+    from detsweep.metrics.efficiency import count_parameters
+    from detsweep.models import build_model
+    from detsweep.models.lora import apply_lora, count_lora_params
+    from detsweep.models.regimes import apply_regime
 
-    for epoch in range(start_epoch, t.epochs):
-        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        train_meter = PhaseMeter(device)
-        train_meter.start()
-        losses = engine.train_one_epoch(ddp_model, train_loader, optimizer, device, epoch=epoch,
-                                        grad_clip=t.grad_clip, lr_scheduler=lr_scheduler,
-                                        amp_dtype=amp_dtype, scaler=scaler, meter=train_meter)
-        train_stats = train_meter.stop()
-        losses = dist.all_reduce_mean(losses, device)
+    model = build_model(trial.model, trial.detector, num_classes=label_map.num_classes,
+                        category_ids=list(label_map.category_ids), category_ids_are_coco=trial.data.kind == "coco")
+    if trial.regime == "lora_only":
+        lora = trial.lora
+        apply_lora(model, rank=lora.rank, alpha=lora.alpha, placement=lora.placement, dropout=lora.dropout)
+    apply_regime(model, trial.regime)
+    counts = count_parameters(model)
+    counts["lora_params"] = count_lora_params(model)
+    return model, counts
 
-        if merged_eval:
-            eval_module.to(device)
-            eval_module.load_state_dict(merged_state_dict(module))
-        eval_meter = PhaseMeter(device)
-        eval_meter.start()
-        last = epoch == t.epochs - 1
-        dets, _ = engine.predict(eval_module, val_loader, device, label_map.category_ids,
-                                 amp_dtype=amp_dtype, meter=eval_meter)
-        eval_stats = eval_meter.stop()
-        kept = []
-        if dist.is_main() and last and trial.eval.visuals:
-            # The first val images themselves: the distributed sampler deals them out across ranks.
-            first = DataLoader(Subset(val_ds, range(min(8, len(val_ds)))), batch_size=t.batch_size_per_worker,
-                               collate_fn=collate_fn)
-            _, kept = engine.predict(eval_module, first, device, label_map.category_ids, amp_dtype=amp_dtype,
-                                     keep_images=8)
-        if merged_eval:
-            eval_module.to("cpu")
+
+@dataclasses.dataclass
+class TrialRun:
+    """What carries from epoch to epoch, and across a restore."""
+
+    opt: Any  # engine.Optimization
+    amp_dtype: Any
+    start_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    totals: dict = dataclasses.field(default_factory=lambda: {"train_s": 0.0, "eval_s": 0.0})
+    resumed_from: int | None = None
+    finished: dict | None = None  # the final metrics, when the checkpoint is of the last epoch
+
+
+def restore(trial: TrialConfig, model: Any, data: TrialData, device: Any, checkpoint: Any) -> TrialRun:
+    """Move the model to `device`, build its optimizer, and load the latest checkpoint if there is one."""
+    import torch
+
+    from detsweep import engine
+
+    amp_dtype = engine.amp_dtype_for(trial.train.amp, device)
+    steps = len(data.train_loader)
+    if checkpoint is None:
+        opt = engine.prepare_training(model, trial.train, steps_per_epoch=steps, to=device, amp_dtype=amp_dtype)
+        return TrialRun(opt, amp_dtype)
+    with checkpoint.as_directory() as ckpt_dir:
+        engine.load_model_state(model, trial.regime, torch.load(os.path.join(ckpt_dir, MODEL_STATE),
+                                                                 map_location="cpu", weights_only=True))
+        state = torch.load(os.path.join(ckpt_dir, TRAIN_STATE), map_location="cpu", weights_only=False)
+    opt = engine.prepare_training(model, trial.train, steps_per_epoch=steps, to=device, amp_dtype=amp_dtype,
+                                  state=state)
+    log.info("resumed from the checkpoint of epoch %d", state["epoch"])
+    run = TrialRun(opt, amp_dtype, start_epoch=state["epoch"] + 1, history=state["history"],
+                   totals=state["totals"], resumed_from=state["epoch"])
+    if run.start_epoch >= trial.train.epochs:
+        run.finished = state["metrics"]
+    return run
+
+
+def train_epoch(trial: TrialConfig, ddp_model: Any, data: TrialData, run: TrialRun, device: Any,
+                epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """One epoch on this rank; returns its phase stats and the losses averaged over the ranks."""
+    from detsweep import dist, engine
+    from detsweep.metrics.efficiency import PhaseMeter
+
+    sampler = getattr(data.train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    meter = PhaseMeter(device)
+    meter.start()
+    losses = engine.train_one_epoch(ddp_model, data.train_loader, run.opt.optimizer, device, epoch=epoch,
+                                    grad_clip=trial.train.grad_clip, lr_scheduler=run.opt.lr_scheduler,
+                                    amp_dtype=run.amp_dtype, scaler=run.opt.scaler, meter=meter)
+    return meter.stop(), dist.all_reduce_mean(losses, device)
+
+
+class Evaluator:
+    """The val pass of every epoch. LoRA trials evaluate a plain copy of the base architecture holding
+    the merged weights, so adapters cost nothing at inference; the copy waits on the CPU while
+    training runs, so its weights never count in the trial's training VRAM."""
+
+    def __init__(self, trial: TrialConfig, model: Any, data: TrialData, device: Any) -> None:
+        from detsweep.models import build_model
+
+        self.trial, self.model, self.data, self.device = trial, model, data, device
+        self.merged = trial.regime == "lora_only" and trial.eval.merge_lora
+        self.module = model
+        if self.merged:
+            self.module = build_model(trial.model, dataclasses.replace(trial.detector, weights="none"),
+                                      num_classes=data.label_map.num_classes)
+
+    def run(self, epoch: int) -> tuple[dict[str, Any], dict[str, Any] | None, list]:
+        """(eval phase stats, COCO quality on rank 0 else None, first val images drawn on the last epoch)."""
+        from detsweep import dist, engine
+        from detsweep.metrics import evaluate_detections
+        from detsweep.metrics.efficiency import PhaseMeter
+        from detsweep.models.lora import merged_state_dict
+
+        t, ev, ids = self.trial, self.trial.eval, self.data.label_map.category_ids
+        if self.merged:
+            self.module.to(self.device)
+            self.module.load_state_dict(merged_state_dict(self.model))
+        meter = PhaseMeter(self.device)
+        meter.start()
+        dets, _ = engine.predict(self.module, self.data.val_loader, self.device, ids,
+                                 amp_dtype=engine.amp_dtype_for(t.train.amp, self.device), meter=meter)
+        stats = meter.stop()
+        kept = self._drawn() if dist.is_main() and epoch == t.train.epochs - 1 and ev.visuals else []
+        if self.merged:
+            self.module.to("cpu")
         all_dets = engine.gather_detections(dets)  # on rank 0 only
-        phase = dist.gather_objects((train_stats, eval_stats, peak_rss_mb()))
-        tr = reduce_phase_stats([p[0] for p in phase])  # images/s summed, seconds and VRAM maxed
-        evs = reduce_phase_stats([p[1] for p in phase])
-        if evs["images"] > len(val_ds):  # the sampler padded the last round with images of other ranks
-            evs["images_per_s"] *= len(val_ds) / evs["images"]
-        totals["train_s"] += tr["seconds"]
-        totals["eval_s"] += evs["seconds"]
-        # Peak VRAM of the whole trial: the largest of any epoch (each epoch resets per phase).
-        for key, value in (("peak_vram_train_mb", tr["peak_vram_mb"]), ("peak_vram_eval_mb", evs["peak_vram_mb"])):
-            if value is not None:
-                totals[key] = max(value, totals.get(key) or 0.0)
-
-        metrics: dict[str, Any] | None = None
-        ckpt_dir = None
+        quality = None
         if dist.is_main():
-            ev = trial.eval
-            quality = evaluate_detections(str(val_ann), all_dets, match_iou=ev.calibration.match_iou,
-                                          bins=ev.calibration.bins,
-                                          error_score_threshold=ev.error_score_threshold, backend=ev.backend)
-            metrics = {
-                "epoch": epoch, "epochs_completed": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                # Tune's TensorBoard logger takes its step from `timesteps_total` when present, else
-                # from `training_iteration`, which restarts after a restore: curves stay on epochs.
-                "timesteps_total": epoch + 1,
-                **losses,  # loss (their sum) and each weighted component, mean over ranks
-                **{k: v for k, v in quality.items() if k not in ("per_class_ap", "reliability")},
-                "per_class_ap": json.dumps(quality.get("per_class_ap", {})),
-                "reliability": json.dumps(quality.get("reliability", {})),
-                **counts,
-                "peak_vram_train_mb": totals.get("peak_vram_train_mb"),
-                "peak_vram_eval_mb": totals.get("peak_vram_eval_mb"),
-                "peak_rss_mb": max(p[2] for p in phase),
-                "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],
-                "train_s": totals["train_s"], "eval_s": totals["eval_s"], **info,
-                # Rank 0's node (the driver and Tune's trial actor run elsewhere on a cluster). Not
-                # `hostname`: Tune overwrites that key of every result with the trial actor's node.
-                "rank0_hostname": socket.gethostname(),
-                "worker_started_at": worker_started_at,  # unix time: when this worker group began
-            }
-            if resumed_from is not None:
-                metrics["resumed_from_epoch"] = resumed_from
-            history.append({k: v for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and k != "worker_started_at"})
-            ckpt_dir = tempfile.mkdtemp(prefix=f"ckpt-{trial.trial_id}-")
-            torch.save(_model_state(module, trial.regime), os.path.join(ckpt_dir, MODEL_STATE))
-            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "epoch": epoch, "history": history, "totals": totals, "metrics": metrics},
-                       os.path.join(ckpt_dir, TRAIN_STATE))
-            with open(os.path.join(ckpt_dir, META), "w") as f:
-                json.dump({"trial_id": trial.trial_id, "epoch": epoch, "regime": trial.regime,
-                           "model": trial.model, "label_map": label_map.as_dict(),
-                           "saved_at": time.time()}, f)
-            _write_artefacts(ckpt_dir, all_dets, history, kept, quality, label_map, last and trial.eval.visuals)
-        metrics = dist.broadcast_object(metrics)
-        ray.train.report(metrics, checkpoint=(ray.train.Checkpoint.from_directory(ckpt_dir)
-                                              if ckpt_dir is not None else None))
-        if ckpt_dir is not None:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            quality = evaluate_detections(str(self.data.val_ann), all_dets, match_iou=ev.calibration.match_iou,
+                                          bins=ev.calibration.bins, error_score_threshold=ev.error_score_threshold,
+                                          backend=ev.backend)
+            quality["_detections"] = all_dets
+        return stats, quality, kept
+
+    def _drawn(self) -> list:
+        """Predictions on the first val images themselves (the distributed sampler deals them out)."""
+        from torch.utils.data import DataLoader, Subset
+
+        from detsweep import engine
+        from detsweep.data.coco import collate_fn
+
+        first = DataLoader(Subset(self.data.val_ds, range(min(8, len(self.data.val_ds)))),
+                           batch_size=self.trial.train.batch_size_per_worker, collate_fn=collate_fn)
+        _, kept = engine.predict(self.module, first, self.device, self.data.label_map.category_ids,
+                                 amp_dtype=engine.amp_dtype_for(self.trial.train.amp, self.device), keep_images=8)
+        return kept
+
+
+def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[str, float],
+                  quality: dict[str, Any] | None, train_stats: dict[str, Any], eval_stats: dict[str, Any],
+                  counts: dict[str, int], started_at: float, device: Any, n_val: int) -> dict[str, Any] | None:
+    """The epoch's report on rank 0 (None elsewhere): losses, quality, cost. Gathers every rank's
+    phase stats (all ranks must call it) and adds the epoch to `run.totals` and `run.history`."""
+    from detsweep import dist
+    from detsweep.metrics.efficiency import device_info, peak_rss_mb, reduce_phase_stats
+
+    phase = dist.gather_objects((train_stats, eval_stats, peak_rss_mb()))
+    tr = reduce_phase_stats([p[0] for p in phase])  # images/s summed, seconds and VRAM maxed
+    evs = reduce_phase_stats([p[1] for p in phase])
+    totals = run.totals
+    totals["train_s"] += tr["seconds"]
+    totals["eval_s"] += evs["seconds"]
+    # Peak VRAM of the whole trial: the largest of any epoch (each epoch resets per phase).
+    for key, value in (("peak_vram_train_mb", tr["peak_vram_mb"]), ("peak_vram_eval_mb", evs["peak_vram_mb"])):
+        if value is not None:
+            totals[key] = max(value, totals.get(key) or 0.0)
+    if not dist.is_main():
+        return None
+    metrics = {
+        "epoch": epoch, "epochs_completed": epoch + 1, "lr": run.opt.optimizer.param_groups[0]["lr"],
+        # Tune's TensorBoard logger takes its step from `timesteps_total` when present, else from
+        # `training_iteration`, which restarts after a restore: curves stay on epochs.
+        "timesteps_total": epoch + 1,
+        **losses,  # loss (their sum) and each weighted component, mean over ranks
+        **{k: v for k, v in quality.items() if not k.startswith("_") and k not in ("per_class_ap", "reliability")},
+        "per_class_ap": json.dumps(quality.get("per_class_ap", {})),
+        "reliability": json.dumps(quality.get("reliability", {})),
+        **counts,
+        "peak_vram_train_mb": totals.get("peak_vram_train_mb"), "peak_vram_eval_mb": totals.get("peak_vram_eval_mb"),
+        "peak_rss_mb": max(p[2] for p in phase),
+        "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],
+        "train_s": totals["train_s"], "eval_s": totals["eval_s"], **device_info(device),
+        # Rank 0's node (the driver and Tune's trial actor run elsewhere on a cluster). Not `hostname`:
+        # Tune overwrites that key of every result with the trial actor's node.
+        "rank0_hostname": socket.gethostname(),
+        "worker_started_at": started_at,  # unix time: when this worker group began
+    }
+    if evs["images"] > n_val:  # the sampler padded the last round with images of other ranks
+        metrics["eval_images_per_s"] *= n_val / evs["images"]
+    if run.resumed_from is not None:
+        metrics["resumed_from_epoch"] = run.resumed_from
+    run.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "worker_started_at"})
+    return metrics
+
+
+def save_checkpoint(trial: TrialConfig, model: Any, run: TrialRun, data: TrialData, epoch: int,
+                    metrics: dict[str, Any] | None, quality: dict[str, Any] | None, kept: list) -> str | None:
+    """Rank 0 writes the epoch's checkpoint folder (CPU tensors, see checkpoint.py) and its artefacts
+    into a local temporary folder for `ray.train.report` to upload; other ranks return None."""
+    import torch
+
+    from detsweep import engine
+
+    if metrics is None:
+        return None
+    ckpt_dir = tempfile.mkdtemp(prefix=f"ckpt-{trial.trial_id}-")
+    torch.save(engine.model_state(model, trial.regime), os.path.join(ckpt_dir, MODEL_STATE))
+    torch.save({**run.opt.state_dict(), "epoch": epoch, "history": run.history, "totals": run.totals,
+                "metrics": metrics}, os.path.join(ckpt_dir, TRAIN_STATE))
+    write_meta(ckpt_dir, trial_id=trial.trial_id, epoch=epoch, regime=trial.regime, model=trial.model,
+               label_map=data.label_map.as_dict())
+    last = epoch == trial.train.epochs - 1
+    _write_artefacts(ckpt_dir, quality["_detections"], run.history, kept, quality, data.label_map,
+                     last and trial.eval.visuals)
+    return ckpt_dir
+
+
+def _broadcast(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """Rank 0's metrics on every rank: each rank reports, and Ray keeps rank 0's."""
+    from detsweep import dist
+
+    return dist.broadcast_object(metrics)
 
 
 def _write_artefacts(out_dir: str, detections: list, history: list, kept: list, quality: dict,
@@ -240,7 +327,7 @@ def _write_artefacts(out_dir: str, detections: list, history: list, kept: list, 
     the loss curves, the reliability diagram and predictions drawn on the first val images."""
     from detsweep.metrics.coco import write_detections_json
 
-    write_detections_json(detections, os.path.join(out_dir, "detections.json"))
+    write_detections_json(detections, os.path.join(out_dir, DETECTIONS))
     if not visuals:
         return
     from detsweep.metrics.visuals import draw_predictions, plot_loss_curves, plot_reliability

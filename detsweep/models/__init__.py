@@ -3,16 +3,12 @@ contract (train: `model(images, targets) -> weighted loss dict`; eval: `model(im
 {boxes (xyxy, absolute), scores, labels}`). Names that are wrong list the known ones."""
 from __future__ import annotations
 
-import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from detsweep.models.registry import family_of
 
-log = logging.getLogger(__name__)
-
-# model name (the sweep's `grid.model`) -> family; detsweep.config keeps the same table so that
-# loading a sweep file never imports torch (a test keeps the two equal).
-MODEL_FAMILIES = {"detr_r50": "detr", "fasterrcnn_r50_fpn": "faster_rcnn"}
+if TYPE_CHECKING:  # the package imports no torch itself: `detsweep.models.registry` stays torch-free
+    import torch
 
 
 def _build_detr(cfg: Any, num_classes: int, category_ids: list[int] | None,
@@ -44,11 +40,9 @@ _BUILDERS = {"detr": _build_detr, "faster_rcnn": _build_faster_rcnn}
 
 def build_model(model: str, cfg: Any, *, num_classes: int, category_ids: list[int] | None = None,
                 category_ids_are_coco: bool = False) -> torch.nn.Module:
-    """Build detector `model` (a key of MODEL_FAMILIES) from its family's config section
+    """Build detector `model` (a key of `registry.MODELS`) from its family's config section
     (`DetrConfig` / `FasterRCNNConfig`), for `num_classes` contiguous labels whose original
     category ids are `category_ids`. Only when `category_ids_are_coco` (the sweep's `data.kind`
     is `coco`) do those ids pick a COCO checkpoint's class rows; otherwise a pretrained class
     head of another size is re-initialised."""
-    if model not in MODEL_FAMILIES:
-        raise ValueError(f"model {model!r} is not one of {sorted(MODEL_FAMILIES)}")
-    return _BUILDERS[MODEL_FAMILIES[model]](cfg, num_classes, category_ids, category_ids_are_coco)
+    return _BUILDERS[family_of(model)](cfg, num_classes, category_ids, category_ids_are_coco)

@@ -17,14 +17,12 @@ from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Wei
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detsweep.models.registry import BACKBONES
+from detsweep.models.registry import NAMED_WEIGHTS as WEIGHTS  # or a state dict path
 from detsweep.models.weights import (IMAGENET_RESNETS, coco_rows_unusable, load_checkpoint_file, load_hub_checkpoint,
                                      load_imagenet_body)
 
 logger = logging.getLogger(__name__)
-
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-WEIGHTS = ("none", "coco", "imagenet")  # or a path to a torchvision-layout state dict
-
 
 # torchvision's COCO layout: 91 rows, row 0 background, row c = COCO category id c (ids 1..90).
 _COCO_ROWS = len(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])

@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detsweep.models.lora import lora_parameters
+from detsweep.models.registry import REGIMES
 
 logger = logging.getLogger(__name__)
 
-REGIMES: tuple[str, ...] = ("full", "lora_only", "partial")
 
 # Parameters are matched by name *suffix*, so a raw model and a wrapper holding it (``.detr``, ``.model``)
 # are the same to us. Each pattern must match at a module boundary.

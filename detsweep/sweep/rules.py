@@ -6,12 +6,10 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from detsweep.typed import SweepError
-
-if TYPE_CHECKING:
-    from detsweep.config import DetrConfig, ResourcesConfig, Sweep
+from detsweep.models import registry
+from detsweep.sweep.spec import DetrConfig, ResourcesConfig, Sweep, resources_for
+from detsweep.sweep.typed import SweepError
 
 
 # What the driver checks of a `data.kind: coco` root: the annotation files, which make it recognisable.
@@ -37,20 +35,10 @@ DETR_COCO_ARCHITECTURE = {"backbone": "resnet50", "hidden_dim": 256, "nheads": 8
 DETR_COCO_AT_MOST = {"num_queries": 100, "dec_layers": 6}
 
 
-def check_values(sweep: "Sweep", check_paths: bool = True, grid_key: str | None = None) -> None:
-    """Value rules the types cannot express, key by key (rules between keys: `combination_violation`).
-    `check_paths=False` skips data and checkpoint files (a --dry-run plans a cluster's sweep on a
-    laptop that lacks them). When checking one grid value, `grid_key` is its dotted key and errors
-    name it as `grid.<key>`."""
-    src = sweep.source
-
-    def fail(key: str, message: str) -> SweepError:
-        return SweepError(f"{src}: {'grid.' + key if key == grid_key else key}: {message}")
-
+def _value_rules(sweep: Sweep) -> list[tuple[str, object, bool, str]]:
+    """(dotted key, value, whether the rule holds, what is allowed) for every one-key value rule."""
     d, m, t, ft = sweep.data, sweep.model, sweep.train, sweep.fault_tolerance
-    if not _NAME.match(sweep.name):
-        raise fail("name", f"{sweep.name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
-    rules = [  # (key, value, holds, what is allowed)
+    return [
         ("data.train_images", d.train_images, d.train_images > 0 or d.kind == "coco" and d.train_images == 0, "> 0 (coco: 0 = all)"),
         ("data.val_images", d.val_images, d.val_images > 0 or d.kind == "coco" and d.val_images == 0, "> 0 (coco: 0 = all)"),
         ("data.image_size", d.image_size, d.image_size >= 32, ">= 32"),
@@ -94,13 +82,28 @@ def check_values(sweep: "Sweep", check_paths: bool = True, grid_key: str | None 
         ("max_concurrent_trials", sweep.max_concurrent_trials,
          sweep.max_concurrent_trials is None or sweep.max_concurrent_trials >= 1, ">= 1"),
     ]
-    for key, value, holds, allowed in rules:
+
+
+def check_values(sweep: Sweep, check_paths: bool = True, grid_key: str | None = None) -> None:
+    """Value rules the types cannot express, key by key (rules between keys: `combination_violation`).
+    `check_paths=False` skips data and checkpoint files (a --dry-run plans a cluster's sweep on a
+    laptop that lacks them). When checking one grid value, `grid_key` is its dotted key and errors
+    name it as `grid.<key>`."""
+    src = sweep.source
+
+    def fail(key: str, message: str) -> SweepError:
+        return SweepError(f"{src}: {'grid.' + key if key == grid_key else key}: {message}")
+
+    if not _NAME.match(sweep.name):
+        raise fail("name", f"{sweep.name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
+    d, m = sweep.data, sweep.model
+    for key, value, holds, allowed in _value_rules(sweep):
         if not holds:
             raise fail(key, f"{value!r} must be {allowed}" if not allowed.startswith("one of")
                        else f"{value!r} is not {allowed}")
     for fam in ("detr", "faster_rcnn"):
         w = getattr(m, fam).weights
-        named = ("none", "coco", "imagenet")
+        named = registry.NAMED_WEIGHTS
         if w not in named and check_paths and not Path(w).expanduser().is_file():
             raise fail(f"model.{fam}.weights", f"{w!r} is neither one of {list(named)} nor an existing "
                        f"checkpoint file")
@@ -115,12 +118,11 @@ def check_values(sweep: "Sweep", check_paths: bool = True, grid_key: str | None 
             if not (root / part).is_file():
                 raise fail("data.root", f"{d.root!r} has no {part} (a COCO root holds "
                            f"{list(COCO_ANNOTATIONS)}, and images/{{train2017,val2017}} where trials run)")
-    from detsweep.config import REGIMES, resources_for
-
     check_resources(sweep.resources, "resources", src, grid_key)
     for regime in sweep.resources_by_regime:
-        if regime not in REGIMES:
-            raise SweepError(f"{src}: resources_by_regime.{regime}: unknown regime; allowed are {list(REGIMES)}")
+        if regime not in registry.REGIMES:
+            raise SweepError(f"{src}: resources_by_regime.{regime}: unknown regime; allowed are "
+                             f"{list(registry.REGIMES)}")
         check_resources(resources_for(sweep, regime), f"resources_by_regime.{regime}", src)
 
 
@@ -129,7 +131,7 @@ def in_combination_rules(key: str) -> bool:
     return key in COMBINATION_KEYS or key.startswith(COMBINATION_PREFIXES)
 
 
-def combination_violation(sweep: "Sweep", grid_keys: Collection[str] = ()) -> tuple[str, str] | None:
+def combination_violation(sweep: Sweep, grid_keys: Collection[str] = ()) -> tuple[str, str] | None:
     """(dotted key, message) of the first rule between keys that `sweep` (one trial's values) breaks,
     or None. Of a broken rule's keys the first is named, unless only a later one is in `grid_keys`:
     then that one is, so the error reads `grid.<key>` with the grid value that breaks it."""
@@ -163,7 +165,7 @@ def combination_violation(sweep: "Sweep", grid_keys: Collection[str] = ()) -> tu
     return None
 
 
-def detr_coco_violation(detr: "DetrConfig") -> tuple[str, str] | None:
+def detr_coco_violation(detr: DetrConfig) -> tuple[str, str] | None:
     """(field, message) of the first `model.detr` setting that the official COCO checkpoint cannot
     load into, or None (also when `weights` is not 'coco')."""
     if detr.weights != "coco":
@@ -181,7 +183,7 @@ def detr_coco_violation(detr: "DetrConfig") -> tuple[str, str] | None:
     return None
 
 
-def check_resources(res: "ResourcesConfig", key: str, source: str, grid_key: str | None = None) -> None:
+def check_resources(res: ResourcesConfig, key: str, source: str, grid_key: str | None = None) -> None:
     """The resources rules for `res`, found under `key` (`resources`, `resources_by_regime.<regime>`).
     When checking one grid value, `grid_key` is its dotted key: a rule it breaks names `grid.<key>`."""
 

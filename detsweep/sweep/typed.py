@@ -18,7 +18,7 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted (lists → tuples)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -26,7 +26,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key, source)
+        return coerce(value, inner, key, source)
     if origin is Literal:
         allowed = list(typing.get_args(tp))
         if value not in allowed:
@@ -36,14 +36,14 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         (inner, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise SweepError(f"{source}: {key}: {value!r} must be a list")
-        return tuple(_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
+        return tuple(coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise SweepError(f"{source}: {key}: {value!r} must be a mapping")
         (_key_type, inner) = typing.get_args(tp)  # keys are checked where they are known (regimes, grid keys)
-        return {k: _coerce(v, inner, f"{key}.{k}", source) for k, v in value.items()}
+        return {k: coerce(v, inner, f"{key}.{k}", source) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, source)
+        return build(tp, value, key, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
@@ -51,7 +51,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise SweepError(f"{source}: {key}: {value!r} must be of type {_type_name(tp)}")
 
 
-def _build(cls: type, data: Any, key: str, source: str) -> Any:
+def build(cls: type, data: Any, key: str, source: str) -> Any:
     if isinstance(data, cls):
         return data
     if data is None:
@@ -64,7 +64,7 @@ def _build(cls: type, data: Any, key: str, source: str) -> Any:
     if unknown:
         where = f"{key}.{unknown[0]}" if key else unknown[0]
         raise SweepError(f"{source}: {where}: unknown key; allowed keys are {names}")
-    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k, source) for k, v in data.items()}
+    kwargs = {k: coerce(v, hints[k], f"{key}.{k}" if key else k, source) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing

@@ -1,8 +1,8 @@
 """The Tune side's pure helpers: the one-line reason of a failed trial, extra-axis columns."""
 from __future__ import annotations
 
-from detsweep.config import expand, parse_sweep
-from detsweep.sweep import error_line, extra_axis_columns
+from detsweep.cluster.callback import error_line, extra_axis_columns
+from detsweep.sweep import expand, parse_sweep
 
 RAY_TRACEBACK = """Failure # 1 (occurred at 2026-11-23_04-12-28)
 ray::ImplicitFunc.train() (pid=16192, ip=192.0.2.2, actor_id=4bb9, repr=run_trial)
@@ -37,7 +37,7 @@ def test_results_row_gpu_hours_hostname_and_checkpoint(tmp_path):
     import datetime as dt
     from types import SimpleNamespace
 
-    from detsweep.sweep import ResultsCallback
+    from detsweep.cluster.callback import ResultsCallback
 
     sweep = parse_sweep({"name": "s", "storage": str(tmp_path), "grid": {"regime": ["lora_only"]},
                          "resources": {"ddp_workers": 1, "gpus_per_worker": 0.5}})

@@ -192,7 +192,7 @@ def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_r
 
     import torch
 
-    from detsweep.config import expand, parse_sweep
+    from detsweep.sweep import expand, parse_sweep
     from detsweep.models import build_model
 
     weights = tmp_path / "detr.pth"
@@ -206,7 +206,7 @@ def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_r
     assert _rows(root)["detr_r18-full"]["status"] == "error"
 
     (trial,) = expand(parse_sweep(sweep))
-    model = build_model(trial.model, dataclasses.replace(trial.detr, weights="none"), num_classes=3)
+    model = build_model(trial.model, dataclasses.replace(trial.detector, weights="none"), num_classes=3)
     torch.save({"model": model.detr.state_dict()}, weights)  # the official checkpoint layout
     sweep["fault_tolerance"] = {"on_resume_errored": mode}  # may change between runs
     write_sweep(tmp_path, sweep)
