@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detsweep import frontier, pareto
+from detsweep import frontier
+from detsweep.frontier import pareto
 from detsweep.results import rows_to_table
 
 TITLE = "Frontier (bench/frontier.py)"

@@ -1,5 +1,6 @@
-"""Pareto algorithms: non-dominated sorting, normalised hypervolume, and seed-replicate
-aggregation with Student-t confidence intervals. No file IO, plots or Ray here.
+"""Pareto algorithms, the bottom of `detsweep.frontier`: objectives, non-dominated sorting,
+normalised hypervolume, and seed-replicate aggregation with Student-t confidence intervals.
+numpy (+ moocore, scipy) on arrays and results tables; no file IO, plots or Ray here.
 
 Hypervolume normalisation (every objective is mapped to a *minimised* value in [0, 1]):
 
@@ -26,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from scipy import stats
 
-from detsweep.results import RESULTS_SCHEMA
+from detsweep.results import REPLICATE_COLUMNS, RESULTS_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,6 @@ UNIT_COLUMNS = frozenset({
     "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large",
     "ece", "brier", "trainable_frac",
 })
-# Columns that describe a trial's configuration; replicates share all of them except the seed.
-CONFIG_COLUMNS = ["sweep", "model", "regime", "lora_rank", "lora_placement", "lora_alpha", "backbone",
-                   "num_queries", "dec_layers", "epochs", "lr", "ddp_workers", "gpus_per_worker", "data"]
 ADDED_COLUMNS = ("pareto_rank", "dominated_by")  # what the frontier adds to a results table
 # Rows per block in the numpy dominance checks: 512 x 10k bools per objective ~ 5 MB.
 _BLOCK = 512
@@ -320,8 +318,14 @@ def not_separable(low: np.ndarray, high: np.ndarray, ranks: np.ndarray) -> list[
     return result
 
 
-def _column(table: pa.Table, name: str) -> list:
+def column_list(table: pa.Table, name: str) -> list:
+    """A column's values as a list; all None when the table lacks it (older or partial results)."""
     return table.column(name).to_pylist() if name in table.column_names else [None] * len(table)
+
+
+def extra_columns(table: pa.Table) -> list[str]:
+    """The table's extra sweep-axis columns: neither results-schema columns nor added by the frontier."""
+    return [c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in ADDED_COLUMNS]
 
 
 def aggregate_replicates(table: pa.Table, values: np.ndarray, valid: np.ndarray, objectives: Sequence[Objective],
@@ -334,16 +338,15 @@ def aggregate_replicates(table: pa.Table, values: np.ndarray, valid: np.ndarray,
     ``<objective>_{mean,std,ci_low,ci_high}`` (95 % Student-t), pareto_rank / dominated_by of the means,
     not_separable / not_separable_from; hypervolume of the means' front), or None when every n is 1.
     """
-    group_cols = [c for c in CONFIG_COLUMNS if c in table.column_names] + [
-        c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in ADDED_COLUMNS]
+    group_cols = [c for c in REPLICATE_COLUMNS if c in table.column_names] + extra_columns(table)
     idx = np.flatnonzero(valid)
-    config_values = [_column(table, c) for c in group_cols]
+    config_values = [column_list(table, c) for c in group_cols]
 
     def key_of(i: int) -> tuple:
         return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in (col[i] for col in config_values))
 
-    trial_ids = [str(t) for t in _column(table, "trial_id")]
-    seeds = _column(table, "seed")
+    trial_ids = [str(t) for t in column_list(table, "trial_id")]
+    seeds = column_list(table, "seed")
     groups = [[int(idx[j]) for j in members] for members in seed_groups(
         [key_of(i) for i in idx], [seeds[i] for i in idx], [trial_ids[i] for i in idx])]
     if not any(len(g) >= 2 for g in groups):

@@ -1,21 +1,25 @@
 """The frontier's PNG scatter plots: the headline objective against each cost objective, front
-highlighted, points labelled by trial id (or config, with seed replicates and their 95% CIs)."""
+highlighted, points labelled by trial id (or config, with seed replicates and their 95% CIs).
+Renders a computed `Frontier` to PNG bytes; cli.py writes them."""
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure  # the Figure API renders with Agg and never opens a display
 
-from detsweep import pareto
-from detsweep.frontier import Frontier, headline_index
+from detsweep.frontier.front import Frontier, headline_index
+from detsweep.frontier.pareto import Normalisation, pareto_ranks
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LABEL_ALL_MAX = 30  # above this many points only the front (rank 1) is labelled, to stay readable
 
 
 def ci_error_bars(means: np.ndarray, low: np.ndarray, high: np.ndarray,
-                  norms: Sequence[pareto.Normalisation]) -> tuple[np.ndarray, np.ndarray]:
+                  norms: Sequence[Normalisation]) -> tuple[np.ndarray, np.ndarray]:
     """(below, above): [m, k] distances from each mean to its CI bounds, the bounds first clipped to
     the objective's value range (AP in [0, 1], counts and memory >= 0); 0 where there is no CI."""
     bounds = np.array([norm.value_range() for norm in norms], dtype=np.float64).reshape(-1, 2)
@@ -64,6 +68,8 @@ def scatter_figure(fr: Frontier, x: int) -> Figure:
 
     Every point is labelled up to LABEL_ALL_MAX points; beyond that every front (rank-1) point.
     """
+    from matplotlib.figure import Figure  # lazy: matplotlib only when plots are wanted; Agg, never a display
+
     labels, values, below, above, ranks = _plot_points(fr)
     y, obj = headline_index(fr), fr.objectives[x]
     front, rest = np.flatnonzero(ranks == 1), np.flatnonzero(ranks != 1)
@@ -80,7 +86,7 @@ def scatter_figure(fr: Frontier, x: int) -> Figure:
             ax.plot(values[sel, x], values[sel, y], "o", markersize=5, **style)
     # The full front is a k-D set; the line joins the members that are also the 2-D trade-off in this view.
     pair = [fr.objectives[y].maximise, obj.maximise]
-    in_view = front[pareto.pareto_ranks(values[front][:, [y, x]], pair) == 1] if len(front) else front
+    in_view = front[pareto_ranks(values[front][:, [y, x]], pair) == 1] if len(front) else front
     order = in_view[np.argsort(values[in_view, x])]
     ax.plot(values[order, x], values[order, y], "-", color="C3", alpha=0.6, label="trade-off in this view")
     shown = np.arange(len(labels)) if len(labels) <= LABEL_ALL_MAX else front

@@ -1,5 +1,5 @@
-"""The frontier's words: report.md (Markdown) and the table printed to the terminal, rendered
-from a computed `Frontier`. Pure formatting; `frontier.py` computes and writes."""
+"""The frontier's words: report.md (Markdown) and the summary printed to the terminal, rendered
+from a computed `Frontier`. Pure formatting; front.py computes, cli.py writes."""
 from __future__ import annotations
 
 import math
@@ -7,12 +7,9 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from detsweep import pareto
-from detsweep.frontier import Frontier, column_list, headline_index
-from detsweep.results import RESULTS_SCHEMA, STATUSES
-
-# Config columns the Sweep section lists on lines of their own rather than among the varying axes.
-_OWN_LINE_COLUMNS = ("sweep", "model", "backbone", "regime", "data", "epochs")
+from detsweep.frontier.front import Frontier, headline_index
+from detsweep.frontier.pareto import REFERENCE_POINT, column_list, extra_columns
+from detsweep.results import OWN_LINE_COLUMNS, REPLICATE_COLUMNS, STATUSES
 
 
 def _fmt(value: object) -> str:
@@ -52,8 +49,8 @@ def _sweep_lines(table: pa.Table) -> list[str]:
     """The Sweep section of report.md: what ran, where, with what code, for how long, at what cost."""
     status = column_list(table, "status")
     counts = ", ".join(f"{status.count(s)} {s}" for s in STATUSES if s in status)
-    axes = [c for c in pareto.CONFIG_COLUMNS + ["seed"] if c not in _OWN_LINE_COLUMNS]
-    axes += [c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in pareto.ADDED_COLUMNS]
+    # The config columns not named on a line of their own, then the seed and the extra sweep axes.
+    axes = [c for c in REPLICATE_COLUMNS if c not in OWN_LINE_COLUMNS] + ["seed"] + extra_columns(table)
     varying = [f"`{c}` ({_values(table, c)})" for c in axes if len(_distinct(table, c)) >= 2]
     started, finished = _distinct(table, "started_at"), _distinct(table, "finished_at")
     span = f"{f'{started[0]:%Y-%m-%d %H:%M:%S}' if started else '-'} .. " \
@@ -131,8 +128,8 @@ def _best_per_regime(fr: Frontier) -> tuple[list[str], list[list[object]]]:
 
 def _hypervolume_line(fr: Frontier) -> str:
     k = len(fr.objectives)
-    line = (f"hypervolume of the front: {fr.hypervolume:.6g} (max {pareto.REFERENCE_POINT ** k:.6g}; "
-            f"reference point {pareto.REFERENCE_POINT} on every normalised axis)")
+    line = (f"hypervolume of the front: {fr.hypervolume:.6g} (max {REFERENCE_POINT ** k:.6g}; "
+            f"reference point {REFERENCE_POINT} on every normalised axis)")
     if fr.replicates_hypervolume is not None:
         line += f"; of the seed-mean front: {fr.replicates_hypervolume:.6g}"
     return line
@@ -166,7 +163,7 @@ def render_markdown(fr: Frontier, images: list[str]) -> str:
         parts += ["## Hypervolume\n", _hypervolume_line(fr) + ".\n",
                   "Each objective is mapped to a minimised value in [0, 1] before the volume is taken:\n",
                   _table(["objective", "normalised as", "reference"],
-                         [[str(o), n.describe(), pareto.REFERENCE_POINT] for o, n in zip(fr.objectives, fr.norms)],
+                         [[str(o), n.describe(), REFERENCE_POINT] for o, n in zip(fr.objectives, fr.norms)],
                          markdown=True)]
         headers, rows = _best_per_regime(fr)
         parts += [f"## Best trial per regime (by {headers[2]})\n", _table(headers, rows, markdown=True)]

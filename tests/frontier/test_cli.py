@@ -14,8 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from detsweep import frontier, frontier_plots, frontier_report, pareto
-from detsweep.results import rows_to_table, write_parquet_atomic
+from detsweep import frontier
+from detsweep.frontier import pareto
+from detsweep.frontier import plots as frontier_plots
+from detsweep.frontier import report as frontier_report
+from detsweep.frontier.front import _STATUS_REASONS
+from detsweep.results import rows_to_table
+from detsweep.storage import write_parquet_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -179,7 +184,7 @@ def test_all_failed_sweep_still_reports(tmp_path, capsys, statuses, message):
     assert "## Hypervolume" not in report and "## Best trial per regime" not in report
     reasons = {"error": "CUDA out of memory", "stopped": "stopped early by the scheduler",
                "running": "unfinished (running)"}
-    expected = [f"| t{i} | {st} | {reasons[st] if i != 1 else frontier._STATUS_REASONS[st]} |"
+    expected = [f"| t{i} | {st} | {reasons[st] if i != 1 else _STATUS_REASONS[st]} |"
                 for i, st in enumerate(statuses)]
     assert report.endswith("## Excluded trials\n\n| trial_id | status | reason |\n|---|---|---|\n"
                            + "\n".join(expected) + "\n")
@@ -260,7 +265,7 @@ def test_one_trial_is_singular(tmp_path, capsys):
 
 
 def test_library_modules_never_import_ray_or_torch():
-    code = ("import sys, detsweep.frontier, detsweep.pareto, detsweep.results; "
+    code = ("import sys, detsweep.frontier, detsweep.frontier.pareto, detsweep.results; "
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

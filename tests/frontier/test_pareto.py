@@ -8,9 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from detsweep import pareto
-from detsweep.frontier import compute_frontier
-from detsweep.pareto import Objective, parse_objectives
+from detsweep.frontier import compute_frontier, pareto
+from detsweep.frontier.pareto import Objective, parse_objectives
 from detsweep.results import rows_to_table
 
 
@@ -218,7 +217,7 @@ def test_no_replicates_without_repeated_seeds():
 def test_duplicate_configs_without_distinct_seeds_are_not_replicates(seeds, caplog):
     rows = [{"trial_id": f"D{i}", "status": "ok", "regime": "full", "seed": seed, "ap": 0.2 + i / 10,
              "trainable_params": 1000} for i, seed in enumerate(seeds)]
-    with caplog.at_level("WARNING", logger="detsweep.pareto"):
+    with caplog.at_level("WARNING", logger="detsweep.frontier.pareto"):
         fr = compute_frontier(rows_to_table(rows), parse_objectives("ap:max,trainable_params:min"))
     assert fr.replicates is None
     shown = ", ".join("null" if s is None else str(s) for s in seeds)
@@ -229,7 +228,7 @@ def test_duplicate_configs_without_distinct_seeds_are_not_replicates(seeds, capl
 def test_repeated_seed_joins_no_replicate_group(caplog):
     rows = _replicate_rows() + [{"trial_id": "A9", "status": "ok", "regime": "lora_only", "lora_rank": 4, "seed": 1,
                                  "ap": 0.9, "trainable_params": 100_000}]
-    with caplog.at_level("WARNING", logger="detsweep.pareto"):
+    with caplog.at_level("WARNING", logger="detsweep.frontier.pareto"):
         fr = compute_frontier(rows_to_table(rows), parse_objectives("ap:max,trainable_params:min"))
     rep = fr.replicates.to_pylist()
     assert [r["trial_ids"] for r in rep] == [["A0", "A1", "A2"], ["B0", "B1"], ["C0"], ["A9"]]
