@@ -1,11 +1,12 @@
-# make demo: venv + install + smoke sweep + frontier.   make test: venv + install + tests.
+# make demo: venv + install + demo sweep + frontier.   make test: venv + install + the full suite (CI).
+# make test-fast: everything but the real-Ray tests, for the inner loop.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= $(CURDIR)/runs
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not ray" tests
 
 bench: $(STAMP)
 	$(PY) bench/frontier.py
