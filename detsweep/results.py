@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import math
 import numbers
 import os
@@ -19,7 +18,6 @@ import pyarrow as pa
 
 from detsweep.storage import HISTORY_FILE, RESULTS_FILE, is_local, join, read_parquet, write_parquet_atomic
 
-log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "error", "stopped", "running")
 TIMESTAMP = pa.timestamp("us", tz="UTC")

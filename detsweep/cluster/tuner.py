@@ -3,7 +3,6 @@ trainable that builds and fits a Ray Train `TorchTrainer` (the Train V2 pattern)
 (callback.py) writes the rows of history.parquet and results.parquet on the driver."""
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -18,7 +17,6 @@ from detsweep.cluster.worker import train_fn_per_worker
 from detsweep.storage import TUNE_DIR, join, train_run_name
 from detsweep.sweep.spec import Sweep, TrialConfig
 
-log = logging.getLogger(__name__)
 
 # The workers hold the trial's resources; the trial actor only waits on them. Zero CPU (so two
 # 1-CPU workers fit on a 2-core laptop), and 1 MiB of Ray's "memory" resource because Tune
