@@ -59,6 +59,8 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     if not values:
         return {}
     keys = sorted(values)
+    if is_dist() and dist.get_backend() != "nccl":
+        device = torch.device("cpu")  # gloo reduces host tensors; NCCL needs them on the GPU
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     if is_dist():
         dist.all_reduce(t)

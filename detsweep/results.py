@@ -100,13 +100,13 @@ RESULTS_SCHEMA: pa.Schema = pa.schema(
     + [("total_params", _I64), ("trainable_params", _I64), ("trainable_frac", _F64), ("lora_params", _I64)]
     + [(name, _F64) for name in ("peak_vram_train_mb", "peak_vram_eval_mb", "peak_rss_mb",
                                  "train_images_per_s", "eval_images_per_s", "train_s", "eval_s",
-                                 "wall_s", "gpu_hours")]
+                                 "wall_s", "worker_s", "gpu_hours")]
     + [("device", _STR)]
     # run (per_class_ap and reliability are JSON text)
     + [("epochs_completed", _I32), ("checkpoint_path", _STR), ("per_class_ap", _STR), ("reliability", _STR)]
     # provenance
     + [(name, _STR) for name in ("detsweep_version", "git_sha", "torch_version", "ray_version",
-                                 "hostname", "gpu_name")]
+                                 "hostname", "gpu_name", "gpu_uuid")]
     + [("started_at", TIMESTAMP), ("finished_at", TIMESTAMP)]
 )
 _HISTORY_KEYS = ("sweep", "trial_id", "epoch", "reported_at")

@@ -41,9 +41,9 @@ def test_schema_order_and_types():
         "err_cls", "err_loc", "err_dup", "err_bkg", "err_missed",
         "total_params", "trainable_params", "trainable_frac", "lora_params",
         "peak_vram_train_mb", "peak_vram_eval_mb", "peak_rss_mb", "train_images_per_s", "eval_images_per_s",
-        "train_s", "eval_s", "wall_s", "gpu_hours", "device",
+        "train_s", "eval_s", "wall_s", "worker_s", "gpu_hours", "device",
         "epochs_completed", "checkpoint_path", "per_class_ap", "reliability",
-        "detsweep_version", "git_sha", "torch_version", "ray_version", "hostname", "gpu_name",
+        "detsweep_version", "git_sha", "torch_version", "ray_version", "hostname", "gpu_name", "gpu_uuid",
         "started_at", "finished_at",
     ]
     assert RESULTS_SCHEMA.field("lora_rank").type == pa.int32()

@@ -74,7 +74,10 @@ class ResultsCallback(Callback):
         row["wall_s"] = (finished - started).total_seconds() if status != "running" else None
         res = cfg["resources"]
         if row["wall_s"] is not None:
-            row["gpu_hours"] = gpu_hours(row["wall_s"], res["ddp_workers"] * res["gpus_per_worker"])
+            # GPU time is the workers' own: summed over attempts from each worker group's start to its
+            # last report, so a node booting or the downtime before a --resume costs nothing.
+            held = last.get("worker_s")
+            row["gpu_hours"] = None if held is None else gpu_hours(held, res["ddp_workers"] * res["gpus_per_worker"])
             row["checkpoint_path"] = latest_checkpoint(join(cfg["storage"], train_run_name(tid)))
         row.update(self._prov)
         row["hostname"] = last.get("rank0_hostname") or self._prov["hostname"]

@@ -15,6 +15,7 @@ from detsweep.cluster.callback import ResultsCallback, extra_axis_columns
 from detsweep.cluster.progress import ProgressCallback
 from detsweep.cluster.worker import train_fn_per_worker
 from detsweep.storage import TUNE_DIR, join, train_run_name
+from detsweep.sweep.plan import placement_strategy, process_group_backend
 from detsweep.sweep.spec import Sweep, TrialConfig
 
 
@@ -51,13 +52,14 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
     res, ft = trial["resources"], trial["fault_tolerance"]
     gpus = res["gpus_per_worker"]
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})}
-    backend = res["backend"] if res["backend"] != "auto" else ("nccl" if gpus > 0 else "gloo")
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"trial": trial},
-        torch_config=TorchConfig(backend=backend),
+        torch_config=TorchConfig(backend=process_group_backend(trial)),
         scaling_config=ray.train.ScalingConfig(num_workers=res["ddp_workers"], use_gpu=gpus > 0,
-                                               resources_per_worker=per_worker),
+                                               resources_per_worker=per_worker,
+                                               placement_strategy=placement_strategy(trial, nodes)),
         run_config=ray.train.RunConfig(
             name=train_run_name(trial["trial_id"]), storage_path=trial["storage"],
             callbacks=[TuneReportCallback()],

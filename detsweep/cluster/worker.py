@@ -25,6 +25,8 @@ from detsweep.sweep.spec import TrialConfig
 
 log = logging.getLogger("detsweep.worker")
 
+GPU_SHARE_MARGIN = 0.95  # of a fractional GPU's share, the part its caching allocator may hold
+
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train
@@ -72,7 +74,16 @@ def _setup(trial: TrialConfig, rank: int) -> Any:
                         format=f"%(asctime)s {trial.trial_id} r{rank} %(name)s: %(message)s")
     dist.seed_everything(trial.train.seed)
     torch.set_num_threads(max(1, int(trial.resources.cpus_per_worker)))
-    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = ray.train.torch.get_device()
+    share = trial.resources.gpus_per_worker
+    if 0 < share < 1:
+        # Ray's fractional GPUs are a scheduling promise, not isolation: cap this process's caching
+        # allocator at its share (less a margin for the other process's CUDA context), so one trial's
+        # growth raises OOM in that trial instead of in its neighbour.
+        torch.cuda.set_per_process_memory_fraction(share * GPU_SHARE_MARGIN, device)
+    return device
 
 
 @dataclasses.dataclass
@@ -144,6 +155,7 @@ class TrialRun:
     totals: dict = dataclasses.field(default_factory=lambda: {"train_s": 0.0, "eval_s": 0.0})
     resumed_from: int | None = None
     finished: dict | None = None  # the final metrics, when the checkpoint is of the last epoch
+    held_before: float = 0.0  # seconds earlier attempts' workers held their resources, to their last report
 
 
 def restore(trial: TrialConfig, model: Any, data: TrialData, device: Any, checkpoint: Any) -> TrialRun:
@@ -165,7 +177,7 @@ def restore(trial: TrialConfig, model: Any, data: TrialData, device: Any, checkp
                                   state=state)
     log.info("resumed from the checkpoint of epoch %d", state["epoch"])
     run = TrialRun(opt, amp_dtype, start_epoch=state["epoch"] + 1, history=state["history"],
-                   totals=state["totals"], resumed_from=state["epoch"])
+                   totals=state["totals"], resumed_from=state["epoch"], held_before=state["totals"].get("worker_s", 0.0))
     if run.start_epoch >= trial.train.epochs:
         run.finished = state["metrics"]
     return run
@@ -257,6 +269,7 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[st
     tr = reduce_phase_stats([p[0] for p in phase])  # images/s summed, seconds and VRAM maxed
     evs = reduce_phase_stats([p[1] for p in phase])
     totals = run.totals
+    totals["worker_s"] = run.held_before + (time.time() - started_at)
     totals["train_s"] += tr["seconds"]
     totals["eval_s"] += evs["seconds"]
     # Peak VRAM of the whole trial: the largest of any epoch (each epoch resets per phase).
@@ -278,7 +291,8 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[st
         "peak_vram_train_mb": totals.get("peak_vram_train_mb"), "peak_vram_eval_mb": totals.get("peak_vram_eval_mb"),
         "peak_rss_mb": max(p[2] for p in phase),
         "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],
-        "train_s": totals["train_s"], "eval_s": totals["eval_s"], **device_info(device),
+        "train_s": totals["train_s"], "eval_s": totals["eval_s"], "worker_s": totals["worker_s"],
+        **device_info(device), "gpu_uuid": _gpu_uuid(device),
         # Rank 0's node (the driver and Tune's trial actor run elsewhere on a cluster). Not `hostname`:
         # Tune overwrites that key of every result with the trial actor's node.
         "rank0_hostname": socket.gethostname(),
@@ -290,6 +304,13 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[st
         metrics["resumed_from_epoch"] = run.resumed_from
     run.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "worker_started_at"})
     return metrics
+
+
+def _gpu_uuid(device: Any) -> str | None:
+    """The CUDA device's UUID: trials with the same one and overlapping run times shared that GPU."""
+    import torch
+
+    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
 
 
 def save_checkpoint(trial: TrialConfig, model: Any, run: TrialRun, data: TrialData, epoch: int,

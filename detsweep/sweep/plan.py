@@ -119,3 +119,23 @@ def unfit_warning(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, fl
             f"(needs {resources_text(trial_resources(too_big[0]))}); {then}")
 
 
+
+
+def placement_strategy(trial: dict[str, Any], nodes: list[dict[str, float]]) -> str:
+    """Ray's placement strategy for a trial's DDP workers (`trial`: `TrialConfig.to_dict()`): all on one
+    node (STRICT_PACK) when some node can hold the whole trial, so a 2-GPU trial never straddles two
+    nodes and pays for cross-node NCCL; else PACK, Ray's best effort."""
+    r = trial["resources"]
+    need = {"CPU": r["ddp_workers"] * r["cpus_per_worker"], "GPU": r["ddp_workers"] * r["gpus_per_worker"]}
+    whole = any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for node in nodes)
+    return "STRICT_PACK" if whole and r["ddp_workers"] > 1 else "PACK"
+
+
+def process_group_backend(trial: dict[str, Any]) -> str:
+    """`resources.backend`, with `auto` resolved: NCCL only for a multi-GPU trial. A world-size-1 trial
+    uses gloo: it never all-reduces gradients, and an NCCL communicator on a GPU that fractional trials
+    share would cost memory and can hang."""
+    r = trial["resources"]
+    if r["backend"] != "auto":
+        return r["backend"]
+    return "nccl" if r["gpus_per_worker"] > 0 and r["ddp_workers"] > 1 else "gloo"

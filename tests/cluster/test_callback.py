@@ -34,6 +34,8 @@ def test_only_axes_without_a_column_of_their_own_get_one():
 
 
 def test_results_row_gpu_hours_hostname_and_checkpoint(tmp_path):
+    """GPU-hours come from the workers' own time (`worker_s`, summed over attempts), not the driver's
+    wall clock, which also counts a node booting and the downtime before a --resume."""
     import datetime as dt
     from types import SimpleNamespace
 
@@ -50,10 +52,11 @@ def test_results_row_gpu_hours_hostname_and_checkpoint(tmp_path):
     tune_trial = SimpleNamespace(config={"trial_id": trial.trial_id},
                                  last_result={"ap": 0.5, "rank0_hostname": "gpu-node-7", "hostname": "head-node",
                                               "gpu_name": "NVIDIA A10G",
-                                              "epochs_completed": 1, "checkpoint_path": "ignored"})
+                                              "epochs_completed": 1, "checkpoint_path": "ignored",
+                                              "worker_s": 1800.0})
     row = cb._row(tune_trial, "ok", None)
     assert abs(row["wall_s"] - 7200) < 60
-    assert abs(row["gpu_hours"] - row["wall_s"] * 0.5 / 3600) < 1e-9  # 1 worker x 0.5 GPU
+    assert row["worker_s"] == 1800.0 and row["gpu_hours"] == 1800.0 * 0.5 / 3600  # 1 worker x 0.5 GPU
     assert row["hostname"] == "gpu-node-7" and row["gpu_name"] == "NVIDIA A10G"
     assert row["checkpoint_path"] == str(ckpt)
     running = cb._row(tune_trial, "running", None)

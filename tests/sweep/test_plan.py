@@ -1,0 +1,39 @@
+"""Where a trial's workers go and how they talk: one node for a trial that fits one (a 2-GPU DDP
+trial never straddles nodes), and NCCL only where gradients are all-reduced between GPUs."""
+from __future__ import annotations
+
+import pytest
+
+from detsweep.sweep.plan import placement_strategy, process_group_backend
+
+
+def _trial(workers: int, cpus: float, gpus: float, backend: str = "auto") -> dict:
+    return {"resources": {"ddp_workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
+                          "backend": backend}}
+
+
+G5_12X = {"CPU": 48.0, "GPU": 4.0}
+G5_X = {"CPU": 4.0, "GPU": 1.0}
+
+
+@pytest.mark.parametrize("trial,nodes,expected", [
+    (_trial(2, 4, 1), [G5_12X], "STRICT_PACK"),         # fits one node: both ranks on it
+    (_trial(2, 4, 1), [G5_X, G5_X], "PACK"),            # no node holds both: Ray's best effort
+    (_trial(4, 8, 1), [G5_12X, G5_12X], "STRICT_PACK"),
+    (_trial(1, 2, 0.5), [G5_X], "PACK"),                # one worker: nothing to keep together
+    (_trial(2, 1, 0), [{"CPU": 2.0}], "STRICT_PACK"),   # CPU trials too (the laptop)
+    (_trial(2, 1, 0), [], "PACK"),                      # no node known yet (autoscaling from zero)
+])
+def test_placement_strategy_packs_a_trial_that_fits_one_node(trial, nodes, expected):
+    assert placement_strategy(trial, nodes) == expected
+
+
+@pytest.mark.parametrize("trial,expected", [
+    (_trial(2, 4, 1), "nccl"),
+    (_trial(1, 4, 1), "gloo"),       # world size 1: no gradient all-reduce, no NCCL communicator
+    (_trial(1, 2, 0.5), "gloo"),     # a shared GPU must not hold an NCCL communicator per trial
+    (_trial(2, 1, 0), "gloo"),
+    (_trial(1, 4, 1, "nccl"), "nccl"),  # an explicit choice is kept
+])
+def test_process_group_backend(trial, expected):
+    assert process_group_backend(trial) == expected
