@@ -19,6 +19,8 @@ from typing import NoReturn
 from detsweep.results import ResultsStore
 from detsweep.storage import TUNE_DIR, delete_dir, exists, join, sweep_root
 from detsweep.sweep import Sweep, SweepError, TrialConfig, expand, load_sweep
+from detsweep.sweep.bases import base_trials, describe
+from detsweep.sweep.grid import root_of
 from detsweep.sweep.plan import (concurrency_for, concurrency_line, configured_concurrency, resources_text,
                                  trial_resources, trial_table, unfit, unfit_warning)
 from detsweep.sweep.resume import check_resume, save_trials
@@ -137,6 +139,8 @@ def dry_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.N
     print(f"cluster: {where}")
     _print_plan(sweep, trials, cluster, args, concurrency_for(sweep, trials, cluster, args.max_concurrent),
                 concurrency_line(sweep, trials, cluster, args.max_concurrent), where)
+    for base in base_trials(trials, sweep, root_of(root)):
+        print(describe(base))
     return 0
 
 
@@ -212,6 +216,17 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse
     else:
         n, line = (concurrency_for(sweep, trials, cluster, args.max_concurrent),
                    concurrency_line(sweep, trials, cluster, args.max_concurrent))
+    bases = base_trials(trials, sweep, root_of(root))
+    for base in bases:
+        print(describe(base), flush=True)
+    prepare_data(bases)
+    from detsweep.cluster.bases import BaseFailed, build_bases
+
+    try:
+        build_bases(bases, quiet=args.quiet)
+    except BaseFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"sweep {sweep.name!r}: {len(trials)} trials on {resources_text(cluster)} -> {root}")
     _print_plan(sweep, trials, cluster, args, n, line, f"the cluster ({resources_text(cluster)})")
     if not args.resume or resumed is None:

@@ -133,7 +133,7 @@ def build_trial_model(trial: TrialConfig, label_map: Any) -> tuple[Any, dict[str
     from detsweep.models.lora import apply_lora, count_lora_params
     from detsweep.models.regimes import apply_regime
 
-    model = build_model(trial.model, trial.detector, num_classes=label_map.num_classes,
+    model = build_model(trial.model, _resolved(trial), num_classes=label_map.num_classes,
                         category_ids=list(label_map.category_ids), category_ids_are_coco=trial.data.kind == "coco")
     if trial.regime == "lora_only":
         lora = trial.lora
@@ -142,6 +142,29 @@ def build_trial_model(trial: TrialConfig, label_map: Any) -> tuple[Any, dict[str
     counts = count_parameters(model)
     counts["lora_params"] = count_lora_params(model)
     return model, counts
+
+
+def _resolved(trial: TrialConfig) -> Any:
+    """The trial's model settings with `weights: base:NAME` replaced by the base's weights file: the
+    model state of its pretraining's latest checkpoint (copied here first when it lives at a URI). The
+    base was trained on other classes, so the builder gives the trial a fresh class head."""
+    if trial.base_run is None:
+        return trial.detector
+    from detsweep.checkpoint import latest_checkpoint
+    from detsweep.storage import filesystem, is_local, join
+
+    folder = latest_checkpoint(trial.base_run)
+    if folder is None:
+        raise FileNotFoundError(f"{trial.detector.weights}: no finished pretraining in {trial.base_run}")
+    path = join(folder, MODEL_STATE)
+    if not is_local(path):
+        fs, remote = filesystem(path)
+        local = os.path.join(tempfile.mkdtemp(prefix="base-"), MODEL_STATE)
+        with fs.open_input_stream(remote) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        path = local
+    log.info("%s: the base's weights from %s", trial.detector.weights, folder)
+    return dataclasses.replace(trial.detector, weights=path)
 
 
 @dataclasses.dataclass

@@ -2,6 +2,7 @@
 complete trial configs, with meaningless combinations pruned and stable, readable trial ids."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from pathlib import PurePosixPath
@@ -9,6 +10,7 @@ from typing import Any
 
 from detsweep.models import registry
 from detsweep.storage import sweep_root
+from detsweep.sweep.bases import base_key, base_name, base_trial, find_base, train_run
 from detsweep.sweep.load import apply_axis
 from detsweep.sweep.rules import check_resources
 from detsweep.sweep.spec import Sweep, TrialConfig, resources_for
@@ -110,6 +112,21 @@ def expand(sweep: Sweep) -> list[TrialConfig]:
     if not trials:
         raise SweepError(f"{sweep.source}: grid: no trial is left after pruning; check grid.regime "
                          f"against model.<family>.regimes")
-    return list(trials.values())
+    return [_with_base(t, sweep, root) for t in trials.values()]
+
+
+def _with_base(trial: TrialConfig, sweep: Sweep, root: str) -> TrialConfig:
+    """`trial` with `base_run` set when its weights are `base:NAME`: the Train run of that base."""
+    name = base_name(trial.detector.weights)
+    if name is None:
+        return trial
+    base = find_base(sweep, name, f"model.{trial.family}.weights")
+    pretrain = base_trial(trial, base, name, base_key(base, trial.model, trial.detector), root_of(root))
+    return dataclasses.replace(trial, base_run=train_run(pretrain))
+
+
+def root_of(sweep_root: str) -> str:
+    """The storage folder that holds a sweep's folder (`<storage>/<name>` -> `<storage>`)."""
+    return sweep_root.rstrip("/").rsplit("/", 1)[0]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from detsweep.models import registry
+from detsweep.sweep.bases import base_name, find_base
 from detsweep.sweep.rules import check_values, combination_violation, in_combination_rules
 from detsweep.sweep.spec import Sweep, data_defaults
 from detsweep.sweep.typed import SweepError, build, coerce
@@ -30,10 +31,27 @@ def parse_sweep(raw: Any, source: str = "<memory>", *, check_paths: bool = True)
         raise SweepError(f"{source}: grid: {grid!r} must be a mapping of dotted keys to lists")
     raw["grid"] = {}
     sweep = dataclasses.replace(build(Sweep, raw, "", source), source=source)
-    sweep = dataclasses.replace(sweep, data=data_defaults(sweep.data))
+    sweep = dataclasses.replace(sweep, data=data_defaults(sweep.data), bases={
+        name: dataclasses.replace(b, data=data_defaults(b.data)) for name, b in sweep.bases.items()})
     check_values(sweep, check_paths)
     sweep = dataclasses.replace(sweep, grid=_check_grid(grid, sweep, check_paths))
+    _check_bases(sweep, check_paths)
     return sweep
+
+
+def _check_bases(sweep: Sweep, check_paths: bool) -> None:
+    """Every `base:NAME` the sweep uses (as a value or a grid value of `model.<family>.weights`) names a
+    base, and that base's own sections follow the rules (errors read `<file>: bases.NAME: <key>: ...`)."""
+    for family in registry.FAMILIES:
+        key = f"model.{family}.weights"
+        for where, weights in [(key, getattr(sweep.model, family).weights),
+                               *((f"grid.{key}", w) for w in sweep.grid.get(key, ()))]:
+            name = base_name(weights)
+            if name is None:
+                continue
+            base = find_base(sweep, name, where)
+            check_values(dataclasses.replace(sweep, data=base.data, train=base.train, resources=base.resources,
+                                             source=f"{sweep.source}: bases.{name}"), check_paths)
 
 
 def _check_grid(grid: dict[str, Any], sweep: Sweep, check_paths: bool) -> dict[str, tuple[Any, ...]]:

@@ -8,6 +8,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from detsweep.models import registry
+from detsweep.sweep.bases import base_name
 from detsweep.sweep.spec import DetrConfig, ResourcesConfig, Sweep, resources_for
 from detsweep.sweep.typed import SweepError
 
@@ -104,7 +105,7 @@ def check_values(sweep: Sweep, check_paths: bool = True, grid_key: str | None = 
     for fam in ("detr", "faster_rcnn"):
         w = getattr(m, fam).weights
         named = registry.NAMED_WEIGHTS
-        if w not in named and check_paths and not Path(w).expanduser().is_file():
+        if w not in named and base_name(w) is None and check_paths and not Path(w).expanduser().is_file():
             raise fail(f"model.{fam}.weights", f"{w!r} is neither one of {list(named)} nor an existing "
                        f"checkpoint file")
     if m.faster_rcnn.weights == "coco" and m.faster_rcnn.backbone != "resnet50":

@@ -131,6 +131,17 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class BaseConfig:
+    """A base to fine-tune from (`model.<family>.weights: base:NAME`): pretrained once by detsweep on
+    `data` with `train`, starting from `weights`, in the architecture of the trial that uses it."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(ddp_workers=1))
+    weights: str = "none"  # none | imagenet | coco | a checkpoint path: what the pretraining starts from
+
+
+@dataclass(frozen=True)
 class Sweep:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,6 +154,7 @@ class Sweep:
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    bases: dict[str, BaseConfig] = field(default_factory=dict)  # base:NAME weights, see sweep/bases.py
     storage: str = "~/detsweep_results"
     # None: computed from the cluster's resources when the sweep starts. Set it on an autoscaling
     # cluster that starts with no GPU nodes, where the resources present are not the ones to come.
@@ -170,6 +182,7 @@ class TrialConfig:
     fault_tolerance: FaultToleranceConfig
     storage: str  # <storage>/<sweep name>, expanded
     axes: dict[str, Any]  # the grid values of this trial, by dotted key
+    base_run: str | None = None  # weights `base:NAME`: the base's Ray Train run, whose latest checkpoint it loads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

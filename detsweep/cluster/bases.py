@@ -1,0 +1,32 @@
+"""Pretraining the bases a sweep fine-tunes from (`weights: base:NAME`), before the sweep's own trials:
+each base is one trial through the very same Tune function, Train worker and engine, in its own folder
+(`sweep/bases.py`). A base already built is reused, and the log says so."""
+from __future__ import annotations
+
+import logging
+
+from detsweep.cluster.tuner import fit_sweep
+from detsweep.storage import delete_dir, exists
+from detsweep.sweep.bases import is_built
+from detsweep.sweep.spec import Sweep, TrialConfig
+
+log = logging.getLogger(__name__)
+
+
+class BaseFailed(RuntimeError):
+    """A base's pretraining did not end `ok`: the trials that need it cannot run."""
+
+
+def build_bases(bases: list[TrialConfig], *, quiet: bool) -> None:
+    """Pretrain every base in `bases` that is not built yet, one after the other."""
+    for base in bases:
+        if is_built(base):
+            log.info("base %s: cached in %s, reused", base.trial_id, base.storage)
+            continue
+        if exists(base.storage):  # an interrupted pretraining: start it over
+            delete_dir(base.storage)
+        log.info("base %s: pretraining (%d epochs) into %s", base.trial_id, base.train.epochs, base.storage)
+        fit_sweep(Sweep(name=base.sweep), [base], root=base.storage, concurrency=1, resume=False, quiet=quiet)
+        if not is_built(base):
+            raise BaseFailed(f"base {base.trial_id}: pretraining did not finish ok; see {base.storage}/results.parquet")
+        log.info("base %s: built", base.trial_id)
