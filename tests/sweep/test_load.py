@@ -31,7 +31,7 @@ BAD = [
     ({"name": "x", "train": {"epochs": 0}}, "f.yaml: train.epochs: 0 must be > 0"),
     ({"name": "x", "trian": {}},
      "f.yaml: trian: unknown key; allowed keys are ['name', 'data', 'model', 'lora', 'train', 'eval', "
-     "'resources', 'resources_by_regime', 'fault_tolerance', 'grid', 'scheduler', 'storage', "
+     "'resources', 'resources_by_regime', 'fault_tolerance', 'grid', 'scheduler', 'bases', 'storage', "
      "'max_concurrent_trials']"),
     ({"name": "x", "model": {"detr": {"layers": 3}}},
      "f.yaml: model.detr.layers: unknown key; allowed keys are ['backbone', 'weights', 'num_queries', "
