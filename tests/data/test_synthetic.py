@@ -1,4 +1,4 @@
-"""Synthetic generator: layout, determinism, learnability (class = shape + colour), atomic reuse."""
+"""Synthetic generator: layout, determinism, learnability (class = shape + colour), atomic reuse, domains."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from detsweep.data import synthetic
-from detsweep.data.synthetic import SHAPE_CLASSES, ensure_synthetic
+from detsweep.data.synthetic import DOMAINS, SHAPE_CLASSES, TARGET_CLASSES, domain_classes, ensure_synthetic
 
 SMALL = dict(train_images=10, val_images=4, image_size=96, seed=3)
 BY_ID = {c.category_id: c for c in SHAPE_CLASSES}
@@ -173,6 +173,8 @@ def test_concurrent_processes_agree(tmp_path):
         (dict(num_classes=0), "synthetic num_classes must be in 1..8, got 0"),
         (dict(image_size=16), "synthetic image_size must be >= 32, got 16"),
         (dict(train_images=0), "synthetic data needs at least 1 image per split, got train_images=0, val_images=4"),
+        (dict(domain="target", num_classes=7), "synthetic num_classes must be in 1..6 for domain 'target', got 7"),
+        (dict(domain="sauce"), "synthetic domain 'sauce' is not one of ['source', 'target']"),
     ],
 )
 def test_bad_parameters(tmp_path, kwargs, message):
@@ -180,3 +182,88 @@ def test_bad_parameters(tmp_path, kwargs, message):
         ensure_synthetic(tmp_path, **{**SMALL, **kwargs})
     assert str(err.value) == message
     assert not any(tmp_path.iterdir())
+
+
+# ---- domains: source (the default, unchanged) and target ----------------------------------------------------------
+
+TARGET = dict(train_images=24, val_images=4, image_size=128, seed=0, num_classes=len(TARGET_CLASSES),
+              domain="target")
+
+
+@pytest.fixture(scope="module")
+def target_domain(tmp_path_factory) -> Path:
+    return ensure_synthetic(tmp_path_factory.mktemp("target"), **TARGET)
+
+
+def _background(folder: Path, split: str = "train") -> list[np.ndarray]:
+    """Per image, the pixels outside every box grown by 2 px: background only."""
+    coco = _load(folder, split)
+    out = []
+    for im in coco["images"]:
+        pixels = np.asarray(Image.open(folder / "images" / split / im["file_name"])).astype(np.float64)
+        free = np.ones(pixels.shape[:2], dtype=bool)
+        for a in coco["annotations"]:
+            if a["image_id"] == im["id"]:
+                x, y, w, h = a["bbox"]
+                free[max(y - 2, 0):y + h + 2, max(x - 2, 0):x + w + 2] = False
+        out.append(pixels[free])
+    return out
+
+
+def test_source_is_the_default_and_keeps_its_name(tmp_path):
+    assert DOMAINS["source"].classes == SHAPE_CLASSES and domain_classes() == SHAPE_CLASSES
+    default = ensure_synthetic(tmp_path / "a", **SMALL)
+    explicit = ensure_synthetic(tmp_path / "b", **SMALL, domain="source")
+    assert default.name == explicit.name == "synth-v1-s96-t10-v4-c5-seed3"
+    assert _all_files(default) == _all_files(explicit)
+
+
+def test_domains_have_disjoint_ids_and_names(target_domain):
+    source_ids = {c.category_id for c in SHAPE_CLASSES}
+    target_ids = {c.category_id for c in TARGET_CLASSES}
+    assert not source_ids & target_ids and min(target_ids) > max(source_ids)
+    assert not {c.name for c in SHAPE_CLASSES} & {c.name for c in TARGET_CLASSES}
+    assert target_domain.name == "synth-v1-target-s128-t24-v4-c6-seed0"
+    train = _load(target_domain, "train")
+    assert [c["id"] for c in train["categories"]] == [c.category_id for c in TARGET_CLASSES]
+    assert {a["category_id"] for a in train["annotations"]} == target_ids  # every target class is drawn
+    assert domain_classes("target", 2) == TARGET_CLASSES[:2]
+
+
+def test_target_is_deterministic_and_differs_from_source(tmp_path, target_domain):
+    again = ensure_synthetic(tmp_path, **TARGET)
+    assert _all_files(again) == _all_files(target_domain)
+    source = ensure_synthetic(tmp_path, **{**TARGET, "domain": "source"})
+    assert source != again and _load(source, "train")["annotations"] != _load(again, "train")["annotations"]
+
+
+def test_target_boxes_are_tight_and_area_is_pixel_count(target_domain):
+    """The box test of the source domain, against the known object colour instead of the background
+    (a textured background has no single colour to subtract)."""
+    coco = _load(target_domain, "train")
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    by_id = {c.category_id: c for c in TARGET_CLASSES}
+    for ann in coco["annotations"]:
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 128 and y + h <= 128 and w > 0 and h > 0
+        pixels = np.asarray(Image.open(target_domain / "images" / "train" / files[ann["image_id"]]))
+        # Object pixels: within noise of the class colour (noise std 6, so 25 is 4 sigma).
+        mine = np.abs(pixels.astype(np.int32) - by_id[ann["category_id"]].rgb).max(axis=-1) < 25
+        inside = mine[y:y + h, x:x + w]
+        assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+        assert abs(int(inside.sum()) - ann["area"]) <= 0.05 * ann["area"] + 2  # a few pixels lost to noise
+
+
+def test_target_objects_are_smaller_on_average(all_shapes, target_domain):
+    def mean_side(folder: Path) -> float:
+        return float(np.mean([np.sqrt(a["bbox"][2] * a["bbox"][3]) for a in _load(folder, "train")["annotations"]]))
+
+    source, target = mean_side(all_shapes), mean_side(target_domain)
+    assert target < 0.8 * source, (source, target)
+
+
+def test_textured_backgrounds_differ_from_plain(all_shapes, target_domain):
+    """Plain source backgrounds are one grey plus noise (std 6); target ones carry a grating and blotches."""
+    plain = [bg.std(axis=0).max() for bg in _background(all_shapes)]
+    textured = [bg.std(axis=0).max() for bg in _background(target_domain)]
+    assert max(plain) < 8 and min(textured) > 12, (max(plain), min(textured))
