@@ -104,6 +104,7 @@ RESULTS_SCHEMA: pa.Schema = pa.schema(
     + [("device", _STR)]
     # run (per_class_ap and reliability are JSON text)
     + [("epochs_completed", _I32), ("checkpoint_path", _STR), ("per_class_ap", _STR), ("reliability", _STR)]
+    + [("n_skipped_images", _I64), ("n_skipped_boxes", _I64)]  # dropped by data.on_invalid: skip
     # provenance
     + [(name, _STR) for name in ("detsweep_version", "git_sha", "torch_version", "ray_version",
                                  "hostname", "gpu_name", "gpu_uuid")]

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trials at once, N >= 1 (default: the sweep's max_concurrent_trials, else as many as "
                         "the cluster's current resources fit; set it on an autoscaling cluster). Not with "
                         "--resume: Tune keeps the earlier run's value")
+    p.add_argument("--skip-image-check", action="store_true",
+                   help="check no image headers before the trials (the annotations are always checked); "
+                        "`python -m detsweep.data check` decodes every image")
     p.add_argument("-q", "--quiet", action="store_true", help="less Tune output")
     return p.parse_args(argv)
 
@@ -109,10 +112,19 @@ def _local_resources() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
 
 
-def prepare_data(trials: list[TrialConfig]) -> None:
-    """Generate synthetic datasets once on the driver, before workers race to do it."""
+def prepare_data(trials: list[TrialConfig], skip_image_check: bool = False) -> list[TrialConfig]:
+    """Before Ray starts, on the driver: generate synthetic datasets once (before workers race to do
+    it), and check each coco dataset the trials use once (`detsweep.data.prepare`: annotations, and
+    image headers where this machine sees the images). An unusable file, or a problem under
+    `data.on_invalid: error`, raises SweepError with its one line; `skip` logs what it drops.
+    `skip_image_check` checks no image anywhere: the trials returned carry `data.image_check: none`."""
+    from detsweep.data.check import DataError
+    from detsweep.data.prepare import prepare
+    from detsweep.data.sources import SourceError, resolve
     from detsweep.data.synthetic import ensure_synthetic
 
+    if skip_image_check:
+        trials = [dataclasses.replace(t, data=dataclasses.replace(t.data, image_check="none")) for t in trials]
     seen = set()
     for t in trials:
         d = t.data
@@ -121,6 +133,17 @@ def prepare_data(trials: list[TrialConfig]) -> None:
             seen.add(key)
             ensure_synthetic(d.root, train_images=d.train_images, val_images=d.val_images,
                              image_size=d.image_size, seed=d.seed, num_classes=d.num_classes)
+        coco_key = (d.root, d.format, d.train, d.val, d.on_invalid, d.image_check)
+        if d.kind == "coco" and coco_key not in seen:
+            seen.add(coco_key)
+            try:
+                prepare(resolve(d.root, d.format, d.train, d.val), on_invalid=d.on_invalid,
+                        image_check=d.image_check)
+            except DataError as e:
+                raise SweepError(str(e)) from None
+            except SourceError as e:
+                raise SweepError(f"{e.key}: {e}") from None
+    return trials
 
 
 def plan(sweep: Sweep, args: argparse.Namespace) -> tuple[list[TrialConfig], str]:
@@ -200,7 +223,11 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse
               resumed: int | None) -> int:
     """Start (or connect to) Ray, print the plan for the cluster it finds, and run the sweep.
     `resumed`: on --resume, the concurrency the run started with (None: unknown)."""
-    prepare_data(trials)
+    try:
+        trials = prepare_data(trials, skip_image_check=args.skip_image_check)
+    except SweepError as e:  # an unusable dataset, or bad data under data.on_invalid: error
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from detsweep.cluster import tuner  # imports ray: only once a run really starts
 
     cluster, nodes = tuner.connect(quiet=args.quiet)

@@ -42,7 +42,7 @@ def test_schema_order_and_types():
         "total_params", "trainable_params", "trainable_frac", "lora_params",
         "peak_vram_train_mb", "peak_vram_eval_mb", "peak_rss_mb", "train_images_per_s", "eval_images_per_s",
         "train_s", "eval_s", "wall_s", "worker_s", "gpu_hours", "device",
-        "epochs_completed", "checkpoint_path", "per_class_ap", "reliability",
+        "epochs_completed", "checkpoint_path", "per_class_ap", "reliability", "n_skipped_images", "n_skipped_boxes",
         "detsweep_version", "git_sha", "torch_version", "ray_version", "hostname", "gpu_name", "gpu_uuid",
         "started_at", "finished_at",
     ]

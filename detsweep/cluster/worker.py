@@ -51,7 +51,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         train_stats, losses = train_epoch(trial, ddp_model, data, run, device, epoch)
         eval_stats, quality, kept = evaluator.run(epoch)
         metrics = epoch_metrics(trial, run, epoch, losses, quality, train_stats, eval_stats, counts, started_at,
-                                device, n_val=len(data.val_ds))
+                                device, n_val=len(data.val_ds), skipped=data.skipped)
         ckpt_dir = save_checkpoint(trial, model, run, data, epoch, metrics, quality, kept)
         metrics = _broadcast(metrics)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
@@ -94,6 +94,7 @@ class TrialData:
     val_ann: Any
     train_loader: Any
     val_loader: Any
+    skipped: dict = dataclasses.field(default_factory=dict)  # n_skipped_images, n_skipped_boxes (on_invalid: skip)
 
 
 def build_data(trial: TrialConfig, world: int, rank: int, device: Any) -> TrialData:
@@ -103,13 +104,17 @@ def build_data(trial: TrialConfig, world: int, rank: int, device: Any) -> TrialD
     import torch
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-    from detsweep.data.coco import build_datasets, collate_fn
+    from detsweep.data.coco import build_dataset_splits, collate_fn
 
     d, t = trial.data, trial.train
-    train_ds, val_ds, label_map, val_ann = build_datasets(
+    # coco: checked again here (annotations: seconds; image headers once per node, cached), so every
+    # worker drops exactly what the driver's check reported under on_invalid: skip.
+    splits = build_dataset_splits(
         kind=d.kind, root=d.root, train_images=d.train_images, val_images=d.val_images,
         image_size=d.image_size, classes=list(d.classes) if d.classes else None, seed=d.seed,
-        num_classes=d.num_classes)
+        num_classes=d.num_classes, format=d.format, train=d.train, val=d.val, on_invalid=d.on_invalid,
+        image_check=d.image_check)
+    train_ds, val_ds, label_map, val_ann = splits.train, splits.val, splits.label_map, splits.val_ann
     if world > 1:
         train_sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=t.seed)
         val_sampler = DistributedSampler(val_ds, world, rank, shuffle=False)
@@ -122,7 +127,7 @@ def build_data(trial: TrialConfig, world: int, rank: int, device: Any) -> TrialD
         ray.train.torch.prepare_data_loader(DataLoader(ds, sampler=sampler, **loader_kw), add_dist_sampler=False,
                                             move_to_device=on_cuda)
         for ds, sampler in ((train_ds, train_sampler), (val_ds, val_sampler)))
-    return TrialData(train_ds, val_ds, label_map, val_ann, train_loader, val_loader)
+    return TrialData(train_ds, val_ds, label_map, val_ann, train_loader, val_loader, splits.skipped)
 
 
 def build_trial_model(trial: TrialConfig, label_map: Any) -> tuple[Any, dict[str, int]]:
@@ -282,7 +287,8 @@ class Evaluator:
 
 def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[str, float],
                   quality: dict[str, Any] | None, train_stats: dict[str, Any], eval_stats: dict[str, Any],
-                  counts: dict[str, int], started_at: float, device: Any, n_val: int) -> dict[str, Any] | None:
+                  counts: dict[str, int], started_at: float, device: Any, n_val: int,
+                  skipped: dict[str, int] | None = None) -> dict[str, Any] | None:
     """The epoch's report on rank 0 (None elsewhere): losses, quality, cost. Gathers every rank's
     phase stats (all ranks must call it) and adds the epoch to `run.totals` and `run.history`."""
     from detsweep import dist
@@ -311,6 +317,7 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[st
         "per_class_ap": json.dumps(quality.get("per_class_ap", {})),
         "reliability": json.dumps(quality.get("reliability", {})),
         **counts,
+        **(skipped or {}),  # n_skipped_images, n_skipped_boxes: what data.on_invalid: skip dropped
         "peak_vram_train_mb": totals.get("peak_vram_train_mb"), "peak_vram_eval_mb": totals.get("peak_vram_eval_mb"),
         "peak_rss_mb": max(p[2] for p in phase),
         "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],

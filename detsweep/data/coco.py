@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from detsweep.data.images import load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class CocoDetection(Dataset):
         self.hflip_prob = hflip_prob
 
         files = {int(im["id"]): im["file_name"] for im in coco["images"]}
+        # The JSON's sizes decide whether an EXIF-turned image is turned when loaded (images.load_rgb).
+        sizes = {int(im["id"]): _json_size(im) for im in coco["images"]}
         if image_ids is None:
             ids = sorted(files)
         else:
@@ -147,6 +150,7 @@ class CocoDetection(Dataset):
             ids = list(image_ids)
         self._image_ids = ids
         self._file_names = [files[i] for i in ids]
+        self._json_sizes = [sizes[i] for i in ids]
         self._check_images_exist()
         self._boxes_xywh, self._labels, self._offsets = self._pack_targets(coco["annotations"], ids)
 
@@ -195,8 +199,9 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image_id = self._image_ids[index]
-        with Image.open(self.image_dir / self._file_names[index]) as im:
-            pixels = np.asarray(im.convert("RGB"))
+        # ImageReadError names the file: an image unreadable mid-run (a network filesystem) fails the
+        # trial with that one line, never a bare OSError.
+        pixels = load_rgb(self.image_dir / self._file_names[index], self._json_sizes[index])
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
         h, w = pixels.shape[:2]
 
@@ -219,13 +224,36 @@ class CocoDetection(Dataset):
         return image, target
 
 
+def _json_size(image: Mapping[str, Any]) -> tuple[int, int] | None:
+    w, h = image.get("width"), image.get("height")
+    return (int(round(w)), int(round(h))) if isinstance(w, (int, float)) and isinstance(h, (int, float)) else None
+
+
 def collate_fn(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
     """Batch as lists, not stacked: images differ in size, the detectors batch them themselves."""
     images, targets = zip(*batch) if batch else ((), ())
     return list(images), list(targets)
 
 
-def build_datasets(
+@dataclass
+class DatasetSplits:
+    """What `build_dataset_splits` gives a trial: the datasets, the label map, the val ground truth
+    COCOeval scores, and what the checks skipped (`n_skipped_images`, `n_skipped_boxes`)."""
+
+    train: CocoDetection
+    val: CocoDetection
+    label_map: LabelMap
+    val_ann: Path
+    skipped: dict[str, int]
+
+
+def build_datasets(**kwargs: Any) -> tuple[CocoDetection, CocoDetection, LabelMap, Path]:
+    """`(train_set, val_set, label_map, val_ann_file)`: `build_dataset_splits` without the skip counts."""
+    d = build_dataset_splits(**kwargs)
+    return d.train, d.val, d.label_map, d.val_ann
+
+
+def build_dataset_splits(
     *,
     kind: str,
     root: str | Path,
@@ -235,21 +263,29 @@ def build_datasets(
     classes: Sequence[str] | None,
     seed: int = 0,
     num_classes: int = 5,
-) -> tuple[CocoDetection, CocoDetection, LabelMap, Path]:
-    """Build `(train_set, val_set, label_map, val_ann_file)` from a sweep's data section.
+    format: str = "auto",
+    train: Any = None,
+    val: Any = None,
+    on_invalid: str = "error",
+    image_check: str = "header",
+) -> DatasetSplits:
+    """The datasets of a sweep's data section.
 
     kind "synthetic": generated on first use (`train_images`/`val_images`/`image_size`/`seed`/
-    `num_classes` are generation parameters). kind "coco": `root/images/{train2017,val2017}` and
-    `root/annotations/instances_{train,val}2017.json`; `train_images`/`val_images` of 0 or None
-    mean all images, otherwise the first N image ids (sorted); `image_size` and `num_classes`
-    are unused (the detectors resize; the annotation file has the classes).
+    `num_classes` are generation parameters). kind "coco": the splits of `root` in its layout
+    (`format`, `detsweep.data.sources`), or the explicit `train`/`val` splits (`annotations`,
+    `images`), checked (`detsweep.data.prepare`: annotations always, image headers unless
+    `image_check` is `none`; cached once per node) with the `on_invalid` policy; `train_images`/
+    `val_images` of 0 or None mean all images, otherwise the first N image ids (sorted);
+    `image_size` and `num_classes` are unused (the detectors resize; the annotation file has the classes).
     With `classes`, training keeps only images holding at least one object of those classes,
-    while val keeps all its images so false positives still count. `val_ann_file` is the exact
-    ground truth COCOeval must score: restricted to the chosen classes and images (a cached
-    derived file when either applies).
+    while val keeps all its images so false positives still count. `val_ann` is the exact
+    ground truth COCOeval must score: cleaned, and restricted to the chosen classes and images (a
+    cached derived file when any applies).
     """
     if kind not in DATA_KINDS:
         raise ValueError(f"data kind {kind!r} is not one of {list(DATA_KINDS)}")
+    skipped = {"n_skipped_images": 0, "n_skipped_boxes": 0}
     if kind == "synthetic":
         from detsweep.data.synthetic import ensure_synthetic
 
@@ -258,22 +294,13 @@ def build_datasets(
         train_dir, val_dir = folder / "images" / "train", folder / "images" / "val"
         train_ann = folder / "annotations" / "instances_train.json"
         val_ann = folder / "annotations" / "instances_val.json"
+        train_coco, val_coco = load_coco_json(train_ann), None
         train_limit = val_limit = None  # generation parameters, already applied
     else:
-        root = Path(root).expanduser()
-        train_dir, val_dir = root / "images" / "train2017", root / "images" / "val2017"
-        train_ann = root / "annotations" / "instances_train2017.json"
-        val_ann = root / "annotations" / "instances_val2017.json"
-        for path in (train_dir, val_dir, train_ann, val_ann):
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"COCO data incomplete: {path} is missing (expected images/{{train2017,val2017}} and "
-                    f"annotations/instances_{{train,val}}2017.json under {root}; "
-                    f"`python -m detsweep.data coco2017 --root {root}` fetches them)"
-                )
+        (train_dir, train_ann, train_coco), (val_dir, val_ann, val_coco), skipped = _checked_splits(
+            root, format, train, val, on_invalid, image_check)
         train_limit, val_limit = train_images or None, val_images or None
 
-    train_coco = load_coco_json(train_ann)
     label_map = LabelMap.from_coco(train_coco, list(classes) if classes else None)
     train_ids = sorted(int(im["id"]) for im in train_coco["images"])
     if classes:
@@ -286,10 +313,28 @@ def build_datasets(
     del train_coco  # COCO train is ~450 MB of JSON; the dataset keeps only packed arrays
 
     if classes or val_limit:
-        val_ann = _write_val_subset(val_ann, label_map, val_limit)
-    val_set = CocoDetection(val_dir, val_ann, label_map=label_map, train=False)
+        val_ann, val_coco = _write_val_subset(val_ann, label_map, val_limit), None
+    val_set = CocoDetection(val_dir, val_ann, label_map=label_map, train=False, coco=val_coco)
     log.info("data %s: %d train / %d val images, %d classes", kind, len(train_set), len(val_set), label_map.num_classes)
-    return train_set, val_set, label_map, val_ann
+    return DatasetSplits(train_set, val_set, label_map, val_ann, skipped)
+
+
+def _checked_splits(root: str | Path, format: str, train: Any, val: Any, on_invalid: str, image_check: str):
+    """((images, annotations, cleaned COCO dict) of train, the same of val, skip counts) of a coco
+    source. A val file that cleaning changes is written as a derived file for COCOeval."""
+    from detsweep.data.prepare import changed_ground_truth, cleaned, prepare, write_derived
+    from detsweep.data.sources import resolve
+
+    source = resolve(root, format, train, val)
+    checks, skipped = prepare(source, on_invalid=on_invalid, image_check=image_check, progress=False)
+    out = []
+    for name in ("train", "val"):
+        sc = checks.pop(name)
+        coco, ann = cleaned(sc), sc.split.annotations
+        if name == "val" and changed_ground_truth(sc):
+            ann = write_derived(ann, coco, f"cleaned:{on_invalid}:{sorted(sc.drop_images)}:{sorted(sc.drop_annotations)}")
+        out.append((sc.split.images, ann, coco))
+    return out[0], out[1], skipped
 
 
 def filter_coco(coco: Mapping[str, Any], category_ids: Sequence[int], image_ids: Sequence[int] | None = None) -> dict:

@@ -7,16 +7,16 @@ import re
 from collections.abc import Collection
 from pathlib import Path
 
+from detsweep.data import sources
 from detsweep.models import registry
 from detsweep.sweep.bases import base_name
-from detsweep.sweep.spec import DetrConfig, ResourcesConfig, Sweep, resources_for
+from detsweep.sweep.spec import DataConfig, DetrConfig, ResourcesConfig, Sweep, resources_for
 from detsweep.sweep.typed import SweepError
 
 
-# What the driver checks of a `data.kind: coco` root: the annotation files, which make it recognisable.
-# The driver reads nothing of COCO, and a cluster's head holds only these (cluster.yaml); the workers
-# check the images (images/{train2017,val2017}) when they build their datasets.
-COCO_ANNOTATIONS = ("annotations/instances_train2017.json", "annotations/instances_val2017.json")
+# Loading a sweep checks of a `data.kind: coco` dataset only that its annotation files are there (its
+# layout recognised by `detsweep.data.sources`, stdlib only): a cluster's head holds only these
+# (cluster.yaml). Their content is checked by `detsweep.run` before Ray starts, the images where they are.
 # The synthetic generator's class names in order (detsweep.data.synthetic.SHAPE_CLASSES, kept here so
 # loading a sweep file imports no data code; a test keeps the two equal). `data.num_classes: K` makes
 # the first K; `data.classes` may pick among them.
@@ -110,21 +110,48 @@ def check_values(sweep: Sweep, check_paths: bool = True, grid_key: str | None = 
                        f"checkpoint file")
     if m.faster_rcnn.weights == "coco" and m.faster_rcnn.backbone != "resnet50":
         raise fail("model.faster_rcnn.weights", f"'coco' needs backbone 'resnet50', not {m.faster_rcnn.backbone!r}")
-    if check_paths and d.kind == "coco":
-        root = Path(d.root).expanduser()
-        if not root.is_dir():
-            raise fail("data.root", f"{d.root!r} is not a directory (run `python -m detsweep.data coco2017 "
-                       f"--root DIR` first)")
-        for part in COCO_ANNOTATIONS:
-            if not (root / part).is_file():
-                raise fail("data.root", f"{d.root!r} has no {part} (a COCO root holds "
-                           f"{list(COCO_ANNOTATIONS)}, and images/{{train2017,val2017}} where trials run)")
+    violation = data_violation(d, check_paths)
+    if violation is not None:
+        raise fail(*violation)
     check_resources(sweep.resources, "resources", src, grid_key)
     for regime in sweep.resources_by_regime:
         if regime not in registry.REGIMES:
             raise SweepError(f"{src}: resources_by_regime.{regime}: unknown regime; allowed are "
                              f"{list(registry.REGIMES)}")
         check_resources(resources_for(sweep, regime), f"resources_by_regime.{regime}", src)
+
+
+def data_violation(d: DataConfig, check_paths: bool) -> tuple[str, str] | None:
+    """(dotted key, message) of the first rule of the data section that `d` breaks, or None. With
+    `check_paths`, a coco dataset's annotation files must be there (its layout recognised); its
+    images are checked where they are, before Ray (`detsweep.run`) and by the workers."""
+    explicit = [n for n in sources.SPLITS if getattr(d, n) is not None]
+    if d.kind == "synthetic":
+        if explicit:
+            return f"data.{explicit[0]}", "needs data.kind 'coco' (the synthetic data makes its own splits)"
+        return ("data.format", f"{d.format!r} needs data.kind 'coco'") if d.format != "auto" else None
+    if explicit and (d.train is None or d.val is None):
+        return (f"data.{'train' if d.train is None else 'val'}", "missing: data.train and data.val go together, "
+                "each {annotations: FILE, images: DIR}")
+    if not explicit and d.format == "coco":
+        return "data.format", ("'coco' (plain COCO files) needs data.train and data.val; a data.root takes one "
+                               f"of {[f for f in sources.FORMATS if f != 'coco']}")
+    if not check_paths:
+        return None
+    for name in explicit:
+        ann = getattr(d, name).annotations
+        if not Path(ann).expanduser().is_file():
+            return f"data.{name}.annotations", f"{ann!r} is not a file"
+    if explicit:
+        return None
+    if not Path(d.root).expanduser().is_dir():
+        return "data.root", (f"{d.root!r} is not a directory (run `python -m detsweep.data coco2017 --root DIR` "
+                             f"first)")
+    try:
+        sources.root_layout(d.root, d.format)
+    except sources.SourceError as e:
+        return e.key, str(e)
+    return None
 
 
 def in_combination_rules(key: str) -> bool:

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from detsweep.data import sources
 from detsweep.models import registry
 from detsweep.sweep.typed import build
 
@@ -19,9 +20,24 @@ Placement = Literal[registry.LORA_PLACEMENTS]
 # Sections. Field types drive validation: Literal = enum, `X | None` = optional, tuple = list.
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class SplitConfig:
+    """One explicit split: a COCO-format annotation file and the folder its file_names are relative to."""
+
+    annotations: str
+    images: str | None = None  # None: beside the file (Roboflow), or images/<subset> next to annotations/
+
+
+@dataclass(frozen=True)
 class DataConfig:
     kind: Literal["synthetic", "coco"] = "synthetic"
     root: str = "~/.cache/detsweep/synthetic"
+    # coco: the layout of `root` (auto: recognised from the folder), or the quirks of explicit splits.
+    format: Literal[sources.FORMATS] = "auto"
+    train: SplitConfig | None = None  # coco: explicit splits instead of `root`
+    val: SplitConfig | None = None
+    test: SplitConfig | None = None  # checked, not trained or evaluated on
+    on_invalid: Literal["error", "skip"] = "error"  # a bad box / image / id: refuse the run, or drop it
+    image_check: Literal["header", "none"] = "header"  # a run's image check (--skip-image-check: none)
     train_images: int | None = None  # synthetic: images to generate (64); coco: first N (None/0 = all)
     val_images: int | None = None  # synthetic: 16; coco: first N (None/0 = all)
     image_size: int = 128  # synthetic only

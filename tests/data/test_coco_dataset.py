@@ -16,7 +16,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detsweep.data.coco import CocoDetection, LabelMap, build_datasets, collate_fn
+from detsweep.data.check import DataError
+from detsweep.data.coco import CocoDetection, LabelMap, build_dataset_splits, build_datasets, collate_fn
+from detsweep.data.images import ImageReadError
 
 # Listed out of id order on purpose: the mapping must sort by id.
 CATEGORIES = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"},
@@ -239,15 +241,20 @@ def test_build_synthetic_class_subset_filters_val_gt_for_cocoeval(tmp_path):
 
 
 def test_build_coco_layout_and_first_n_images(tmp_path):
+    """Each split of the fixture holds a zero-width box and a box outside its image: skipped and counted,
+    and COCOeval scores the cleaned val file."""
     root = _coco_root(tmp_path)
-    train, val, lm, val_ann = build_datasets(kind="coco", root=root, train_images=2, val_images=0,
-                                             image_size=800, classes=None)
+    splits = build_dataset_splits(kind="coco", root=root, train_images=2, val_images=0, image_size=800,
+                                  classes=None, on_invalid="skip")
+    train, val, lm, val_ann = splits.train, splits.val, splits.label_map, splits.val_ann
     assert lm.category_ids == (1, 3, 18, 90)
     assert train.image_ids == [10, 11] and val.image_ids == [20, 21, 22]
-    assert val_ann == root / "annotations" / "instances_val2017.json"
+    assert splits.skipped == {"n_skipped_images": 0, "n_skipped_boxes": 4}
+    assert val_ann.parent == root / "annotations" / ".detsweep-cache"
+    assert sorted(a["id"] for a in json.loads(val_ann.read_text())["annotations"]) == [2000, 2001, 2002, 2005]
 
     _, val, _, val_ann = build_datasets(kind="coco", root=root, train_images=None, val_images=1,
-                                        image_size=800, classes=None)
+                                        image_size=800, classes=None, on_invalid="skip")
     assert val.image_ids == [20]
     gt = json.loads(val_ann.read_text())
     assert [im["id"] for im in gt["images"]] == [20] and {a["image_id"] for a in gt["annotations"]} == {20}
@@ -255,34 +262,51 @@ def test_build_coco_layout_and_first_n_images(tmp_path):
 
 def test_build_coco_subset_trains_only_on_images_with_those_classes(tmp_path):
     train, val, lm, val_ann = build_datasets(kind="coco", root=_coco_root(tmp_path), train_images=0,
-                                             val_images=0, image_size=800, classes=["dog"])
+                                             val_images=0, image_size=800, classes=["dog"], on_invalid="skip")
     assert lm.category_ids == (18,)
-    assert train.image_ids == [10, 11]  # image 12 has no dog
+    assert train.image_ids == [11]  # image 12 has no dog, and image 10's lies outside it (skipped)
     assert val.image_ids == [20, 21, 22]
     gt = json.loads(val_ann.read_text())
     assert {a["category_id"] for a in gt["annotations"]} == {18} and len(gt["images"]) == 3
 
 
-@pytest.mark.parametrize("part", ["annotations/instances_val2017.json", "images/val2017"])
-def test_build_coco_missing_path_is_named(tmp_path, part):
-    """The driver checks only the annotation files; a worker without the images says which path it lacks."""
+def test_build_coco_missing_path_is_named(tmp_path):
+    """A worker without a split's annotations or images says which path it lacks."""
     root = _coco_root(tmp_path)
-    path = root / part
-    if path.is_file():
-        path.unlink()
-    else:
-        shutil.rmtree(path)
+    shutil.rmtree(root / "images" / "val2017")
     with pytest.raises(FileNotFoundError) as err:
+        build_datasets(kind="coco", root=root, train_images=0, val_images=0, image_size=800, classes=None,
+                       on_invalid="skip")
+    assert str(err.value) == f"image folder not found: {root / 'images' / 'val2017'}"
+    (root / "annotations" / "instances_val2017.json").unlink()
+    with pytest.raises(ValueError) as err:
         build_datasets(kind="coco", root=root, train_images=0, val_images=0, image_size=800, classes=None)
-    assert str(err.value).startswith(f"COCO data incomplete: {path} is missing")
+    assert str(err.value).startswith(f"{str(root)!r} has no annotations/instances_val2017.json (a COCO 2017 root")
 
 
-def test_build_coco_missing_image_file_is_named(tmp_path):
+@pytest.mark.parametrize("on_invalid, outcome", [
+    ("error", "refused"), ("skip", {"n_skipped_images": 1, "n_skipped_boxes": 4})])
+def test_build_coco_missing_image_file_is_named_or_skipped(tmp_path, on_invalid, outcome):
     root = _coco_root(tmp_path)
     (root / "images" / "val2017" / "c.png").unlink()
-    with pytest.raises(FileNotFoundError) as err:
-        build_datasets(kind="coco", root=root, train_images=0, val_images=0, image_size=800, classes=None)
-    assert str(err.value).endswith(f"e.g. {root / 'images' / 'val2017' / 'c.png'}")
+    if outcome == "refused":
+        with pytest.raises(DataError) as err:
+            build_datasets(kind="coco", root=root, train_images=0, val_images=0, image_size=800, classes=None,
+                           on_invalid=on_invalid)
+        assert f"1 images whose file is not in the image folder, e.g. image 22 {root / 'images/val2017/c.png'}" \
+            in str(err.value)
+        return
+    splits = build_dataset_splits(kind="coco", root=root, train_images=0, val_images=0, image_size=800,
+                                  classes=None, on_invalid=on_invalid)
+    assert splits.skipped == outcome and splits.val.image_ids == [20, 21]
+
+
+def test_image_unreadable_mid_run_names_the_file(tiny):
+    ds = CocoDetection(*tiny)
+    (tiny[0] / "a.png").write_bytes(b"truncated on a network filesystem")
+    with pytest.raises(ImageReadError) as err:
+        ds[0]
+    assert str(err.value).startswith(f"cannot read image {tiny[0] / 'a.png'}: UnidentifiedImageError: ")
 
 
 def test_build_unknown_kind():

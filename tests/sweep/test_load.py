@@ -219,10 +219,14 @@ def test_model_label_names_the_backbone_that_runs():
 
 def test_coco_root_must_hold_the_annotation_files(tmp_path):
     with pytest.raises(SweepError) as e:
-        parse_sweep({"name": "s", "data": {"kind": "coco", "root": str(tmp_path)}}, "f.yaml")
+        parse_sweep({"name": "s", "data": {"kind": "coco", "root": str(tmp_path), "format": "coco2017"}}, "f.yaml")
     assert str(e.value) == (f"f.yaml: data.root: {str(tmp_path)!r} has no annotations/instances_train2017.json (a "
-                            "COCO root holds ['annotations/instances_train2017.json', "
-                            "'annotations/instances_val2017.json'], and images/{train2017,val2017} where trials run)")
+                            "COCO 2017 root holds annotations/instances_{train,val}2017.json + "
+                            "images/{train2017,val2017}/; `python -m detsweep.data coco2017 --root DIR` fetches it)")
+    with pytest.raises(SweepError) as e:  # format: auto (the default) names every layout it knows
+        parse_sweep({"name": "s", "data": {"kind": "coco", "root": str(tmp_path)}}, "f.yaml")
+    assert str(e.value).startswith(f"f.yaml: data.root: {str(tmp_path)!r} holds no dataset layout detsweep knows "
+                                   "(coco2017: annotations/instances_{train,val}2017.json")
 
 
 def _coco_root(tmp_path):
