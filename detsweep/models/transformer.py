@@ -2,6 +2,9 @@
 
 Sequences are [L, B, D] (sequence first), as nn.MultiheadAttention defaults to. Attribute names are the
 official ones (`self_attn`, `multihead_attn`, `linear1`, `linear2`, `norm1..3`): LoRA and checkpoints rely on them.
+Attention is called with need_weights=False: DETR never reads the weights, and returning them forces the explicit
+softmax path; without them nn.MultiheadAttention calls scaled_dot_product_attention, whose fused CUDA kernels
+(flash / memory-efficient) it can then take (issue 13).
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ class TransformerEncoderLayer(nn.Module):
         if self.normalize_before:
             src2 = self.norm1(src)
             q = k = _with_pos(src2, pos)
-            src = src + self.dropout1(self.self_attn(q, k, value=src2, key_padding_mask=src_key_padding_mask)[0])
+            src2 = self.self_attn(q, k, value=src2, key_padding_mask=src_key_padding_mask, need_weights=False)[0]
+            src = src + self.dropout1(src2)
             src2 = self.norm2(src)
             return src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(src2)))))
         q = k = _with_pos(src, pos)
-        src = src + self.dropout1(self.self_attn(q, k, value=src, key_padding_mask=src_key_padding_mask)[0])
+        src2 = self.self_attn(q, k, value=src, key_padding_mask=src_key_padding_mask, need_weights=False)[0]
+        src = src + self.dropout1(src2)
         src = self.norm1(src)
         src = src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(src)))))
         return self.norm2(src)
@@ -74,17 +79,17 @@ class TransformerDecoderLayer(nn.Module):
         if self.normalize_before:
             tgt2 = self.norm1(tgt)
             q = k = _with_pos(tgt2, query_pos)
-            tgt = tgt + self.dropout1(self.self_attn(q, k, value=tgt2)[0])
+            tgt = tgt + self.dropout1(self.self_attn(q, k, value=tgt2, need_weights=False)[0])
             tgt2 = self.norm2(tgt)
             tgt2 = self.multihead_attn(query=_with_pos(tgt2, query_pos), key=_with_pos(memory, pos), value=memory,
-                                       key_padding_mask=memory_key_padding_mask)[0]
+                                       key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
             tgt = tgt + self.dropout2(tgt2)
             tgt2 = self.norm3(tgt)
             return tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(tgt2)))))
         q = k = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, value=tgt)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, value=tgt, need_weights=False)[0]))
         tgt2 = self.multihead_attn(query=_with_pos(tgt, query_pos), key=_with_pos(memory, pos), value=memory,
-                                   key_padding_mask=memory_key_padding_mask)[0]
+                                   key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt = tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(tgt)))))
         return self.norm3(tgt)
