@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
 # Output channels of layer4 per supported torchvision ResNet.
 RESNET_CHANNELS: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
@@ -39,32 +40,21 @@ def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
     return batch, mask
 
 
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers.
+class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
+    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers, that keeps the input's dtype.
 
-    Same keys as nn.BatchNorm2d minus `num_batches_tracked`, so official checkpoints load strictly.
+    Same keys as nn.BatchNorm2d minus `num_batches_tracked` (dropped on load), so official checkpoints load
+    strictly. A subclass of torchvision's, so Faster R-CNN's builder and `isinstance` checks treat it as theirs.
     """
 
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):  # noqa: ANN001 (torch's signature)
-        # torchvision ImageNet checkpoints carry BatchNorm's counter; it means nothing when frozen.
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
     def forward(self, x: Tensor) -> Tensor:
-        """x: [B, C, H, W] -> [B, C, H, W]."""
-        # Official order of operations (eps 1e-5 inside the rsqrt), so results match to the last bit.
-        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        """x: [B, C, H, W] -> [B, C, H, W] in x's dtype."""
+        # Official order of operations (eps inside the rsqrt, 1e-5 by default), so fp32 results match to the last bit.
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
         bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
-        return x * scale + bias
+        # Folded in fp32, applied in x's dtype: fp32 buffers would promote bf16/fp16 activations to fp32 under
+        # autocast and double the backbone's activation memory (issue 13). A no-op cast for fp32 inputs.
+        return x * scale.to(x.dtype) + bias.to(x.dtype)
 
 
 class ResNetBody(nn.Module):
@@ -86,8 +76,8 @@ class ResNetBody(nn.Module):
 class Backbone(nn.Module):
     """ResNet feature extractor plus mask downsampling (official `Backbone` + `BackboneBase`).
 
-    The stem and layer1 are frozen (requires_grad False) as in the official code; layer2-4 train. The ResNet is
-    built random: without pretrained weights (`weights.load_detr_weights`) the frozen part stays random.
+    Built random, with the stem and layer1 frozen (requires_grad False) as in the official code; layer2-4 train.
+    `build_detr_detector` then applies `frozen_layers_for(weights)`, which trains all of it from random init.
     """
 
     def __init__(self, name: str, dilation: bool = False) -> None:
@@ -102,9 +92,7 @@ class Backbone(nn.Module):
         self.body = ResNetBody(resnet)
         self.name = name
         self.num_channels = RESNET_CHANNELS[name]
-        for param_name, param in self.body.named_parameters():
-            if not param_name.startswith(("layer2", "layer3", "layer4")):
-                param.requires_grad_(False)
+        freeze_layers(self, OFFICIAL_FROZEN_LAYERS)
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, 3, H, W], mask [B, H, W] (True = padding) -> (features [B, C, h, w], mask [B, h, w])."""
@@ -112,6 +100,32 @@ class Backbone(nn.Module):
         # Nearest-neighbour resize of the padding mask, exactly as the official code does it.
         feature_mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return features, feature_mask
+
+
+# ResNet parts as `ResNetBody` names them; conv1 + bn1 (+ relu, maxpool: no parameters) are the stem.
+BODY_PARTS: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+# The official recipe (facebookresearch/detr models/backbone.py) trains layer2-4 of an ImageNet ResNet: its
+# stem and layer1 are already generic edge and colour filters, and freezing them saves their backward.
+OFFICIAL_FROZEN_LAYERS: tuple[str, ...] = ("conv1", "bn1", "layer1")
+
+
+def frozen_layers_for(weights: str) -> tuple[str, ...]:
+    """The ResNet parts (of BODY_PARTS) frozen at build for DETR `weights` ("none", "imagenet", "coco", a path).
+
+    "none": nothing. Frozen at their random init, the stem and layer1 would be noise the rest has to work
+    around; bench/learn_probe.py measured it ("Learning from scratch" in bench/RESULTS.md).
+    Any pretrained start: OFFICIAL_FROZEN_LAYERS, as the official recipe.
+    """
+    return () if weights == "none" else OFFICIAL_FROZEN_LAYERS
+
+
+def freeze_layers(backbone: Backbone, frozen: tuple[str, ...]) -> None:
+    """Set requires_grad on `backbone.body`'s parameters: False in the parts named in `frozen`, True elsewhere."""
+    unknown = sorted(set(frozen) - set(BODY_PARTS))
+    if unknown:
+        raise ValueError(f"frozen backbone parts {unknown} are not among {list(BODY_PARTS)}")
+    for name, param in backbone.body.named_parameters():
+        param.requires_grad_(name.split(".", 1)[0] not in frozen)
 
 
 class PositionEmbeddingSine(nn.Module):

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.ops.misc import FrozenBatchNorm2d
 
+# torchvision's FrozenBatchNorm2d, but it keeps bf16/fp16 activations in their dtype (issue 13).
+from detsweep.models.backbone import FrozenBatchNorm2d
 from detsweep.models.registry import BACKBONES
 from detsweep.models.registry import NAMED_WEIGHTS as WEIGHTS  # or a state dict path
 from detsweep.models.weights import (IMAGENET_RESNETS, coco_rows_unusable, load_checkpoint_file, load_hub_checkpoint,
