@@ -72,13 +72,23 @@ class DETR(nn.Module):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             features, feature_mask, pos = self.backbone(images, mask)
         hs = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)[0]
-        outputs_class = self.class_embed(hs)
-        outputs_coord = self.bbox_embed(hs).sigmoid()
+        outputs_class, outputs_coord = self.heads(hs)
         out: dict[str, Any] = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b}
                                   for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
         return out
+
+    def heads(self, hs: Tensor) -> tuple[Tensor, Tensor]:
+        """Class and box heads on the decoder outputs hs [L, B, Q, D] (one per decoder layer).
+
+        Returns (logits [L, B, Q, K+1], boxes [L, B, Q, 4] cxcywh normalised), both float32 even under autocast:
+        bf16's 8-bit mantissa would step the sigmoid boxes by ~2.6 px at 1333 px, and those boxes feed the
+        matcher, the losses and evaluation (issue 13). Four small Linear layers on [L, B, Q, D]: fp32 costs little.
+        """
+        with torch.autocast(hs.device.type, enabled=False):
+            hs = hs.float()
+            return self.class_embed(hs), self.bbox_embed(hs).sigmoid()
 
 
 def build_detr(*, backbone: str, hidden_dim: int, nheads: int, enc_layers: int, dec_layers: int,
