@@ -32,7 +32,8 @@ def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype that `train.amp` (`auto | bf16 | fp16 | off`) gives on `device`; None = fp32."""
     if device.type != "cuda" or amp == "off":
         return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+    # Without including_emulation=False, T4/V100 (sm75/sm70) count as bf16-capable and train in slow emulated bf16.
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported(including_emulation=False)):
         return torch.bfloat16
     return torch.float16
 

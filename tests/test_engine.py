@@ -2,6 +2,7 @@
 in COCO results format with original category ids and each image once, and the LR schedule."""
 from __future__ import annotations
 
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -130,6 +131,16 @@ def test_amp_dtype_choice(amp, device, expected):
     assert amp_dtype_for(amp, torch.device(device)) == expected
 
 
+@pytest.mark.parametrize("emulated", [True, False], ids=["T4_V100", "A10G_H100"])
+def test_auto_amp_picks_bf16_only_where_the_gpu_has_it(emulated, monkeypatch):
+    assert "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters
+    # torch counts emulated bf16 (sm70/sm75) as supported unless asked not to; emulated bf16 is slow there.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or not emulated)
+    assert amp_dtype_for("auto", torch.device("cuda")) == (torch.float16 if emulated else torch.bfloat16)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_step_with_grad_scaler_on_cuda(data):
     train, _, label_map = data
