@@ -327,7 +327,9 @@ def _judge(im: dict[str, Any], j: int, info: Any, path: Path) -> list[tuple[int,
     if isinstance(info, FileNotFoundError):
         return [(j, "image_missing", name)]
     if isinstance(info, Exception):
-        return [(j, "image_unreadable", f"{name} ({str(info).rpartition(': ')[2][:80]})")]
+        cause = info.__cause__ or info
+        why = str(cause) if str(path) not in str(cause) else ""  # PIL's own message repeats the path
+        return [(j, "image_unreadable", f"{name} ({type(cause).__name__}{': ' + why[:80] if why else ''})")]
     json_size = (int(round(im["width"])), int(round(im["height"])))
     verdict = fit(info, json_size)
     if verdict == "mismatch":

@@ -24,6 +24,24 @@ class ImageInfo:
     orientation: int  # EXIF orientation, 1 when absent
 
 
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 when absent). A PNG's is read only from the chunks before its pixels:
+    PIL's `getexif()` on a PNG decodes the whole image to look behind them."""
+    if im.format == "PNG":
+        raw = im.info.get("exif")
+        exif = Image.Exif()
+        if raw:
+            exif.load(raw)
+        found = exif.get(EXIF_ORIENTATION, 1)
+    else:
+        found = im.getexif().get(EXIF_ORIENTATION, 1)
+    try:
+        found = int(found or 1)
+    except (TypeError, ValueError):
+        return 1
+    return found if 1 <= found <= 8 else 1
+
+
 def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".replace("\n", " ")
 
@@ -35,8 +53,7 @@ def read_header(path: Path, decode: bool = False) -> ImageInfo:
         with Image.open(path) as im:
             if decode:
                 im.load()
-            orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
-            return ImageInfo(im.width, im.height, orientation if 1 <= orientation <= 8 else 1)
+            return ImageInfo(im.width, im.height, orientation(im))
     except FileNotFoundError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
@@ -66,10 +83,9 @@ def load_rgb(path: Path, json_size: tuple[int, int] | None = None) -> np.ndarray
     Raises ImageReadError naming the file (an image that became unreadable mid-run, say)."""
     try:
         with Image.open(path) as im:
-            if json_size is not None and im.getexif().get(EXIF_ORIENTATION, 1) in SWAPS_SIDES:
-                info = ImageInfo(im.width, im.height, int(im.getexif()[EXIF_ORIENTATION]))
-                if fit(info, json_size) == "rotated":
-                    im = ImageOps.exif_transpose(im)
+            turn = orientation(im) if json_size is not None else 1
+            if turn in SWAPS_SIDES and fit(ImageInfo(im.width, im.height, turn), json_size) == "rotated":
+                im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"))
     except Exception as e:
         raise ImageReadError(f"cannot read image {path}: {_reason(e)}") from e

@@ -1,4 +1,5 @@
-"""Sanity statistics of a COCO-format annotation file: counts, box sizes and data problems."""
+"""Sanity statistics of a COCO-format annotation file: counts and box sizes, with the data problems
+found by the same annotation checks the doctor and every run use (`detsweep.data.check`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from detsweep.data.coco import load_coco_json
+from detsweep.data.check import KINDS, check_annotations, load_annotations
+from detsweep.data.sources import Split
 
 # COCOeval's area ranges (pycocotools cocoeval.py Params: 0-32², 32²-96², 96²-1e10), on `area`.
 SMALL_MAX_AREA = 32**2
@@ -25,26 +27,24 @@ def dataset_stats(ann_file: str | Path) -> dict[str, Any]:
     hi None = open-ended), `images_without_boxes`, `degenerate_boxes` (w <= 0 or h <= 0),
     `boxes_outside_image` (extending past the image border by more than 1 px),
     `unknown_category_annotations`, `orphan_annotations` (image id not in `images`),
-    `duplicate_annotation_ids`.
+    `duplicate_annotation_ids`, and `findings`: kind -> count of every annotation check that fired.
+    An unusable file raises `DataError`.
     """
-    coco = load_coco_json(ann_file)
+    path = Path(ann_file)
+    coco = load_annotations(path)
+    found = {k: f.count for k, f in check_annotations(Split("", path, path.parent), coco).findings.items()}
     images = {int(im["id"]): im for im in coco["images"]}
     names = {int(c["id"]): c["name"] for c in coco["categories"]}
     per_class: Counter[str] = Counter({n: 0 for n in names.values()})
     sizes = Counter({"small": 0, "medium": 0, "large": 0})
     sides = [0] * (len(SIDE_EDGES) + 1)
     with_boxes: set[int] = set()
-    problems = Counter({"degenerate": 0, "outside": 0, "unknown_category": 0, "orphan": 0})
     crowd = 0
     for a in coco["annotations"]:
-        x, y, w, h = (float(v) for v in a["bbox"])
-        image = images.get(int(a["image_id"]))
-        problems["orphan"] += image is None
-        problems["unknown_category"] += int(a["category_id"]) not in names
-        if w <= 0 or h <= 0:
-            problems["degenerate"] += 1
-        elif image is not None and (x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1):
-            problems["outside"] += 1  # 1 px slack: COCO's float boxes overshoot by rounding
+        bbox = a["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            continue  # counted by the checks (box_wrong_length)
+        x, y, w, h = (float(v) for v in bbox)
         if a.get("iscrowd", 0):
             crowd += 1
             continue
@@ -52,9 +52,8 @@ def dataset_stats(ann_file: str | Path) -> dict[str, Any]:
         per_class[names.get(int(a["category_id"]), f"<unknown id {a['category_id']}>")] += 1
         area = float(a.get("area", w * h))
         sizes["small" if area < SMALL_MAX_AREA else "medium" if area < MEDIUM_MAX_AREA else "large"] += 1
-        side = math.sqrt(max(w, 0.0) * max(h, 0.0))
+        side = math.sqrt(max(w, 0.0) * max(h, 0.0)) if math.isfinite(w * h) else 0.0
         sides[sum(side >= e for e in SIDE_EDGES)] += 1
-    ann_ids = Counter(int(a["id"]) for a in coco["annotations"])
     lows = (0,) + SIDE_EDGES
     return {
         "file": str(ann_file),
@@ -66,11 +65,13 @@ def dataset_stats(ann_file: str | Path) -> dict[str, Any]:
         "size_buckets": dict(sizes),
         "side_histogram": [(lo, hi, n) for lo, hi, n in zip(lows, SIDE_EDGES + (None,), sides)],
         "images_without_boxes": len(set(images) - with_boxes),
-        "degenerate_boxes": problems["degenerate"],
-        "boxes_outside_image": problems["outside"],
-        "unknown_category_annotations": problems["unknown_category"],
-        "orphan_annotations": problems["orphan"],
-        "duplicate_annotation_ids": sum(n - 1 for n in ann_ids.values() if n > 1),
+        "degenerate_boxes": found.get("box_empty", 0),
+        # past the border by more than 1 px (COCO's float boxes overshoot by rounding), or wholly outside
+        "boxes_outside_image": found.get("box_outside", 0) + found.get("box_clipped", 0),
+        "unknown_category_annotations": found.get("unknown_category", 0),
+        "orphan_annotations": found.get("unknown_image", 0),
+        "duplicate_annotation_ids": found.get("annotation_duplicate_id", 0),
+        "findings": found,
     }
 
 
@@ -103,6 +104,9 @@ def format_stats(stats: dict[str, Any], bar_width: int = 40) -> str:
         "annotations of missing images": stats["orphan_annotations"],
         "duplicate annotation ids": stats["duplicate_annotation_ids"],
     }
+    shown = {"box_empty", "box_outside", "box_clipped", "unknown_category", "unknown_image", "annotation_duplicate_id"}
+    checks.update({KINDS[k].what: n for k, n in stats.get("findings", {}).items()
+                   if k not in shown and KINDS[k].severity in ("problem", "warning")})
     lines.append("  checks: all ok" if not any(checks.values()) else "  checks: PROBLEMS FOUND")
     lines += [f"    {k}: {v}" for k, v in checks.items() if v]
     return "\n".join(lines)

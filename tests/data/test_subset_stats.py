@@ -155,10 +155,10 @@ def test_cli_stats_missing_file(tmp_path, capsys):
     assert main(["stats", str(tmp_path / "missing.json")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == (
-        f"python -m detsweep.data stats: error: COCO annotation file not found: {tmp_path / 'missing.json'}\n")
+        f"python -m detsweep.data stats: error: {tmp_path / 'missing.json'}: annotation file not found\n")
 
 
-@pytest.mark.parametrize("command", ["coco2017", "subset", "stats", "synthetic"])
+@pytest.mark.parametrize("command", ["check", "coco2017", "subset", "stats", "synthetic"])
 def test_cli_help_per_subcommand(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
