@@ -84,7 +84,8 @@ def train_one_epoch(
     Raises `NonFiniteLossError` as soon as the summed loss is NaN/Inf.
     """
     model.train()
-    sums: dict[str, float] = {}
+    # Running sums stay on the device (float64: thousands of steps), read back once at the end of the epoch.
+    sums: dict[str, torch.Tensor] = {}
     steps = 0
     for images, targets in loader:
         images, targets = to_device(images, targets, device)
@@ -95,11 +96,10 @@ def train_one_epoch(
             raise NonFiniteLossError(f"non-finite predicted boxes at epoch {epoch} step {steps}: training "
                                      f"diverged ({str(e)[:120]})") from e
         loss = sum(loss_dict.values())
-        # note: .item() is a CPU-GPU sync point; once per step is the price of failing fast.
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
-            raise NonFiniteLossError(f"non-finite loss {loss_value} at epoch {epoch} step {steps} ({parts})")
+        # note: a CPU-GPU sync point, the step's only one here; once per step is the price of failing fast.
+        if not torch.isfinite(loss).item():
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())  # read back only on failure
+            raise NonFiniteLossError(f"non-finite loss {loss.item()} at epoch {epoch} step {steps} ({parts})")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -116,15 +116,16 @@ def train_one_epoch(
             optimizer.step()
         if lr_scheduler is not None:
             lr_scheduler.step()
-        for k, v in loss_dict.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["loss"] = sums.get("loss", 0.0) + loss_value
+        for k, v in (*loss_dict.items(), ("loss", loss)):
+            v = v.detach().double().reshape(())
+            sums[k] = v if k not in sums else sums[k] + v
         steps += 1
         if meter is not None:
             meter.step(len(images))
     if steps == 0:
         raise RuntimeError("the training loader produced no batch; is the dataset empty?")
-    return {k: v / steps for k, v in sums.items()}
+    means = (torch.stack(list(sums.values())) / steps).tolist()  # note: one sync, at the end of the epoch
+    return dict(zip(sums, means))
 
 
 @torch.no_grad()

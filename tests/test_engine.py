@@ -1,9 +1,14 @@
 """The pure-torch engine: a non-finite loss fails the trial with its reason, predictions come out
-in COCO results format with original category ids and each image once, and the LR schedule."""
+in COCO results format with original category ids and each image once, the LR schedule, the AMP
+dtype, and a training step that reads the GPU back only where it must."""
 from __future__ import annotations
 
 import inspect
 import math
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from detsweep import engine
-from detsweep.data.coco import build_datasets, collate_fn
+from detsweep.data.coco import CocoDetection, LabelMap, build_datasets, collate_fn
 from detsweep.engine import amp_dtype_for, lr_lambda
 from detsweep.models.detr_detector import build_detr_detector
 
@@ -160,3 +165,71 @@ def test_fp16_step_with_grad_scaler_on_cuda(data):
             break
     else:
         pytest.fail(f"no optimizer step was taken in 8 epochs (scale {scaler.get_scale()})")
+
+
+# --- host-device syncs (issue 13, defect 7) -------------------------------------------------------
+
+# The Tensor methods that, on a CUDA tensor, wait for the GPU to hand a value to Python.
+READ_BACKS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _count_read_backs(monkeypatch) -> Counter:
+    """Counter of (method, "file:function" of its caller) for every READ_BACKS call from now on."""
+    reads: Counter = Counter()
+    for name in READ_BACKS:
+        def counted(self, *args, _name=name, _original=getattr(torch.Tensor, name), **kwargs):
+            caller = sys._getframe(1).f_code
+            reads[(_name, f"{Path(caller.co_filename).name}:{caller.co_name}")] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_detr_training_steps_read_the_device_back_twice_each(data, monkeypatch):
+    train, _, label_map = data
+    torch.manual_seed(0)
+    # Three decoder layers: matching the aux layers must not add read-backs of its own.
+    model = build_detr_detector(num_classes=label_map.num_classes, **{**TINY, "dec_layers": 3})
+    # SGD: AdamW reads its CPU step counters with .item(), which is no sync but would count here.
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    batches = [collate_fn([train[0], train[1]]), collate_fn([train[2], train[3]])]  # loaded before counting
+    reads = _count_read_backs(monkeypatch)
+    out = engine.train_one_epoch(model, batches, optimizer, torch.device("cpu"), epoch=0, grad_clip=0.1)
+    monkeypatch.undo()
+    assert math.isfinite(out["loss"])
+    # What remains, per step: the matcher's one copy of every layer's costs to the CPU (scipy's Hungarian
+    # algorithm runs there) and the engine's finiteness check; per epoch: the engine's read of the means.
+    assert reads == {("cpu", "matcher.py:match_layers"): 2, ("item", "engine.py:train_one_epoch"): 2,
+                     ("tolist", "engine.py:train_one_epoch"): 1}
+
+
+def test_labels_are_checked_by_the_dataset_once_not_by_the_model(data, monkeypatch):
+    train, _, label_map = data
+    # A label map bug (or a raw category id) would give a label outside 0..K-1: the dataset refuses it.
+    monkeypatch.setattr(LabelMap, "to_label", lambda self, category_id: self.num_classes)
+    k = label_map.num_classes
+    with pytest.raises(ValueError, match=rf"labels must be contiguous in 0\.\.{k - 1}, got \[{k}\]"):
+        CocoDetection(train.image_dir, train.ann_file, label_map=label_map)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_detr_training_steps_on_cuda_synchronize_twice_each(data):
+    train, _, label_map = data
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = build_detr_detector(num_classes=label_map.num_classes, **{**TINY, "dec_layers": 3}).to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 1e-4))
+    batch = collate_fn([train[0], train[1]])
+    engine.train_one_epoch(model, [batch], optimizer, device, epoch=0)  # warm-up: lazy init, allocator
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.train_one_epoch(model, [batch, batch], optimizer, device, epoch=1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    # Per step the matcher's cost copy and the finiteness check; per epoch the read of the means.
+    assert len(syncs) <= 2 * 2 + 1, syncs

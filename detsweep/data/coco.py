@@ -105,7 +105,7 @@ class CocoDetection(Dataset):
     """A COCO-format folder as `(image, target)` pairs in the torchvision detection contract.
 
     `image`: float32 `[3, H, W]` in 0..1. `target`: `boxes` float32 `[N, 4]` xyxy absolute pixels,
-    `labels` int64 `[N]` contiguous 0..K-1, `image_id` int, `orig_size` (h, w).
+    `labels` int64 `[N]` contiguous 0..K-1 (checked at construction), `image_id` int, `orig_size` (h, w).
     Targets drop crowd annotations, classes outside `label_map`, and boxes that are empty after
     clipping to the image (x2 <= x1 or y2 <= y1); the evaluation ground truth (`coco_gt`)
     keeps them all, so COCOeval treats crowd regions as "ignore" as usual. Images without
@@ -180,6 +180,12 @@ class CocoDetection(Dataset):
         flat = [item for i in ids for item in per_image[i]]
         boxes = np.array([b for b, _ in flat], dtype=np.float32).reshape(-1, 4)
         labels = np.array([lab for _, lab in flat], dtype=np.int64)
+        # Checked here, once and on the CPU: the detectors do not re-check labels on the device (a host-device
+        # sync per image, issue 13), and DETR would silently train label K as "no object".
+        bad = np.unique(labels[(labels < 0) | (labels >= self.label_map.num_classes)])
+        if bad.size:
+            raise ValueError(f"{self.ann_file}: labels must be contiguous in 0..{self.label_map.num_classes - 1}, "
+                             f"got {bad.tolist()}")
         return boxes, labels, offsets
 
     def __len__(self) -> int:

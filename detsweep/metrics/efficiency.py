@@ -34,6 +34,8 @@ class PhaseMeter:
 
     Usage: `start()`, then `step(n_images)` after every iteration, then `stop()`. The first
     `warmup_steps` steps (cuDNN autotuning, allocator growth, lazy init) are left out of images/s.
+    On CUDA, steps are timed with CUDA events on the current stream, as the GPU reaches them: `step()`
+    never waits for the GPU, and `stop()` synchronizes once.
     """
 
     def __init__(self, device: torch.device | str, warmup_steps: int = 2) -> None:
@@ -43,30 +45,39 @@ class PhaseMeter:
         self.warmup_steps = warmup_steps
         self._t0: float | None = None
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            # Kernels run asynchronously; without a sync the clock would measure only the launches.
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+    def _mark(self) -> float | torch.cuda.Event:
+        """A point in time: an event recorded on the GPU's stream on CUDA (no sync), else the host clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def _seconds(self, start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
+        """Time between two marks; for events, only once the GPU has reached both (after the sync in stop)."""
+        if isinstance(start, float):
+            return end - start
+        return start.elapsed_time(end) / 1000.0  # milliseconds
 
     def start(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)  # earlier work must not count towards this phase
             torch.cuda.reset_peak_memory_stats(self.device)
         self._steps = 0
         self._images = 0
         self._warm_images = 0
-        self._t0 = self._t_warm = self._t_last = self._now()
+        self._t0 = time.perf_counter()
+        self._m0 = self._m_warm = self._m_last = self._mark()
 
     def step(self, n_images: int) -> None:
         """Record one finished iteration that processed `n_images` images on this rank."""
         if self._t0 is None:
             raise RuntimeError("PhaseMeter.step() called before start()")
-        self._t_last = self._now()
+        self._m_last = self._mark()
         self._steps += 1
         self._images += n_images
         if self._steps == self.warmup_steps:
-            self._t_warm, self._warm_images = self._t_last, self._images
+            self._m_warm, self._warm_images = self._m_last, self._images
 
     def stop(self) -> dict[str, Any]:
         """`{"seconds", "images", "images_per_s", "peak_vram_mb"}` (peak_vram_mb None off CUDA).
@@ -76,11 +87,13 @@ class PhaseMeter:
         """
         if self._t0 is None:
             raise RuntimeError("PhaseMeter.stop() called before start()")
-        seconds = self._now() - self._t0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the phase's one sync: its kernels have finished
+        seconds = time.perf_counter() - self._t0
         if self._steps > self.warmup_steps:
-            images, elapsed = self._images - self._warm_images, self._t_last - self._t_warm
+            images, elapsed = self._images - self._warm_images, self._seconds(self._m_warm, self._m_last)
         else:
-            images, elapsed = self._images, self._t_last - self._t0
+            images, elapsed = self._images, self._seconds(self._m0, self._m_last)
         peak = torch.cuda.max_memory_allocated(self.device) / _MIB if self.device.type == "cuda" else None
         self._t0 = None
         return {

@@ -39,22 +39,32 @@ def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class NonFiniteBoxesError(ValueError):
-    """Boxes holding NaN/inf: the model has diverged (not a data problem)."""
+    """Predicted boxes (or the logits matched with them) hold NaN/inf: the model has diverged (not a data problem)."""
 
 
-def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+def check_boxes(name: str, boxes_xyxy: Tensor) -> None:
+    """Raise NonFiniteBoxesError on NaN/inf, ValueError on a box with x1 < x0 or y1 < y0 ([N, 4] xyxy).
+
+    Note: a host-device sync on GPU; the matcher runs it only after its costs turned out non-finite.
+    """
+    valid = (boxes_xyxy[:, 2:] >= boxes_xyxy[:, :2]).all(dim=1)
+    if not bool(valid.all()):
+        if not bool(torch.isfinite(boxes_xyxy).all()):
+            raise NonFiniteBoxesError(f"{name} holds non-finite values, e.g. {boxes_xyxy[~valid][:2].tolist()}")
+        bad = boxes_xyxy[~valid][:5].tolist()
+        raise ValueError(f"{name} has degenerate boxes (x1 < x0, y1 < y0 or nan), e.g. {bad}")
+
+
+def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, check: bool = True) -> Tensor:
     """Pairwise generalized IoU (Rezatofighi et al. 2019): [N, 4], [M, 4] xyxy -> [N, M] in [-1, 1].
 
-    Raises ValueError on a box with x1 < x0 or y1 < y0: such boxes give inf/nan silently.
-    (This check is a host-device sync on GPU, as in the official code.)
+    With `check`, raises ValueError on a box with x1 < x0 or y1 < y0: such boxes give inf/nan silently
+    (`check_boxes`, a host-device sync on GPU, as in the official code). The matcher and the criterion pass
+    check=False: the matcher checks its costs once on the CPU instead, where it needs them anyway.
     """
-    for name, boxes in (("boxes1_xyxy", boxes1_xyxy), ("boxes2_xyxy", boxes2_xyxy)):
-        valid = (boxes[:, 2:] >= boxes[:, :2]).all(dim=1)
-        if not bool(valid.all()):
-            if not bool(torch.isfinite(boxes).all()):
-                raise NonFiniteBoxesError(f"{name} holds non-finite values, e.g. {boxes[~valid][:2].tolist()}")
-            bad = boxes[~valid][:5].tolist()
-            raise ValueError(f"{name} has degenerate boxes (x1 < x0, y1 < y0 or nan), e.g. {bad}")
+    if check:
+        check_boxes("boxes1_xyxy", boxes1_xyxy)
+        check_boxes("boxes2_xyxy", boxes2_xyxy)
     iou, union = box_iou(boxes1_xyxy, boxes2_xyxy)
     lt = torch.min(boxes1_xyxy[:, None, :2], boxes2_xyxy[:, :2])
     rb = torch.max(boxes1_xyxy[:, None, 2:], boxes2_xyxy[:, 2:])

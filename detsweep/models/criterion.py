@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detsweep.models.boxes import box_cxcywh_to_xyxy, generalized_box_iou
-from detsweep.models.matcher import HungarianMatcher
+from detsweep.models.matcher import HungarianMatcher, Indices
 
 KNOWN_LOSSES = ("labels", "boxes", "cardinality")
-Indices = list[tuple[Tensor, Tensor]]
 
 
 def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:
@@ -28,7 +27,8 @@ class SetCriterion(nn.Module):
 
     Returns unweighted losses keyed like the official code: `loss_ce`, `class_error`, `loss_bbox`, `loss_giou`,
     `cardinality_error`, plus `<key>_<i>` for aux decoder layer i (no `class_error_<i>`). `weight_dict` is kept
-    for the caller to weight them.
+    for the caller to weight them. Unlike the official code, nothing here waits for the GPU except the matcher's
+    one copy of the costs to the CPU: `num_boxes` stays a device tensor and the indices come back on the device.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float], eos_coef: float,
@@ -48,7 +48,7 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def loss_labels(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices,
-                    num_boxes: float, log: bool = True) -> dict[str, Tensor]:
+                    num_boxes: Tensor, log: bool = True) -> dict[str, Tensor]:
         """Weighted cross-entropy over all queries (unmatched ones target "no object" = num_classes)."""
         src_logits = outputs["pred_logits"]
         idx = _src_permutation_idx(indices)
@@ -63,54 +63,62 @@ class SetCriterion(nn.Module):
 
     @torch.no_grad()
     def loss_cardinality(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices,
-                         num_boxes: float) -> dict[str, Tensor]:
+                         num_boxes: Tensor) -> dict[str, Tensor]:
         """L1 error between the number of non-"no object" predictions and of targets (logging only, no grad)."""
         pred_logits = outputs["pred_logits"]
-        tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=pred_logits.device)
+        # Filled on the device from Python ints: torch.as_tensor(list, device="cuda") is a blocking copy (a sync).
+        tgt_lengths = torch.stack([torch.full((), float(len(t["labels"])), device=pred_logits.device)
+                                   for t in targets])
         card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
-        return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
+        return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths)}
 
     def loss_boxes(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices,
-                   num_boxes: float) -> dict[str, Tensor]:
+                   num_boxes: Tensor) -> dict[str, Tensor]:
         """L1 and 1-GIoU between matched pred and target boxes (cxcywh normalised), summed / num_boxes."""
         idx = _src_permutation_idx(indices)
         src_boxes = outputs["pred_boxes"][idx]
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
+        # Unchecked: the matcher has already checked these boxes, on the CPU, without a sync here.
         loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes),
-                                                       box_cxcywh_to_xyxy(target_boxes)))
+                                                       box_cxcywh_to_xyxy(target_boxes), check=False))
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
 
     def _get_loss(self, loss: str, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]],
-                  indices: Indices, num_boxes: float, **kwargs: Any) -> dict[str, Tensor]:
+                  indices: Indices, num_boxes: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         fn = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes}[loss]
         return fn(outputs, targets, indices, num_boxes, **kwargs)
 
-    def num_boxes(self, targets: list[dict[str, Tensor]], device: torch.device) -> float:
-        """Targets per process, averaged over processes when torch.distributed is initialised; at least 1."""
-        num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    def num_boxes(self, targets: list[dict[str, Tensor]], device: torch.device) -> Tensor:
+        """Targets per process, averaged over processes when torch.distributed is initialised; at least 1.
+
+        A 0-dim float tensor on `device`: the official `.item()` here would be a host-device sync per step.
+        """
+        # torch.full launches a fill, where torch.as_tensor([n], device="cuda") would be a blocking copy.
+        num = torch.full((1,), float(sum(len(t["labels"]) for t in targets)), device=device)
         world_size = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num)
             world_size = dist.get_world_size()
-        return torch.clamp(num / world_size, min=1).item()
+        return torch.clamp(num / world_size, min=1)[0]
 
     def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """outputs: DETR's dict ([B,Q,K+1] logits, [B,Q,4] cxcywh-norm boxes, optional aux_outputs);
         targets: per image {"labels": [N_i] int64 in 0..K-1, "boxes": [N_i, 4] cxcywh normalised}.
         """
         main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(main_outputs, targets)
+        aux_outputs = outputs.get("aux_outputs", [])
+        # Every decoder layer matched at once: one host-device sync per step rather than one per layer.
+        indices, *aux_indices = self.matcher.match_layers([main_outputs, *aux_outputs], targets)
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
         losses: dict[str, Tensor] = {}
         for loss in self.losses:
             losses.update(self._get_loss(loss, main_outputs, targets, indices, num_boxes))
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_indices = self.matcher(aux, targets)
+        for i, (aux, aux_idx) in enumerate(zip(aux_outputs, aux_indices)):
             for loss in self.losses:
                 # class_error is logged for the final layer only, as in the official code.
                 kwargs = {"log": False} if loss == "labels" else {}
-                l_dict = self._get_loss(loss, aux, targets, aux_indices, num_boxes, **kwargs)
+                l_dict = self._get_loss(loss, aux, targets, aux_idx, num_boxes, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         return losses
 

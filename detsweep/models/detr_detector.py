@@ -96,12 +96,12 @@ class DETRDetector(nn.Module):
             if boxes_xyxy.dim() != 2 or boxes_xyxy.shape[-1] != 4 or len(labels) != len(boxes_xyxy):
                 raise ValueError(f"target {i}: boxes must be [N, 4] with N labels, got boxes "
                                  f"{tuple(boxes_xyxy.shape)} and labels {tuple(labels.shape)}")
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"target {i}: labels must be contiguous in 0..{self.num_classes - 1}, got "
-                                 f"{sorted(set(labels.tolist()))}")
-            # Same order as the official Normalize transform: convert, then divide by (w, h, w, h).
-            scale = boxes_xyxy.new_tensor([w, h, w, h], dtype=torch.float32)
-            boxes_cxcywh_norm = box_xyxy_to_cxcywh(boxes_xyxy.float()) / scale
+            # Labels are not range-checked here: on a GPU that is a host-device sync per image. The dataset
+            # checks them once, on the CPU (`data.coco.CocoDetection`).
+            # Same order as the official Normalize transform: convert, then divide by (w, h, w, h), here as
+            # Python numbers: a [w, h, w, h] tensor made on the GPU would be a blocking copy per image.
+            cx, cy, bw, bh = box_xyxy_to_cxcywh(boxes_xyxy.float()).unbind(-1)
+            boxes_cxcywh_norm = torch.stack([cx / w, cy / h, bw / w, bh / h], dim=-1)
             converted.append({"boxes": boxes_cxcywh_norm, "labels": labels.to(torch.int64)})
         return converted
 

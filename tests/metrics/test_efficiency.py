@@ -81,6 +81,59 @@ def test_phase_meter_peak_vram_on_cuda():
     assert device_info(device)["gpu_name"] == torch.cuda.get_device_name(0)
 
 
+class _FakeEvent:
+    """torch.cuda.Event on the host clock: lets a CPU-only machine run PhaseMeter's CUDA path."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.t = None
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "_FakeEvent") -> float:
+        return (end.t - self.t) * 1000.0
+
+
+def test_phase_meter_on_cuda_times_steps_with_events_and_synchronizes_once_at_stop(monkeypatch):
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    meter = PhaseMeter("cuda", warmup_steps=1)
+    meter.start()
+    started = len(syncs)
+    for _ in range(4):
+        time.sleep(0.01)
+        meter.step(2)
+    assert len(syncs) == started  # a sync per step would stall the GPU's queue every iteration
+    out = meter.stop()
+    assert len(syncs) == started + 1
+    assert out["images"] == 8 and out["peak_vram_mb"] == 3.0
+    assert 6 / 0.5 < out["images_per_s"] <= 6 / 0.03  # 6 images after the warm-up step, in 3 x >= 10 ms
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_phase_meter_on_cuda_measures_gpu_time_without_a_sync_per_step(monkeypatch):
+    device = torch.device("cuda")
+    x = torch.randn(4096, 4096, device=device)
+    real_synchronize, syncs = torch.cuda.synchronize, []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: (syncs.append(d), real_synchronize(d)))
+    meter = PhaseMeter(device, warmup_steps=1)
+    meter.start()
+    for _ in range(6):
+        for _ in range(10):
+            x = torch.tanh(x @ x)  # queued: the host runs ahead of the GPU
+        meter.step(4)
+    during = len(syncs)
+    out = meter.stop()
+    assert during == 1 and len(syncs) == 2  # start() and stop() only
+    # Timed as the GPU reached each step: no faster than the wall clock allows.
+    assert 0 < out["images_per_s"] <= 1.5 * out["images"] / out["seconds"]
+
+
 def test_reduce_phase_stats():
     ranks = [
         {"seconds": 10.0, "images": 100, "images_per_s": 12.5, "peak_vram_mb": None},

@@ -141,9 +141,8 @@ def test_user_errors_name_the_bad_value():
     image = torch.rand(3, 32, 32)
     with pytest.raises(ValueError, match=r"targets are required in train mode; call .eval\(\) for predictions"):
         detector([image])
-    bad = [{"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]]), "labels": torch.tensor([3])}]
-    with pytest.raises(ValueError, match=r"target 0: labels must be contiguous in 0..2, got \[3\]"):
-        detector([image], bad)
+    # Labels are range-checked by the dataset, not here (a host-device sync per image on a GPU).
+    bad = [{"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]]), "labels": torch.tensor([2])}]
     with pytest.raises(ValueError, match=r"images must be a list of \[3, H, W\] tensors, got \[\(1, 32, 32\)\]"):
         detector([torch.rand(1, 32, 32)], bad)
     with pytest.raises(ValueError, match=r"max_size=100 needs min_size as well"):

@@ -99,12 +99,15 @@ def test_target_labels_reach_torchvision_shifted_by_one():
     assert [t["labels"].tolist() for t in targets] == [[0, 2], [1]]  # caller's targets untouched
 
 
-def test_out_of_range_target_label_is_a_clear_error():
+def test_target_labels_are_shifted_without_reading_them_back(monkeypatch):
+    # Range-checking labels here would be a host-device sync per image on a GPU; the dataset checks them.
     detector = build_faster_rcnn(num_classes=K, **TINY).train()
     images, targets = _batch()
-    targets[1]["labels"] = torch.tensor([K])
-    with pytest.raises(ValueError, match=r"^target labels must be contiguous in 0\.\.2, got \[3\]$"):
-        detector(images, targets)
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__int__", "__bool__"):
+            m.setattr(torch.Tensor, name, lambda *a, _name=name: pytest.fail(f"Tensor.{_name} read a value back"))
+        converted = detector._to_torchvision(targets[0])
+    assert converted["labels"].tolist() == [1, 3]
     with pytest.raises(ValueError, match="needs targets"):
         detector(images)
 
