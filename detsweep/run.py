@@ -128,11 +128,11 @@ def prepare_data(trials: list[TrialConfig], skip_image_check: bool = False) -> l
     seen = set()
     for t in trials:
         d = t.data
-        key = (d.root, d.train_images, d.val_images, d.image_size, d.num_classes, d.seed)
+        key = (d.root, d.train_images, d.val_images, d.image_size, d.num_classes, d.seed, d.domain)
         if d.kind == "synthetic" and key not in seen:
             seen.add(key)
             ensure_synthetic(d.root, train_images=d.train_images, val_images=d.val_images,
-                             image_size=d.image_size, seed=d.seed, num_classes=d.num_classes)
+                             image_size=d.image_size, seed=d.seed, num_classes=d.num_classes, domain=d.domain)
         coco_key = (d.root, d.format, d.train, d.val, d.on_invalid, d.image_check)
         if d.kind == "coco" and coco_key not in seen:
             seen.add(coco_key)

@@ -113,7 +113,7 @@ def build_data(trial: TrialConfig, world: int, rank: int, device: Any) -> TrialD
         kind=d.kind, root=d.root, train_images=d.train_images, val_images=d.val_images,
         image_size=d.image_size, classes=list(d.classes) if d.classes else None, seed=d.seed,
         num_classes=d.num_classes, format=d.format, train=d.train, val=d.val, on_invalid=d.on_invalid,
-        image_check=d.image_check)
+        image_check=d.image_check, domain=d.domain)
     train_ds, val_ds, label_map, val_ann = splits.train, splits.val, splits.label_map, splits.val_ann
     if world > 1:
         train_sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=t.seed)

@@ -274,6 +274,7 @@ def build_dataset_splits(
     val: Any = None,
     on_invalid: str = "error",
     image_check: str = "header",
+    domain: str = "source",
 ) -> DatasetSplits:
     """The datasets of a sweep's data section.
 
@@ -296,7 +297,7 @@ def build_dataset_splits(
         from detsweep.data.synthetic import ensure_synthetic
 
         folder = ensure_synthetic(root, train_images=int(train_images or 0), val_images=int(val_images or 0),
-                                  image_size=image_size, seed=seed, num_classes=num_classes)
+                                  image_size=image_size, seed=seed, num_classes=num_classes, domain=domain)
         train_dir, val_dir = folder / "images" / "train", folder / "images" / "val"
         train_ann = folder / "annotations" / "instances_train.json"
         val_ann = folder / "annotations" / "instances_val.json"

@@ -8,6 +8,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from detsweep.data import sources
+from detsweep.data.synthetic import domain_classes
 from detsweep.models import registry
 from detsweep.sweep.bases import base_name
 from detsweep.sweep.spec import DataConfig, DetrConfig, ResourcesConfig, Sweep, resources_for
@@ -17,14 +18,10 @@ from detsweep.sweep.typed import SweepError
 # Loading a sweep checks of a `data.kind: coco` dataset only that its annotation files are there (its
 # layout recognised by `detsweep.data.sources`, stdlib only): a cluster's head holds only these
 # (cluster.yaml). Their content is checked by `detsweep.run` before Ray starts, the images where they are.
-# The synthetic generator's class names in order (detsweep.data.synthetic.SHAPE_CLASSES, kept here so
-# loading a sweep file imports no data code; a test keeps the two equal). `data.num_classes: K` makes
-# the first K; `data.classes` may pick among them.
-SYNTHETIC_CLASSES = ("red_square", "green_circle", "blue_triangle", "yellow_diamond", "magenta_ring",
-                     "cyan_cross", "orange_bar", "white_star")
 # Keys whose rules span other keys (see `combination_violation`): checked on every combination of their
 # grid values, since each value alone says nothing about the trials it lands in.
-COMBINATION_KEYS = ("train.epochs", "train.lr_drop_epoch", "data.kind", "data.num_classes", "data.classes")
+COMBINATION_KEYS = ("train.epochs", "train.lr_drop_epoch", "data.kind", "data.num_classes", "data.classes",
+                    "data.domain")
 COMBINATION_PREFIXES = ("model.detr.",)
 # Metrics a scheduler may watch: what every epoch reports.
 SCHEDULER_METRICS = ("ap", "ap50", "ap75", "ar100", "loss", "ece", "nll", "brier")
@@ -43,7 +40,8 @@ def _value_rules(sweep: Sweep) -> list[tuple[str, object, bool, str]]:
         ("data.train_images", d.train_images, d.train_images > 0 or d.kind == "coco" and d.train_images == 0, "> 0 (coco: 0 = all)"),
         ("data.val_images", d.val_images, d.val_images > 0 or d.kind == "coco" and d.val_images == 0, "> 0 (coco: 0 = all)"),
         ("data.image_size", d.image_size, d.image_size >= 32, ">= 32"),
-        ("data.num_classes", d.num_classes, 1 <= d.num_classes <= 8, "in [1, 8]"),
+        ("data.num_classes", d.num_classes, 1 <= d.num_classes <= len(domain_classes(d.domain)),
+         f"in [1, {len(domain_classes(d.domain))}] (the {d.domain} domain's classes)"),
         ("data.loader_workers", d.loader_workers, d.loader_workers >= 0, ">= 0"),
         ("data.classes", d.classes, d.classes is None or 0 < len(d.classes) == len(set(d.classes)),
          "null or a non-empty list of distinct class names"),
@@ -176,7 +174,9 @@ def combination_violation(sweep: Sweep, grid_keys: Collection[str] = ()) -> tupl
         why = "with scheduler asha (no trial is stopped before grace_period epochs)"
         return named(("scheduler.grace_period", f"{sched.grace_period!r} must be <= train.epochs ({t.epochs}) {why}"),
                      ("train.epochs", f"{t.epochs!r} must be >= scheduler.grace_period ({sched.grace_period}) {why}"))
-    made = list(SYNTHETIC_CLASSES[:d.num_classes])
+    # The synthetic generator draws the first data.num_classes of its domain's classes (torch-free module).
+    made = [c.name for c in domain_classes(d.domain, d.num_classes)]
+    every = [c.name for c in domain_classes(d.domain)]
     if d.kind == "synthetic" and d.classes is not None and not set(d.classes) <= set(made):
         # Synthetic classes are chosen with data.num_classes; data.classes can only pick among those.
         classes = list(d.classes)
@@ -184,7 +184,7 @@ def combination_violation(sweep: Sweep, grid_keys: Collection[str] = ()) -> tupl
                                       f"{d.num_classes} makes, {made} (a subset by other names needs data.kind "
                                       f"'coco')"),
                      ("data.num_classes", f"{d.num_classes!r} makes the synthetic classes {made}, which lack some "
-                                          f"of data.classes {classes}; the order is {list(SYNTHETIC_CLASSES)}"),
+                                          f"of data.classes {classes}; the order is {every}"),
                      ("data.kind", f"'synthetic' makes {made} (data.num_classes {d.num_classes}), which lack some "
                                    f"of data.classes {classes}"))
     violation = detr_coco_violation(sweep.model.detr)

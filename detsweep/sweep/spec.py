@@ -44,6 +44,7 @@ class DataConfig:
     num_classes: int = 5  # synthetic only
     classes: tuple[str, ...] | None = None  # a class subset by name (synthetic: among num_classes')
     seed: int = 0  # synthetic generation seed
+    domain: Literal["source", "target"] = "source"  # synthetic only: the transfer task's two domains
     loader_workers: int = 0
 
 

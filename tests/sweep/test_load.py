@@ -13,7 +13,6 @@ import yaml
 from detsweep.models.registry import LORA_PLACEMENTS, MODELS, REGIMES
 from detsweep.sweep import SweepError, TrialConfig, expand, load_sweep, parse_sweep
 from detsweep.sweep.plan import max_concurrent
-from detsweep.sweep.rules import SYNTHETIC_CLASSES
 
 REPO = Path(__file__).resolve().parents[2]
 SEED000_GRID = {"model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full", "lora_only", "partial"],
@@ -273,13 +272,11 @@ def test_resources_by_regime_and_concurrency_for_a_four_gpu_node():
 
 
 def test_validator_names_equal_the_models_own_registries():
-    from detsweep.data.synthetic import SHAPE_CLASSES
     from detsweep.models.lora import PLACEMENT_NAMES
     from detsweep.models.regimes import REGIMES as MODEL_REGIMES
 
     assert tuple(LORA_PLACEMENTS) == tuple(PLACEMENT_NAMES)
     assert tuple(REGIMES) == tuple(MODEL_REGIMES)
-    assert SYNTHETIC_CLASSES == tuple(c.name for c in SHAPE_CLASSES)
 
 
 def test_rules_between_keys_hold_for_every_trial_not_for_overridden_values():
