@@ -104,8 +104,8 @@ def section(r: dict) -> str:
     return "\n".join([
         "## Data checks (bench/data_check.py)", "",
         f"A synthetic annotation file of {r['images']:,} images and {r['boxes']:,} boxes (COCO train's 7.3 boxes "
-        f"per image, 80 classes; {r['json_mb']:.0f} MB of JSON) and 640x480 JPEG files (hard links to 16 "
-        f"distinct files: page-cached, so the image rows are CPU cost, not disk). One run; machine: {machine}; "
+        f"per image, 80 classes; {r['json_mb']:.0f} MB of JSON) and 640x480 JPEG files of random pixels (the "
+        f"slowest to decode; hard links to 16 distinct files: page-cached, so the image rows are CPU cost, not disk). One run; machine: {machine}; "
         f"image reads in {r['threads']} threads.", "",
         "| step | seconds | per 1,000 images | what a run does |", "|---|---:|---:|---|",
         f"| parse the JSON (Python json) | {r['parse_s']:.2f} | {r['parse_s'] * per:.3f} | always (the dataset "
@@ -118,9 +118,9 @@ def section(r: dict) -> str:
         f"none with `--skip-image-check`; once per node (cached) |",
         f"| full decode, {r['decode_images']:,} images, scaled to {r['images']:,} | {r['decode_100k_s']:.1f} | "
         f"{r['decode_s'] * 1000 / r['decode_images']:.3f} | never: `python -m detsweep.data check` only |", "",
-        f"Annotation checks vs header check: {r['header_s'] / r['annotation_checks_s']:.1f}x; full decode vs "
-        f"header check: {r['decode_100k_s'] / r['header_s']:.1f}x. The annotation checks take seconds at COCO "
-        f"scale (goal: seconds, not minutes).",
+        f"The header check takes {r['header_s'] / r['annotation_checks_s']:.1f}x the annotation checks' time, a "
+        f"full decode {r['decode_100k_s'] / r['header_s']:.1f}x the header check's. The annotation checks take "
+        f"seconds at COCO scale (goal: seconds, not minutes).",
     ])
 
 

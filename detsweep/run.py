@@ -137,8 +137,10 @@ def prepare_data(trials: list[TrialConfig], skip_image_check: bool = False) -> l
         if d.kind == "coco" and coco_key not in seen:
             seen.add(coco_key)
             try:
+                # refresh: the workers of this machine reuse these image results (an image fixed
+                # in place would leave a stale cache behind otherwise)
                 prepare(resolve(d.root, d.format, d.train, d.val), on_invalid=d.on_invalid,
-                        image_check=d.image_check)
+                        image_check=d.image_check, cache="refresh")
             except DataError as e:
                 raise SweepError(str(e)) from None
             except SourceError as e:

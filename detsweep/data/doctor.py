@@ -46,7 +46,7 @@ def diagnose(source: Source, *, decode: bool = True, workers: int | None = None,
     report = Report(source)
     try:
         report.checks = check_source(source, splits=SPLITS, image_check="decode" if decode else "header",
-                                     workers=workers, progress=progress, cache=False)
+                                     workers=workers, progress=progress, cache="off")
     except DataError as e:
         report.error = str(e)
     return report

@@ -30,10 +30,12 @@ CACHE_DIR = Path(tempfile.gettempdir()) / "detsweep-cache"  # node-local: image 
 
 
 def check_source(source: Source, *, splits: Sequence[str] = ("train", "val"), image_check: str = "header",
-                 workers: int | None = None, progress: bool = True, cache: bool = True) -> dict[str, SplitCheck]:
+                 workers: int | None = None, progress: bool = True, cache: str = "use") -> dict[str, SplitCheck]:
     """Every check on `splits` of `source` (those it has). `image_check`: `decode`, `header`, or
     `none`; the image checks of a split whose image folder is not on this machine are left out
-    (its `image_check` stays `none`). Raises DataError for an unusable file or folder."""
+    (its `image_check` stays `none`). `cache`: `use` this node's image results when there are
+    some, `refresh` them (the driver: an image fixed in place leaves the folder's mtime alone), or
+    `off`. Raises DataError for an unusable file or folder."""
     checks: dict[str, SplitCheck] = {}
     for name in splits:
         split = source.splits.get(name)
@@ -43,7 +45,8 @@ def check_source(source: Source, *, splits: Sequence[str] = ("train", "val"), im
         sc = check_annotations(split, coco, drop_root_category=source.drops_root_category)
         if image_check != "none" and split.images.is_dir():
             probe = dict(decode=image_check == "decode", workers=workers, progress=progress)
-            apply_image_results(sc, _cached(sc, image_check, probe) if cache else probe_images(sc, **probe))
+            apply_image_results(sc, probe_images(sc, **probe) if cache == "off" else
+                                _cached(sc, image_check, probe, refresh=cache == "refresh"))
         checks[name] = sc
     check_across(checks)
     return checks
@@ -57,14 +60,15 @@ def _cache_file(sc: SplitCheck, mode: str) -> Path:
     return CACHE_DIR / f"images-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
-def _cached(sc: SplitCheck, mode: str, probe: dict[str, Any]) -> dict[str, Any]:
-    """`probe_images`' results from this node's cache, computed and stored on the first call."""
+def _cached(sc: SplitCheck, mode: str, probe: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
+    """`probe_images`' results from this node's cache, computed and stored on the first call (and
+    on every `refresh`)."""
     path = _cache_file(sc, mode)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     # Trials starting together on one node wait for the first one's check instead of repeating it.
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
+        if path.is_file() and not refresh:
             return json.loads(path.read_text())
         results = probe_images(sc, **probe)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -125,12 +129,12 @@ def changed_ground_truth(sc: SplitCheck) -> bool:
     return bool(sc.drop_images or sc.drop_annotations or sc.drop_categories)
 
 
-def prepare(source: Source, *, on_invalid: str, image_check: str = "header",
-            progress: bool = True) -> tuple[dict[str, SplitCheck], dict[str, int]]:
+def prepare(source: Source, *, on_invalid: str, image_check: str = "header", progress: bool = True,
+            cache: str = "use") -> tuple[dict[str, SplitCheck], dict[str, int]]:
     """A run's checks of train and val with the policy applied: (checks, skip counts). Logs what
     the image check did. Raises DataError (unusable, or a problem under `on_invalid: error`)."""
     started = time.perf_counter()
-    checks = check_source(source, image_check=image_check, progress=progress)
+    checks = check_source(source, image_check=image_check, progress=progress, cache=cache)
     skipped = enforce(checks, on_invalid)
     for name, sc in checks.items():
         how = {"header": "image headers checked", "decode": "images decoded",

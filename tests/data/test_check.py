@@ -289,3 +289,27 @@ def test_truncated_image_passes_the_header_check_and_fails_the_doctor(tmp_path):
     report = diagnose(resolve(root), progress=False)
     finding = report.checks["train"].findings["image_unreadable"]
     assert finding.examples[0].startswith(f"image 1 {path} (OSError: ") and report.exit_code == 1
+
+
+def test_image_headers_are_read_once_per_node(tmp_path, monkeypatch):
+    """The driver reads them (afresh), and the workers on its machine reuse its results."""
+    from detsweep.data import prepare as prepare_module
+
+    root, _ = _dataset(tmp_path, lambda root, coco: None)
+    calls, real = [], prepare_module.probe_images
+    monkeypatch.setattr(prepare_module, "probe_images", lambda sc, **kw: calls.append(sc.split.name) or real(sc, **kw))
+    run.prepare_data(_trials(root, tmp_path))
+    for _ in range(2):  # two trials' workers
+        build_dataset_splits(kind="coco", root=root, train_images=0, val_images=0, image_size=0, classes=None)
+    assert calls == ["train", "val"]
+
+
+def test_images_the_driver_cannot_see_are_left_to_the_nodes(tmp_path, caplog):
+    """A cluster's head holds only the annotations: the annotation checks run, the image checks wait."""
+    root, names = _dataset(tmp_path, lambda root, coco: None)
+    data = {"train": {"annotations": names["train"], "images": str(tmp_path / "on-the-workers" / "train")},
+            "val": {"annotations": names["val"], "images": str(tmp_path / "on-the-workers" / "val")}}
+    caplog.set_level(logging.INFO, logger="detsweep.data")
+    run.prepare_data(_trials(root, tmp_path, **data))
+    assert (f"data train (explicit splits (coco2017) (format: auto)): 3 images, 4 boxes; images not on this machine "
+            f"({tmp_path}/on-the-workers/train): each node checks them once") in [r.getMessage() for r in caplog.records]
