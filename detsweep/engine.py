@@ -29,13 +29,24 @@ def to_device(images: list[torch.Tensor], targets: list[dict[str, Any]] | None, 
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype that `train.amp` (`auto | bf16 | fp16 | off`) gives on `device`; None = fp32."""
-    if device.type != "cuda" or amp == "off":
+    """The autocast dtype that `train.amp` (`auto | bf16 | fp16 | off`) gives on `device`; None = fp32.
+    On the CPU only an explicit `bf16` autocasts (torch's CPU autocast; the tests' cheap net for dtype
+    bugs): `auto` stays fp32 there, and fp16 needs a GPU's GradScaler."""
+    if amp == "off":
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16 if amp == "bf16" else None
+    if device.type != "cuda":
         return None
     # Without including_emulation=False, T4/V100 (sm75/sm70) count as bf16-capable and train in slow emulated bf16.
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported(including_emulation=False)):
         return torch.bfloat16
     return torch.float16
+
+
+def amp_name(amp_dtype: torch.dtype | None) -> str:
+    """The `amp_dtype` results column: the precision a trial really trained in."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[amp_dtype]
 
 
 def lr_lambda(train: Any, steps_per_epoch: int) -> Callable[[int], float]:

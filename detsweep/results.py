@@ -98,10 +98,10 @@ RESULTS_SCHEMA: pa.Schema = pa.schema(
     + [(f"err_{kind}", _I64) for kind in ("cls", "loc", "dup", "bkg", "missed")]
     # cost (peak_vram_* null without CUDA)
     + [("total_params", _I64), ("trainable_params", _I64), ("trainable_frac", _F64), ("lora_params", _I64)]
-    + [(name, _F64) for name in ("peak_vram_train_mb", "peak_vram_eval_mb", "peak_rss_mb",
+    + [(name, _F64) for name in ("peak_vram_train_mb", "peak_vram_eval_mb", "peak_vram_reserved_mb", "peak_rss_mb",
                                  "train_images_per_s", "eval_images_per_s", "train_s", "eval_s",
                                  "wall_s", "worker_s", "gpu_hours")]
-    + [("device", _STR)]
+    + [("device", _STR), ("amp_dtype", _STR)]
     # run (per_class_ap and reliability are JSON text)
     + [("epochs_completed", _I32), ("checkpoint_path", _STR), ("per_class_ap", _STR), ("reliability", _STR)]
     + [("n_skipped_images", _I64), ("n_skipped_boxes", _I64)]  # dropped by data.on_invalid: skip

@@ -291,7 +291,7 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[st
                   skipped: dict[str, int] | None = None) -> dict[str, Any] | None:
     """The epoch's report on rank 0 (None elsewhere): losses, quality, cost. Gathers every rank's
     phase stats (all ranks must call it) and adds the epoch to `run.totals` and `run.history`."""
-    from detsweep import dist
+    from detsweep import dist, engine
     from detsweep.metrics.efficiency import device_info, peak_rss_mb, reduce_phase_stats
 
     phase = dist.gather_objects((train_stats, eval_stats, peak_rss_mb()))
@@ -302,7 +302,10 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[st
     totals["train_s"] += tr["seconds"]
     totals["eval_s"] += evs["seconds"]
     # Peak VRAM of the whole trial: the largest of any epoch (each epoch resets per phase).
-    for key, value in (("peak_vram_train_mb", tr["peak_vram_mb"]), ("peak_vram_eval_mb", evs["peak_vram_mb"])):
+    for key, value in (("peak_vram_train_mb", tr["peak_vram_mb"]), ("peak_vram_eval_mb", evs["peak_vram_mb"]),
+                       ("peak_vram_reserved_mb", max([v for v in (tr["peak_vram_reserved_mb"],
+                                                                  evs["peak_vram_reserved_mb"]) if v is not None],
+                                                     default=None))):
         if value is not None:
             totals[key] = max(value, totals.get(key) or 0.0)
     if not dist.is_main():
@@ -319,6 +322,7 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[st
         **counts,
         **(skipped or {}),  # n_skipped_images, n_skipped_boxes: what data.on_invalid: skip dropped
         "peak_vram_train_mb": totals.get("peak_vram_train_mb"), "peak_vram_eval_mb": totals.get("peak_vram_eval_mb"),
+        "peak_vram_reserved_mb": totals.get("peak_vram_reserved_mb"), "amp_dtype": engine.amp_name(run.amp_dtype),
         "peak_rss_mb": max(p[2] for p in phase),
         "train_images_per_s": tr["images_per_s"], "eval_images_per_s": evs["images_per_s"],
         "train_s": totals["train_s"], "eval_s": totals["eval_s"], "worker_s": totals["worker_s"],

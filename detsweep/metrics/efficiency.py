@@ -80,7 +80,9 @@ class PhaseMeter:
             self._m_warm, self._warm_images = self._m_last, self._images
 
     def stop(self) -> dict[str, Any]:
-        """`{"seconds", "images", "images_per_s", "peak_vram_mb"}` (peak_vram_mb None off CUDA).
+        """`{"seconds", "images", "images_per_s", "peak_vram_mb", "peak_vram_reserved_mb"}` (VRAM None off
+        CUDA). Allocated is what tensors held at most; reserved is what the caching allocator held from the
+        GPU, which is what packing trials onto one GPU must fit.
 
         images/s counts only steps after the warm-up; with no more steps than `warmup_steps` it falls
         back to all steps. It is 0.0 when no images were recorded.
@@ -94,29 +96,38 @@ class PhaseMeter:
             images, elapsed = self._images - self._warm_images, self._seconds(self._m_warm, self._m_last)
         else:
             images, elapsed = self._images, self._seconds(self._m0, self._m_last)
-        peak = torch.cuda.max_memory_allocated(self.device) / _MIB if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated(self.device) / _MIB if cuda else None
+        reserved = torch.cuda.max_memory_reserved(self.device) / _MIB if cuda else None
         self._t0 = None
         return {
             "seconds": seconds,
             "images": self._images,
             "images_per_s": images / elapsed if images and elapsed > 0 else 0.0,
             "peak_vram_mb": peak,
+            "peak_vram_reserved_mb": reserved,
         }
 
 
 def reduce_phase_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
     """Combine the `PhaseMeter.stop()` dicts of all ranks (DESIGN.md: throughput summed, VRAM max).
 
-    Returns `{"seconds": max, "images": sum, "images_per_s": sum, "peak_vram_mb": max or None}`.
+    Returns `{"seconds": max, "images": sum, "images_per_s": sum, "peak_vram_mb": max or None,
+    "peak_vram_reserved_mb": max or None}`.
     """
     if not stats:
         raise ValueError("reduce_phase_stats needs the stats of at least one rank, got an empty list")
-    vram = [s["peak_vram_mb"] for s in stats if s["peak_vram_mb"] is not None]
+
+    def most(key: str) -> float | None:
+        values = [s[key] for s in stats if s.get(key) is not None]
+        return max(values) if values else None
+
     return {
         "seconds": max(s["seconds"] for s in stats),
         "images": sum(s["images"] for s in stats),
         "images_per_s": sum(s["images_per_s"] for s in stats),
-        "peak_vram_mb": max(vram) if vram else None,
+        "peak_vram_mb": most("peak_vram_mb"),
+        "peak_vram_reserved_mb": most("peak_vram_reserved_mb"),
     }
 
 

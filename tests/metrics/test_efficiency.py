@@ -76,7 +76,7 @@ def test_phase_meter_peak_vram_on_cuda():
         meter.step(2)
         del x
     out = meter.stop()
-    assert 64 <= out["peak_vram_mb"] < 200
+    assert 64 <= out["peak_vram_mb"] < 200 and out["peak_vram_reserved_mb"] >= out["peak_vram_mb"]
     assert out["images_per_s"] > 0
     assert device_info(device)["gpu_name"] == torch.cuda.get_device_name(0)
 
@@ -101,6 +101,7 @@ def test_phase_meter_on_cuda_times_steps_with_events_and_synchronizes_once_at_st
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4 * 2**20)
     meter = PhaseMeter("cuda", warmup_steps=1)
     meter.start()
     started = len(syncs)
@@ -110,7 +111,7 @@ def test_phase_meter_on_cuda_times_steps_with_events_and_synchronizes_once_at_st
     assert len(syncs) == started  # a sync per step would stall the GPU's queue every iteration
     out = meter.stop()
     assert len(syncs) == started + 1
-    assert out["images"] == 8 and out["peak_vram_mb"] == 3.0
+    assert out["images"] == 8 and out["peak_vram_mb"] == 3.0 and out["peak_vram_reserved_mb"] == 4.0
     assert 6 / 0.5 < out["images_per_s"] <= 6 / 0.03  # 6 images after the warm-up step, in 3 x >= 10 ms
 
 
@@ -139,9 +140,12 @@ def test_reduce_phase_stats():
         {"seconds": 10.0, "images": 100, "images_per_s": 12.5, "peak_vram_mb": None},
         {"seconds": 11.0, "images": 90, "images_per_s": 10.0, "peak_vram_mb": None},
     ]
-    assert reduce_phase_stats(ranks) == {"seconds": 11.0, "images": 190, "images_per_s": 22.5, "peak_vram_mb": None}
+    assert reduce_phase_stats(ranks) == {"seconds": 11.0, "images": 190, "images_per_s": 22.5, "peak_vram_mb": None,
+                                         "peak_vram_reserved_mb": None}
     ranks[0]["peak_vram_mb"], ranks[1]["peak_vram_mb"] = 900.0, 1200.0
+    ranks[0]["peak_vram_reserved_mb"], ranks[1]["peak_vram_reserved_mb"] = 1400.0, 1300.0  # the caching allocator's
     assert reduce_phase_stats(ranks)["peak_vram_mb"] == 1200.0
+    assert reduce_phase_stats(ranks)["peak_vram_reserved_mb"] == 1400.0
     with pytest.raises(ValueError, match="at least one rank, got an empty list"):
         reduce_phase_stats([])
 
