@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the cluster's current resources fit; set it on an autoscaling cluster). Not with "
                         "--resume: Tune keeps the earlier run's value")
     p.add_argument("--skip-image-check", action="store_true",
-                   help="check no image headers before the trials (the annotations are always checked); "
-                        "`python -m detsweep.data check` decodes every image")
+                   help="read no image header, on the driver or in the trials (data.image_check: none; the "
+                        "annotations are always checked); `python -m detsweep.data check` decodes every image. "
+                        "A --resume takes the setting the run started with")
     p.add_argument("-q", "--quiet", action="store_true", help="less Tune output")
     return p.parse_args(argv)
 
@@ -112,19 +113,17 @@ def _local_resources() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
 
 
-def prepare_data(trials: list[TrialConfig], skip_image_check: bool = False) -> list[TrialConfig]:
+def prepare_data(trials: list[TrialConfig]) -> None:
     """Before Ray starts, on the driver: generate synthetic datasets once (before workers race to do
     it), and check each coco dataset the trials use once (`detsweep.data.prepare`: annotations, and
     image headers where this machine sees the images). An unusable file, or a problem under
-    `data.on_invalid: error`, raises SweepError with its one line; `skip` logs what it drops.
-    `skip_image_check` checks no image anywhere: the trials returned carry `data.image_check: none`."""
+    `data.on_invalid: error`, raises SweepError with its one line; `skip` logs what it drops. The
+    trials' `data.image_check: none` (`--skip-image-check`) reads no image header."""
     from detsweep.data.check import DataError
     from detsweep.data.prepare import prepare
     from detsweep.data.sources import SourceError, resolve
     from detsweep.data.synthetic import ensure_synthetic
 
-    if skip_image_check:
-        trials = [dataclasses.replace(t, data=dataclasses.replace(t.data, image_check="none")) for t in trials]
     seen = set()
     for t in trials:
         d = t.data
@@ -145,12 +144,13 @@ def prepare_data(trials: list[TrialConfig], skip_image_check: bool = False) -> l
                 raise SweepError(str(e)) from None
             except SourceError as e:
                 raise SweepError(f"{e.key}: {e}") from None
-    return trials
 
 
 def plan(sweep: Sweep, args: argparse.Namespace) -> tuple[list[TrialConfig], str]:
     if args.output_dir:
         sweep = dataclasses.replace(sweep, storage=args.output_dir)
+    if getattr(args, "skip_image_check", False):  # in every trial: its workers check no image either
+        sweep = dataclasses.replace(sweep, data=dataclasses.replace(sweep.data, image_check="none"))
     trials = expand(sweep)
     return trials, sweep_root(sweep.storage, sweep.name)
 
@@ -226,7 +226,7 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse
     """Start (or connect to) Ray, print the plan for the cluster it finds, and run the sweep.
     `resumed`: on --resume, the concurrency the run started with (None: unknown)."""
     try:
-        trials = prepare_data(trials, skip_image_check=args.skip_image_check)
+        prepare_data(trials)
     except SweepError as e:  # an unusable dataset, or bad data under data.on_invalid: error
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -148,19 +148,20 @@ def test_each_defect_is_skipped_counted_and_logged(tmp_path, caplog, mutate, lin
 def test_a_clean_dataset_passes_and_says_what_it_checked(tmp_path, caplog):
     root, _ = _dataset(tmp_path, lambda root, coco: None)
     caplog.set_level(logging.INFO, logger="detsweep.data")
-    trials = run.prepare_data(_trials(root, tmp_path))
-    assert trials[0].data.image_check == "header"
+    run.prepare_data(_trials(root, tmp_path))
     said = [r.getMessage() for r in caplog.records]
     assert f"data train (coco2017 layout at {root} (format: auto)): 3 images, 4 boxes; image headers checked" in said
-    trials = run.prepare_data(_trials(root, tmp_path), skip_image_check=True)
+    sweep = parse_sweep({"name": "t", "data": {"kind": "coco", "root": str(root)}}, "t.yaml")
+    trials, _ = run.plan(sweep, run.parse_args(["t.yaml", "--skip-image-check"]))
     assert trials[0].data.image_check == "none"  # the workers check no image either
+    run.prepare_data(trials)
     assert f"data val (coco2017 layout at {root} (format: auto)): 2 images, 3 boxes; image check skipped" in \
         [r.getMessage() for r in caplog.records]
 
 
 def test_skip_image_check_leaves_an_unreadable_image_to_the_trial(tmp_path):
     root, _ = _dataset(tmp_path, _file("train", "b.png", b"not an image"))
-    run.prepare_data(_trials(root, tmp_path), skip_image_check=True)  # annotations only: passes
+    run.prepare_data(_trials(root, tmp_path, image_check="none"))  # annotations only: passes
 
 
 def test_problems_are_refused_image_problems_first_and_more_kinds_counted(tmp_path):
