@@ -21,7 +21,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def to_device(images: list[torch.Tensor], targets: list[dict[str, Any]] | None, device: torch.device):
+    """Batches onto `device`; uint8 images (a GPU trial's loader) become float 0..1 there, not on the host."""
     images = [im.to(device, non_blocking=True) for im in images]
+    images = [im.float().div_(255.0) if im.dtype == torch.uint8 else im for im in images]
     if targets is not None:
         targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in targets]

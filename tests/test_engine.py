@@ -234,3 +234,18 @@ def test_detr_training_steps_on_cuda_synchronize_twice_each(data):
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     # Per step the matcher's cost copy and the finiteness check; per epoch the read of the means.
     assert len(syncs) <= 2 * 2 + 1, syncs
+
+
+def test_uint8_images_are_scaled_on_the_device(data):
+    """A GPU trial's loader sends uint8 pixels (a quarter of float32's bytes to copy); they reach the
+    model as float 0..1, equal to the dataset's float images."""
+    train, _, _ = data
+    as_float = train[0][0]
+    train.uint8 = True
+    try:
+        raw = train[0][0]
+    finally:
+        train.uint8 = False
+    assert raw.dtype == torch.uint8
+    (moved,), _ = engine.to_device([raw], None, torch.device("cpu"))
+    assert moved.dtype == torch.float32 and torch.allclose(moved, as_float)

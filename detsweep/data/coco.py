@@ -134,6 +134,9 @@ class CocoDetection(Dataset):
         if coco is None:
             coco = load_coco_json(self.ann_file)
         self._gt: dict[str, Any] | None = None
+        # uint8 pixels (set by a GPU trial's worker): a quarter of float32's bytes through the loader and
+        # the host-to-device copy; `engine.to_device` scales them to 0..1 on the device.
+        self.uint8 = False
         self.label_map = label_map if label_map is not None else LabelMap.from_coco(coco)
         self.train = train
         self.hflip_prob = hflip_prob
@@ -208,7 +211,9 @@ class CocoDetection(Dataset):
         # ImageReadError names the file: an image unreadable mid-run (a network filesystem) fails the
         # trial with that one line, never a bare OSError.
         pixels = load_rgb(self.image_dir / self._file_names[index], self._json_sizes[index])
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+        if not self.uint8:
+            image = image.float().div_(255.0)
         h, w = pixels.shape[:2]
 
         start, end = self._offsets[index], self._offsets[index + 1]

@@ -139,3 +139,13 @@ def process_group_backend(trial: dict[str, Any]) -> str:
     if r["backend"] != "auto":
         return r["backend"]
     return "nccl" if r["gpus_per_worker"] > 0 and r["ddp_workers"] > 1 else "gloo"
+
+
+def loader_workers(trial: TrialConfig) -> int:
+    """DataLoader worker processes per DDP worker: `data.loader_workers`, or by default (null) one per
+    CPU the worker holds beyond its own, at most 8, when it holds a GPU (JPEG decoding then overlaps the
+    GPU's work instead of idling it), and none on a CPU-only trial, whose cores are busy training."""
+    if trial.data.loader_workers is not None:
+        return trial.data.loader_workers
+    r = trial.resources
+    return min(8, max(0, int(r.cpus_per_worker) - 1)) if r.gpus_per_worker > 0 else 0

@@ -45,7 +45,7 @@ class DataConfig:
     classes: tuple[str, ...] | None = None  # a class subset by name (synthetic: among num_classes')
     seed: int = 0  # synthetic generation seed
     domain: Literal["source", "target"] = "source"  # synthetic only: the transfer task's two domains
-    loader_workers: int = 0
+    loader_workers: int | None = None  # DataLoader processes per DDP worker; null: min(8, cpus_per_worker - 1) with a GPU, else 0
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,20 @@ def test_placement_strategy_packs_a_trial_that_fits_one_node(trial, nodes, expec
 ])
 def test_process_group_backend(trial, expected):
     assert process_group_backend(trial) == expected
+
+
+@pytest.mark.parametrize("resources,set_to,expected", [
+    ({"cpus_per_worker": 8, "gpus_per_worker": 1}, None, 7),     # a GPU trial: decoding overlaps the GPU's work
+    ({"cpus_per_worker": 16, "gpus_per_worker": 1}, None, 8),    # at most 8
+    ({"cpus_per_worker": 1, "gpus_per_worker": 0.5}, None, 0),   # no spare CPU
+    ({"cpus_per_worker": 4, "gpus_per_worker": 0}, None, 0),     # CPU trials train on their cores
+    ({"cpus_per_worker": 8, "gpus_per_worker": 1}, 2, 2),        # a set value is kept
+])
+def test_loader_workers_default_from_the_trials_cpus(tmp_path, resources, set_to, expected):
+    from detsweep.sweep import expand, parse_sweep
+    from detsweep.sweep.plan import loader_workers
+
+    sweep = parse_sweep({"name": "s", "storage": str(tmp_path), "data": {"loader_workers": set_to},
+                         "resources": {"ddp_workers": 1, **resources}}, "f.yaml", check_paths=False)
+    (trial,) = expand(sweep)
+    assert loader_workers(trial) == expected
