@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--train-ann (default: auto)")
     for split in ("train", "val", "test"):
         p.add_argument(f"--{split}-ann", metavar="FILE", help=f"the {split} split's COCO annotation file")
-        p.add_argument(f"--{split}-images", metavar="DIR", help=f"its image folder (default: beside the file, or "
-                       f"images/<subset> next to an annotations/ folder)")
+        p.add_argument(f"--{split}-images", metavar="DIR", help="its image folder (default: beside the file, or "
+                       "images/<subset> next to an annotations/ folder)")
     p.add_argument("--headers-only", action="store_true", help="read image headers instead of decoding every image")
     p.add_argument("--workers", type=int, metavar="N", help="threads reading images (default: 2 per CPU, at most 8)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")

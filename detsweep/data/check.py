@@ -41,7 +41,8 @@ KINDS = {k.name: k for k in (
     Kind("image_bad_size", "problem", "images[].width/height", "images without a positive width and height", "image"),
     Kind("image_missing", "problem", "images[].file_name", "images whose file is not in the image folder", "image"),
     Kind("image_unreadable", "problem", "images[].file_name", "unreadable images", "image"),
-    Kind("image_size_mismatch", "problem", "images[].width/height", "images whose file size is not the JSON's", "image"),
+    Kind("image_size_mismatch", "problem", "images[].width/height", "images whose file size is not the JSON's",
+         "image"),
     Kind("annotation_duplicate_id", "problem", "annotations[].id", "annotations whose id an earlier one has", "box"),
     Kind("box_wrong_length", "problem", "annotations[].bbox", "boxes that are not 4 numbers", "box"),
     Kind("box_non_finite", "problem", "annotations[].bbox", "boxes with non-finite values", "box"),
@@ -333,8 +334,9 @@ def _judge(im: dict[str, Any], j: int, info: Any, path: Path) -> list[tuple[int,
     json_size = (int(round(im["width"])), int(round(im["height"])))
     verdict = fit(info, json_size)
     if verdict == "mismatch":
+        turned = f", EXIF orientation {info.orientation}" if info.orientation != 1 else ""
         return [(j, "image_size_mismatch", f"{name} (JSON {json_size[0]}x{json_size[1]}, file "
-                 f"{info.width}x{info.height}{f', EXIF orientation {info.orientation}' if info.orientation != 1 else ''})")]
+                 f"{info.width}x{info.height}{turned})")]
     if verdict == "rotated":
         return [(j, "exif_rotated", f"{name} (orientation {info.orientation})")]
     if verdict == "ambiguous":
@@ -370,7 +372,8 @@ def check_across(checks: dict[str, SplitCheck]) -> None:
             gone = sc.drop_categories
             sc.drop_annotations.update(i for i, a in enumerate(sc.coco["annotations"]) if a["category_id"] in gone)
     val = checks["val"]
-    for kind, have, lack in (("class_without_val", checks["train"], val), ("class_without_train", val, checks["train"])):
+    pairs = (("class_without_val", checks["train"], val), ("class_without_train", val, checks["train"]))
+    for kind, have, lack in pairs:
         for cid in sorted(have.instances):
             if not lack.instances.get(cid) and cid in train:
                 have.finding(kind).add(f"{train[cid]!r} ({have.instances[cid]} boxes)")

@@ -344,7 +344,8 @@ def _checked_splits(root: str | Path, format: str, train: Any, val: Any, on_inva
         sc = checks.pop(name)
         coco, ann = cleaned(sc), sc.split.annotations
         if name == "val" and changed_ground_truth(sc):
-            ann = write_derived(ann, coco, f"cleaned:{on_invalid}:{sorted(sc.drop_images)}:{sorted(sc.drop_annotations)}")
+            dropped = f"{sorted(sc.drop_images)}:{sorted(sc.drop_annotations)}:{sorted(sc.drop_categories)}"
+            ann = write_derived(ann, coco, f"cleaned:{dropped}")
         out.append((sc.split.images, ann, coco))
     return out[0], out[1], skipped
 

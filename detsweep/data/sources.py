@@ -82,8 +82,8 @@ def explicit_splits(given: dict[str, object], format: str = "auto") -> Source:
     """`data.train: {annotations, images}` and `data.val` (and `data.test`), any COCO-format files."""
     for name in ("train", "val"):
         if given.get(name) is None:
-            raise SourceError(f"data.{name}", f"missing: data.train and data.val are given together "
-                              f"(each {{annotations: FILE, images: DIR}})")
+            raise SourceError(f"data.{name}", "missing: data.train and data.val are given together "
+                              "(each {annotations: FILE, images: DIR})")
     splits = {}
     for name, cfg in given.items():
         if cfg is None:
