@@ -1,7 +1,7 @@
 """The command, top of `detsweep.frontier`: flags, then read results.parquet, compute the front and
-write frontier.parquet (+ replicates.parquet when seeds repeat), the PNG plots and report.md.
+write frontier.parquet (+ replicates.parquet when seeds repeat), the PNG plots, report.md and report.html.
 
-``python -m detsweep.frontier RESULTS.parquet [--objectives ap:max,...] [--out DIR] [--no-plots]``
+``python -m detsweep.frontier RESULTS.parquet [--objectives ap:max,...] [--out DIR] [--no-plots] [--no-html]``
 Outputs go to a local folder or, for a URI (``s3://``, ``gs://``, ``file://``), through pyarrow.fs.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from detsweep.frontier.front import Frontier, compute_frontier, read_results
+from detsweep.frontier.html import write_html
 from detsweep.frontier.pareto import parse_objectives
 from detsweep.frontier.plots import plot_frontier
 from detsweep.frontier.report import render_markdown, render_stdout
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output folder, local or a URI written through pyarrow.fs (default: the results file's folder)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-html", action="store_true", help="skip report.html (the interactive, offline page)")
     return p
 
 
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # FrontierError and bad objective specs: one line, exit 2
         print(f"detsweep.frontier: error: {e}", file=sys.stderr)
         return 2
-    written = write_outputs(fr, _output_folder(results, args.out), plots=not args.no_plots)
+    out = _output_folder(results, args.out)
+    written = write_outputs(fr, out, plots=not args.no_plots)
+    if not args.no_html:  # history.parquet and the checkpoint folders are in the results file's folder
+        written.append(write_html(fr, _output_folder(results, None), out))
     sys.stdout.write(render_stdout(fr, written))
     return 0
