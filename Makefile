@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= $(CURDIR)/runs
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast install browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ demo: $(STAMP)
 	$(PY) -m detsweep.run sweeps/smoke.yaml --output-dir $(DEMO_OUT) --fresh -q
 	$(PY) -m detsweep.frontier $(DEMO_OUT)/smoke/results.parquet
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -ra tests
+
+# Headless Chromium for the report.html browser test: Debian's package, installed when missing and this
+# user may (root, as in CI); otherwise that one test skips and says why.
+browser: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "installing chromium for the browser test (log: $(VENV)/apt.log)" && \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } \
+	      > $(VENV)/apt.log 2>&1 || echo "chromium not installed: the report.html browser test will skip"; }
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not ray" tests

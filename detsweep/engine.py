@@ -88,57 +88,81 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     meter: Any = None,
+    accumulate: int = 1,
+    on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train for one pass over `loader` ((images, targets) batches, see `collate_fn`).
 
-    `lr_scheduler` is stepped per optimizer step (warm-up + schedule in steps). `meter` is a
+    `accumulate`: one optimizer step per N batches (and one after the last): each batch's loss is
+    divided by N, and a DDP model skips its gradient all-reduce (`no_sync`) on the batches between
+    steps. `lr_scheduler` is stepped per optimizer step (warm-up + schedule in optimizer steps);
+    `on_step()` runs after each (the EMA update, the profiler). `meter` is a
     `metrics.efficiency.PhaseMeter` (or None) told about every batch. Returns the mean over this
-    rank's steps of each weighted loss and of their sum, `loss`.
+    rank's batches of each weighted loss and of their sum, `loss`.
     Raises `NonFiniteLossError` as soon as the summed loss is NaN/Inf.
     """
     model.train()
     # Running sums stay on the device (float64: thousands of steps), read back once at the end of the epoch.
     sums: dict[str, torch.Tensor] = {}
-    steps = 0
+    batches = 0
     for images, targets in loader:
         images, targets = to_device(images, targets, device)
-        try:
-            with autocast(device, amp_dtype):
-                loss_dict = model(images, targets)
-        except NonFiniteBoxesError as e:  # diverged: DETR's matcher meets the NaN boxes before the loss
-            raise NonFiniteLossError(f"non-finite predicted boxes at epoch {epoch} step {steps}: training "
-                                     f"diverged ({str(e)[:120]})") from e
-        loss = sum(loss_dict.values())
-        # note: a CPU-GPU sync point, the step's only one here; once per step is the price of failing fast.
-        if not torch.isfinite(loss).item():
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())  # read back only on failure
-            raise NonFiniteLossError(f"non-finite loss {loss.item()} at epoch {epoch} step {steps} ({parts})")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if lr_scheduler is not None:
-            lr_scheduler.step()
+        if batches % accumulate == 0:
+            optimizer.zero_grad(set_to_none=True)
+        stepping = (batches + 1) % accumulate == 0
+        # Between optimizer steps a DDP model keeps its gradients local: one all-reduce per step, not per batch.
+        sync = model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync:
+            loss_dict, loss = _forward(model, images, targets, device, amp_dtype, f"epoch {epoch} step {batches}")
+            (scaler.scale(loss / accumulate) if scaler is not None else loss / accumulate).backward()
+        if stepping:
+            _optimizer_step(optimizer, scaler, grad_clip, lr_scheduler, on_step)
         for k, v in (*loss_dict.items(), ("loss", loss)):
             v = v.detach().double().reshape(())
             sums[k] = v if k not in sums else sums[k] + v
-        steps += 1
+        batches += 1
         if meter is not None:
             meter.step(len(images))
-    if steps == 0:
+    if batches == 0:
         raise RuntimeError("the training loader produced no batch; is the dataset empty?")
-    means = (torch.stack(list(sums.values())) / steps).tolist()  # note: one sync, at the end of the epoch
+    if batches % accumulate:  # the epoch's last, partial accumulation still makes its step
+        _optimizer_step(optimizer, scaler, grad_clip, lr_scheduler, on_step)
+    means = (torch.stack(list(sums.values())) / batches).tolist()  # note: one sync, at the end of the epoch
     return dict(zip(sums, means))
+
+
+def _forward(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device,
+             amp_dtype: torch.dtype | None, where: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The weighted losses and their sum, checked finite."""
+    try:
+        with autocast(device, amp_dtype):
+            loss_dict = model(images, targets)
+    except NonFiniteBoxesError as e:  # diverged: DETR's matcher meets the NaN boxes before the loss
+        raise NonFiniteLossError(f"non-finite predicted boxes at {where}: training diverged ({str(e)[:120]})") from e
+    loss = sum(loss_dict.values())
+    # note: a CPU-GPU sync point, the step's only one here; once per step is the price of failing fast.
+    if not torch.isfinite(loss).item():
+        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())  # read back only on failure
+        raise NonFiniteLossError(f"non-finite loss {loss.item()} at {where} ({parts})")
+    return loss_dict, loss
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, grad_clip: float,
+                    lr_scheduler: Any, on_step: Callable[[], None] | None) -> None:
+    """Clip, step (through the GradScaler with fp16), advance the schedule."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    if on_step is not None:
+        on_step()
 
 
 @torch.no_grad()

@@ -200,7 +200,7 @@ def test_detr_training_steps_read_the_device_back_twice_each(data, monkeypatch):
     assert math.isfinite(out["loss"])
     # What remains, per step: the matcher's one copy of every layer's costs to the CPU (scipy's Hungarian
     # algorithm runs there) and the engine's finiteness check; per epoch: the engine's read of the means.
-    assert reads == {("cpu", "matcher.py:match_layers"): 2, ("item", "engine.py:train_one_epoch"): 2,
+    assert reads == {("cpu", "matcher.py:match_layers"): 2, ("item", "engine.py:_forward"): 2,
                      ("tolist", "engine.py:train_one_epoch"): 1}
 
 

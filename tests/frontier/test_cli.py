@@ -71,7 +71,7 @@ def test_cli_writes_frontier_report_and_plots(results_file):
     _assert_png(out_dir / "frontier_ap_vs_trainable_params.png")
     assert sorted(os.listdir(out_dir)) == [  # no temporary files left behind
         "frontier.parquet", "frontier_ap_vs_ece.png", "frontier_ap_vs_peak_rss_mb.png",
-        "frontier_ap_vs_trainable_params.png", "report.md", "results.parquet"]
+        "frontier_ap_vs_trainable_params.png", "report.html", "report.md", "results.parquet"]
     assert not (out_dir / "replicates.parquet").exists()  # every config has one seed
 
     table = pq.read_table(out_dir / "frontier.parquet")
@@ -115,7 +115,8 @@ def test_cli_replicates_and_out_dir(tmp_path):
     out = tmp_path / "report-dir"
     proc = _run(src, "--objectives", "ap:max,trainable_params:min", "--out", out, "--no-plots")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["frontier.parquet", "replicates.parquet", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["frontier.parquet", "replicates.parquet", "report.html",
+                                                     "report.md"]
     rep = pq.read_table(out / "replicates.parquet").to_pylist()
     assert [(r["config_id"], r["n"], r["pareto_rank"]) for r in rep] == [("lora-s0", 2, 1), ("full-s0", 2, 1)]
     assert rep[0]["ap_mean"] == pytest.approx(0.32) and rep[1]["ap_mean"] == pytest.approx(0.35)
@@ -175,7 +176,7 @@ def test_all_failed_sweep_still_reports(tmp_path, capsys, statuses, message):
                           f"{message}\n")
     assert "Pareto front" not in out and "hypervolume" not in out
 
-    assert sorted(os.listdir(tmp_path)) == ["frontier.parquet", "report.md", "results.parquet"]  # no plots
+    assert sorted(os.listdir(tmp_path)) == ["frontier.parquet", "report.html", "report.md", "results.parquet"]  # no PNGs
     table = pq.read_table(tmp_path / "frontier.parquet")
     assert table.column("pareto_rank").to_pylist() == [None, None, None]
     assert table.column("trial_id").to_pylist() == ["t0", "t1", "t2"]
@@ -298,7 +299,7 @@ def test_cli_reads_and_writes_through_a_filesystem_uri(results_file, tmp_path):
     proc = _run(f"file://{results_file}", "--out", f"file://{out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["frontier.parquet", "frontier_ap_vs_ece.png", "frontier_ap_vs_peak_rss_mb.png",
-                                       "frontier_ap_vs_trainable_params.png", "report.md"]
+                                       "frontier_ap_vs_trainable_params.png", "report.html", "report.md"]
     assert not (tmp_path / "file:").exists()
 
 
@@ -325,8 +326,8 @@ def test_replicate_plots_are_written_as_png(tmp_path):
     names = ["frontier_ap_vs_trainable_params.png", "frontier_ap_vs_peak_rss_mb.png"]
     for name in names:
         _assert_png(tmp_path / name)
-    assert sorted(os.listdir(tmp_path)) == sorted(names + ["frontier.parquet", "replicates.parquet", "report.md",
-                                                           "results.parquet"])
+    assert sorted(os.listdir(tmp_path)) == sorted(names + ["frontier.parquet", "replicates.parquet", "report.html",
+                                                           "report.md", "results.parquet"])
     report = (tmp_path / "report.md").read_text()
     assert "## Seed replicates" in report and all(f"![{n}]({n})" in report for n in names)
 
