@@ -176,7 +176,7 @@ def rebuild_model(found: FoundTrial) -> nn.Module:
     parts re-drawn with `train.seed` as the worker drew them) plus the checkpoint's adapters and heads;
     `load_lora_state_dict` refuses a base whose hash differs from the one the checkpoint records."""
     from detsweep import dist, engine
-    from detsweep.cluster.worker import build_trial_model  # plain torch: the worker imports ray only inside
+    from detsweep.models.trial import build_trial_model  # the worker's own builder, Ray-free
 
     trial = found.trial
     lora = trial.regime == "lora_only"

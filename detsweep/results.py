@@ -34,6 +34,15 @@ def _detr(key: str) -> Callable[[dict[str, Any]], Any]:
     return lambda t: t["detector"][key] if t["family"] == "detr" else None
 
 
+def _data_label(d: dict[str, Any]) -> str:
+    """`kind:root` (synthetic: `:domain` when not the source), or `coco:<format>:<train annotations>`
+    for explicit splits, whose root is unused."""
+    if d.get("train"):
+        return f"{d['kind']}:{d.get('format', 'auto')}:{d['train']['annotations']}"
+    domain = d.get("domain", "source")
+    return f"{d['kind']}:{d['root']}" + (f":{domain}" if d["kind"] == "synthetic" and domain != "source" else "")
+
+
 @dataclass(frozen=True)
 class ConfigColumn:
     """A results column that shows a trial's configuration.
@@ -67,7 +76,7 @@ CONFIG_COLUMNS: tuple[ConfigColumn, ...] = (
     ConfigColumn("ddp_workers", _I32, lambda t: t["resources"]["ddp_workers"], ("resources.ddp_workers",)),
     ConfigColumn("gpus_per_worker", _F64, lambda t: t["resources"]["gpus_per_worker"],
                  ("resources.gpus_per_worker",)),
-    ConfigColumn("data", _STR, lambda t: f"{t['data']['kind']}:{t['data']['root']}", own_line=True),
+    ConfigColumn("data", _STR, lambda t: _data_label(t["data"]), own_line=True),
 )
 # Dotted sweep keys that already have a config column.
 KEYS_WITH_COLUMNS = frozenset(k for c in CONFIG_COLUMNS for k in c.keys)

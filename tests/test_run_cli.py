@@ -296,6 +296,7 @@ def test_trials_change_names_the_first_difference_and_ignores_order(tmp_path):
     # How failures are handled may change between runs (e.g. on_resume_errored: restart after a fix).
     saved[0]["config"]["fault_tolerance"]["on_resume_errored"] = "skip"
     saved[0]["config"]["fault_tolerance"]["max_failures"] = 5
+    saved[0]["config"]["data"]["image_check"] = "none"  # a resume may add or drop --skip-image-check
     assert trials_change(saved, trials) is None
     del saved[0]["config"]["detector"]["nheads"]
     assert trials_change(saved, trials) == "trial 'detr_r18-full': model.detr.nheads was absent, is now 4"

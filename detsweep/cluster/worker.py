@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from detsweep.checkpoint import DETECTIONS, MODEL_STATE, TRAIN_STATE, write_meta
+from detsweep.models.trial import build_trial_model
 from detsweep.sweep.plan import loader_workers
 from detsweep.sweep.spec import TrialConfig
 
@@ -131,48 +132,6 @@ def build_data(trial: TrialConfig, world: int, rank: int, device: Any) -> TrialD
                                             move_to_device=on_cuda)
         for ds, sampler in ((train_ds, train_sampler), (val_ds, val_sampler)))
     return TrialData(train_ds, val_ds, label_map, val_ann, train_loader, val_loader, splits.skipped)
-
-
-def build_trial_model(trial: TrialConfig, label_map: Any) -> tuple[Any, dict[str, int]]:
-    """The trial's detector with its regime applied (LoRA adapters, frozen parts), on the CPU, and its
-    parameter counts."""
-    from detsweep.metrics.efficiency import count_parameters
-    from detsweep.models import build_model
-    from detsweep.models.lora import apply_lora, count_lora_params
-    from detsweep.models.regimes import apply_regime
-
-    model = build_model(trial.model, _resolved(trial), num_classes=label_map.num_classes,
-                        category_ids=list(label_map.category_ids), category_ids_are_coco=trial.data.kind == "coco")
-    if trial.regime == "lora_only":
-        lora = trial.lora
-        apply_lora(model, rank=lora.rank, alpha=lora.alpha, placement=lora.placement, dropout=lora.dropout)
-    apply_regime(model, trial.regime)
-    counts = count_parameters(model)
-    counts["lora_params"] = count_lora_params(model)
-    return model, counts
-
-
-def _resolved(trial: TrialConfig) -> Any:
-    """The trial's model settings with `weights: base:NAME` replaced by the base's weights file: the
-    model state of its pretraining's latest checkpoint (copied here first when it lives at a URI). The
-    base was trained on other classes, so the builder gives the trial a fresh class head."""
-    if trial.base_run is None:
-        return trial.detector
-    from detsweep.checkpoint import latest_checkpoint
-    from detsweep.storage import filesystem, is_local, join
-
-    folder = latest_checkpoint(trial.base_run)
-    if folder is None:
-        raise FileNotFoundError(f"{trial.detector.weights}: no finished pretraining in {trial.base_run}")
-    path = join(folder, MODEL_STATE)
-    if not is_local(path):
-        fs, remote = filesystem(path)
-        local = os.path.join(tempfile.mkdtemp(prefix="base-"), MODEL_STATE)
-        with fs.open_input_stream(remote) as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        path = local
-    log.info("%s: the base's weights from %s", trial.detector.weights, folder)
-    return dataclasses.replace(trial.detector, weights=path)
 
 
 @dataclasses.dataclass

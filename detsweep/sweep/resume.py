@@ -33,8 +33,9 @@ def _first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any]
     return None if old == new else (key, old, new)
 
 
-# Trial config sections a resumed run may change: how failures are handled, not what a trial is.
-RESUME_MAY_CHANGE = ("fault_tolerance",)
+# Trial config keys (dotted) a resumed run may change: how failures are handled and how much of the
+# data the driver re-checks (--skip-image-check), not what a trial is.
+RESUME_MAY_CHANGE = ("fault_tolerance", "data.image_check")
 
 
 def trials_change(saved: list[dict[str, Any]], trials: list[TrialConfig]) -> str | None:
@@ -42,7 +43,15 @@ def trials_change(saved: list[dict[str, Any]], trials: list[TrialConfig]) -> str
     aside), in a few words; None if they don't."""
 
     def what(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in config.items() if k not in RESUME_MAY_CHANGE}
+        config = json.loads(json.dumps(config))  # a deep copy of plain JSON values
+        for dotted in RESUME_MAY_CHANGE:
+            *parents, leaf = dotted.split(".")
+            section = config
+            for part in parents:
+                section = section.get(part) if isinstance(section, dict) else None
+            if isinstance(section, dict):
+                section.pop(leaf, None)
+        return config
 
     old = {t["trial_id"]: what(t["config"]) for t in saved}
     new = {t["trial_id"]: what(t["config"]) for t in plain_trials(trials)}
