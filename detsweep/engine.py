@@ -293,3 +293,54 @@ def prepare_training(model: torch.nn.Module, train: Any, *, steps_per_epoch: int
     if state is not None:
         opt.load_state_dict(state)
     return opt
+
+
+class EMA:
+    """An exponential moving average of a model's *trainable* parameters (a LoRA trial: its adapters and
+    heads, never a second copy of the frozen backbone), kept by `torch.optim.swa_utils.AveragedModel` over
+    them. After optimizer step t the average moves by `d_t = decay * (1 - exp(-t / warmup_steps))`
+    (constant `decay` without warm-up), so early, random weights fade out fast. `applied(model)` swaps the
+    average in for evaluation and swaps the live weights back after."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup_steps: int = 0) -> None:
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.decay, self.warmup_steps, self.steps = decay, warmup_steps, 0
+        self.average = torch.optim.swa_utils.AveragedModel(
+            torch.nn.ParameterList(self._params(model)), multi_avg_fn=self._average, use_buffers=False)
+
+    def _params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        by_name = dict(model.named_parameters())
+        return [by_name[n] for n in self.names]
+
+    def decay_at(self, step: int) -> float:
+        return self.decay * (1.0 - math.exp(-step / self.warmup_steps)) if self.warmup_steps else self.decay
+
+    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _n: Any) -> None:
+        # One fused update of every tensor: avg += (1 - d) * (current - avg).
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay_at(self.steps))
+
+    def update(self, model: torch.nn.Module) -> None:
+        """After an optimizer step (`train_one_epoch(on_step=...)`)."""
+        self.steps += 1
+        self.average.update_parameters(torch.nn.ParameterList(self._params(model)))
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """`model` with the averaged weights in place of its trainable ones, for the block's duration."""
+        live = [p.detach().clone() for p in self._params(model)]
+        with torch.no_grad():
+            for p, avg in zip(self._params(model), self.average.module.parameters()):
+                p.copy_(avg)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self._params(model), live):
+                    p.copy_(saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "average": to_cpu(self.average.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.average.load_state_dict(state["average"])

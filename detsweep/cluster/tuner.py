@@ -64,7 +64,7 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
             name=train_run_name(trial["trial_id"]), storage_path=trial["storage"],
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=ft["max_failures"]),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft["checkpoints_to_keep"])),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft["keep"])),
     )
     trainer.fit()
 

@@ -21,7 +21,7 @@ from detsweep.sweep.typed import SweepError
 # Keys whose rules span other keys (see `combination_violation`): checked on every combination of their
 # grid values, since each value alone says nothing about the trials it lands in.
 COMBINATION_KEYS = ("train.epochs", "train.lr_drop_epoch", "data.kind", "data.num_classes", "data.classes",
-                    "data.domain")
+                    "data.domain", "eval.every")
 COMBINATION_PREFIXES = ("model.detr.",)
 # Metrics a scheduler may watch: what every epoch reports.
 SCHEDULER_METRICS = ("ap", "ap50", "ap75", "ar100", "loss", "ece", "nll", "brier")
@@ -74,7 +74,15 @@ def _value_rules(sweep: Sweep) -> list[tuple[str, object, bool, str]]:
         ("eval.calibration.bins", sweep.eval.calibration.bins, sweep.eval.calibration.bins > 0, "> 0"),
         ("eval.error_score_threshold", sweep.eval.error_score_threshold, 0.0 <= sweep.eval.error_score_threshold <= 1.0, "in [0, 1]"),
         ("fault_tolerance.max_failures", ft.max_failures, ft.max_failures >= -1, ">= 0, or -1 for unlimited"),
-        ("fault_tolerance.checkpoints_to_keep", ft.checkpoints_to_keep, ft.checkpoints_to_keep >= 1, ">= 1"),
+        ("fault_tolerance.keep", ft.keep, ft.keep >= 1, ">= 1"),
+        ("train.accumulate", t.accumulate, t.accumulate >= 1, ">= 1"),
+        ("train.patience", t.patience, t.patience is None or t.patience >= 1, ">= 1 evaluations, or null (off)"),
+        ("train.ema.decay", t.ema and t.ema.decay, t.ema is None or 0.0 < t.ema.decay < 1.0, "in (0, 1)"),
+        ("train.ema.warmup_steps", t.ema and t.ema.warmup_steps, t.ema is None or t.ema.warmup_steps >= 0, ">= 0"),
+        ("train.profile.active", t.profile and t.profile.active, t.profile is None or t.profile.active >= 1, ">= 1"),
+        ("train.profile.wait", t.profile and t.profile.wait, t.profile is None or min(t.profile.wait, t.profile.warmup) >= 0,
+         ">= 0 (and warmup >= 0)"),
+        ("eval.every", sweep.eval.every, sweep.eval.every >= 1, ">= 1 epochs"),
         ("scheduler.metric", sweep.scheduler.metric, sweep.scheduler.metric in SCHEDULER_METRICS,
          f"one of {list(SCHEDULER_METRICS)}"),
         ("scheduler.grace_period", sweep.scheduler.grace_period, sweep.scheduler.grace_period >= 1, ">= 1"),
@@ -175,6 +183,13 @@ def combination_violation(sweep: Sweep, grid_keys: Collection[str] = ()) -> tupl
         why = "with scheduler asha (no trial is stopped before grace_period epochs)"
         return named(("scheduler.grace_period", f"{sched.grace_period!r} must be <= train.epochs ({t.epochs}) {why}"),
                      ("train.epochs", f"{t.epochs!r} must be >= scheduler.grace_period ({sched.grace_period}) {why}"))
+    every = sweep.eval.every
+    if sched.kind == "asha" and sched.grace_period % every and sched.grace_period < t.epochs:
+        # A trial reports only on evaluated epochs: ASHA's first rung would see no result of its own epoch.
+        why = (f"with scheduler asha and eval.every {every} (results come only at epochs {every}, {2 * every}, ... "
+               f"and the last)")
+        return named(("scheduler.grace_period", f"{sched.grace_period!r} must be a multiple of eval.every {why}"),
+                     ("eval.every", f"{every!r} must divide scheduler.grace_period ({sched.grace_period}) {why}"))
     # The synthetic generator draws the first data.num_classes of its domain's classes (torch-free module).
     made = [c.name for c in domain_classes(d.domain, d.num_classes)]
     every = [c.name for c in domain_classes(d.domain)]

@@ -93,6 +93,23 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    """An exponential moving average of the trainable weights, used for evaluation and the best checkpoint."""
+
+    decay: float = 0.9998
+    warmup_steps: int = 2000  # the decay ramps up as decay * (1 - exp(-step / warmup_steps)); 0: constant
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """A torch.profiler trace of a few optimizer steps of the first epoch (torch.profiler.schedule)."""
+
+    wait: int = 1
+    warmup: int = 1
+    active: int = 3
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # The official DETR recipe: AdamW, lr 1e-4 / backbone 1e-5, wd 1e-4, clip 0.1.
     epochs: int = 2
@@ -106,6 +123,10 @@ class TrainConfig:
     warmup_steps: int = 0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     seed: int = 0
+    accumulate: int = 1  # optimizer steps every N batches: an effective batch of N x batch x ddp_workers
+    ema: EmaConfig | None = None  # off unless given
+    patience: int | None = None  # stop after N evaluations without a better eval.best_metric
+    profile: ProfileConfig | None = None  # off unless given
 
 
 @dataclass(frozen=True)
@@ -121,6 +142,8 @@ class EvalConfig:
     backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
     merge_lora: bool = True  # evaluate LoRA trials on merged weights: no adapter cost at inference
     visuals: bool = True  # loss curves + predictions on the first 8 val images (rank 0)
+    every: int = 1  # evaluate every N epochs, and always after the last
+    best_metric: Literal["ap", "ap50", "ap75", "ar100", "val_loss"] = "ap"  # the best checkpoint's (val_loss: lowest)
 
 
 @dataclass(frozen=True)
@@ -134,7 +157,7 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class FaultToleranceConfig:
     max_failures: int = 0  # Train restarts of a trial's worker group, each from its last checkpoint
-    checkpoints_to_keep: int = 2
+    keep: int = 2  # the last K checkpoints (the best one is kept besides, in best/)
     on_resume_errored: Literal["resume", "restart", "skip"] = "resume"
 
 

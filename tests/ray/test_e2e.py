@@ -51,7 +51,7 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     # the gathered predictions must score once.
     sweep["data"]["val_images"] = 5
     sweep["model"]["faster_rcnn"]["weights"] = str(corrupt)
-    sweep["fault_tolerance"] = {"checkpoints_to_keep": 1}
+    sweep["fault_tolerance"] = {"keep": 1}
     sweep["grid"] = {"model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full", "lora_only", "partial"]}
     path = write_sweep(tmp_path, sweep)
 
@@ -114,7 +114,7 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     assert epochs == sorted((tid, e) for tid in rows for e in (0, 1))
 
     # Each ok trial's last checkpoint holds the COCO results JSON, re-evaluable offline; with
-    # checkpoints_to_keep: 1, epoch 0's checkpoint is gone.
+    # keep: 1, epoch 0's checkpoint is gone.
     ckpt = Path(rows["detr_r18-partial"]["checkpoint_path"])
     assert [p for p in ckpt.parent.glob("checkpoint_*") if p.is_dir()] == [ckpt]
     assert json.loads((ckpt / "meta.json").read_text())["epoch"] == 1

@@ -147,7 +147,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, synt
     sweep = tiny_sweep(tmp_path, synthetic_root, name="workerkill")
     sweep["data"]["train_images"] = 16
     sweep["train"]["epochs"] = 4
-    sweep["fault_tolerance"] = {"max_failures": 1, "checkpoints_to_keep": 2}
+    sweep["fault_tolerance"] = {"max_failures": 1, "keep": 2}
     path = write_sweep(tmp_path, sweep)
     root = tmp_path / "results" / "workerkill"
 

@@ -48,7 +48,7 @@ BAD = [
     ({"name": "x", "grid": {"train.foo": [1]}},
      "f.yaml: grid.train.foo: unknown key 'train.foo'; allowed keys are ['epochs', 'batch_size_per_worker', "
      "'lr', 'lr_backbone', 'weight_decay', 'grad_clip', 'lr_schedule', 'lr_drop_epoch', 'warmup_steps', "
-     "'amp', 'seed']"),
+     "'amp', 'seed', 'accumulate', 'ema', 'patience', 'profile']"),
     ({"name": "x", "grid": {"train.lr": 0.1}}, "f.yaml: grid.train.lr: 0.1 must be a non-empty list"),
     ({"name": "x", "grid": {"train.seed": [0, "one"]}}, "f.yaml: grid.train.seed: 'one' must be of type int"),
     ({"name": "x", "model": {"detr": {"weights": "/nonexistent/detr.pth"}}},
@@ -72,8 +72,8 @@ BAD = [
     ({"name": "x", "scheduler": {"kind": "asha", "metric": "accuracy"}},
      "f.yaml: scheduler.metric: 'accuracy' is not one of ['ap', 'ap50', 'ap75', 'ar100', 'loss', 'ece', 'nll', "
      "'brier']"),
-    ({"name": "x", "fault_tolerance": {"checkpoints_to_keep": 0}},
-     "f.yaml: fault_tolerance.checkpoints_to_keep: 0 must be >= 1"),
+    ({"name": "x", "fault_tolerance": {"keep": 0}},
+     "f.yaml: fault_tolerance.keep: 0 must be >= 1"),
     ({"name": "x", "model": {"faster_rcnn": {"trainable_backbone_layers": 9}}},
      "f.yaml: model.faster_rcnn.trainable_backbone_layers: 9 must be in [0, 5] or null"),
     ({"name": "x", "resources": {"cpus_per_worker": 0}}, "f.yaml: resources.cpus_per_worker: 0.0 must be > 0"),
@@ -356,3 +356,29 @@ def test_cli_guards_an_earlier_run_before_ray_starts(tmp_path):
     out = _cli("sweeps/smoke.yaml", "--output-dir", str(fresh), "--resume")
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: --resume: no earlier run of sweep 'smoke' in {fresh / 'smoke'}"
+
+
+RECIPE_BAD = [
+    ({"train": {"accumulate": 0}}, "f.yaml: train.accumulate: 0 must be >= 1"),
+    ({"train": {"ema": {"decay": 1.0}}}, "f.yaml: train.ema.decay: 1.0 must be in (0, 1)"),
+    ({"train": {"patience": 0}}, "f.yaml: train.patience: 0 must be >= 1 evaluations, or null (off)"),
+    ({"eval": {"every": 0}}, "f.yaml: eval.every: 0 must be >= 1 epochs"),
+    ({"eval": {"best_metric": "loss"}},
+     "f.yaml: eval.best_metric: 'loss' is not one of ['ap', 'ap50', 'ap75', 'ar100', 'val_loss']"),
+    ({"train": {"epochs": 6}, "eval": {"every": 2}, "scheduler": {"kind": "asha", "grace_period": 3}},
+     "f.yaml: scheduler.grace_period: 3 must be a multiple of eval.every with scheduler asha and eval.every 2 "
+     "(results come only at epochs 2, 4, ... and the last)"),
+]
+
+
+@pytest.mark.parametrize("changes,message", RECIPE_BAD, ids=[m.split(": ")[1] for _, m in RECIPE_BAD])
+def test_recipe_keys_are_checked_at_load_time(changes, message):
+    with pytest.raises(SweepError) as e:
+        parse_sweep({"name": "x", **changes}, "f.yaml")
+    assert str(e.value) == message
+
+
+def test_an_asha_rung_on_an_evaluated_epoch_is_accepted():
+    sweep = parse_sweep({"name": "x", "train": {"epochs": 6}, "eval": {"every": 2},
+                         "scheduler": {"kind": "asha", "grace_period": 4}}, "f.yaml")
+    assert sweep.eval.every == 2 and sweep.scheduler.grace_period == 4
