@@ -19,6 +19,8 @@ Sections (the optional ones are skipped once --budget-s is spent; seed000 sizes 
   fraction  two LoRA trial processes on one GPU under set_per_process_memory_fraction vs one alone
   ddp       a world-1 NCCL DDP step per regime, DDP built as ray.train.torch.prepare_model builds it
             (an unused parameter would raise; a control proves it does), NCCL object collectives
+  nccl      on a multi-GPU node: a 2-GPU all_reduce with NCCL_P2P_DISABLE=1 (cluster.yaml's g5 setting)
+            and with P2P on; SKIP on one GPU
   knobs     (optional) channels_last, cudnn.benchmark and TF32 A/B
   seed000   (optional) seed 000's table: trainable params, peak VRAM, time for 500 steps of Faster R-CNN,
             DETR full and DETR LoRA r4, in the time left (fewer steps when the budget demands; the JSON says
@@ -73,7 +75,7 @@ REAL = SimpleNamespace(
               num_queries=100, min_size=800, max_size=1333),
     frcnn=dict(backbone="resnet50", min_size=800, max_size=1333, box_batch_size_per_image=512,
                rpn_post_nms_top_n_test=1000, trainable_backbone_layers=None),
-    warm=3, steps=10, max_update_steps=4, jpegs=120, loader_workers=8, loader_steps=20, trial_steps=30,
+    warm=3, steps=10, max_update_steps=8, jpegs=120, loader_workers=8, loader_steps=20, trial_steps=30,
     seed000_steps=500)
 TINY = SimpleNamespace(
     num_classes=5, batch=2, boxes=3, shapes=[(48, 64), (64, 48)],
@@ -277,12 +279,14 @@ class GpuUtil:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
-def run_child(ctx: Ctx, name: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_child(ctx: Ctx, name: str, args: dict[str, Any], timeout: float,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run CHILDREN[name](args) in a fresh process of this file; its JSON answer, or {"error": ...}."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--child-args", json.dumps(args),
            "--out", ctx.tmp] + (["--smoke"] if ctx.smoke else [])
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                           env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     answers = [line[len(RESULT_TAG):] for line in p.stdout.splitlines() if line.startswith(RESULT_TAG)]
@@ -368,7 +372,10 @@ def sec_resume(ctx: Ctx) -> None:
         try:
             m, _ = build(ctx, kind, regime)
             opt = prepare(ctx, m, dt)
-            train(ctx, m, opt, batch, dt)
+            for _ in range(ctx.sizes.max_update_steps):  # fp16: GradScaler skips the steps whose grads overflow,
+                train(ctx, m, opt, batch, dt)            # and AdamW has no state before its first real step
+                if opt.optimizer.state:
+                    break
             state, weights = opt.state_dict(), engine.model_state(m, regime)  # CPU copies, as a checkpoint holds
             scale = opt.scaler.get_scale() if opt.scaler is not None else None
             del m, opt
@@ -731,6 +738,75 @@ def sec_ddp(ctx: Ctx) -> None:
               f"broadcast_object {r['broadcast_ok']}")
 
 
+def child_all_reduce(ctx: Ctx, a: dict[str, Any]) -> dict[str, Any]:
+    """One rank of a 2-rank all_reduce (NCCL, one GPU each; gloo on CPU): correct sums, bus bandwidth."""
+    import torch.distributed as dist
+
+    rank, world = a["rank"], a["world"]
+    dev = torch.device("cuda", rank) if ctx.cuda else torch.device("cpu")
+    if ctx.cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if ctx.cuda else "gloo", init_method=f"tcp://127.0.0.1:{a['port']}",
+                            rank=rank, world_size=world)
+    ones = torch.ones(a["numel"], device=dev)
+    dist.all_reduce(ones)  # also the warm-up: NCCL builds its rings at the first collective
+    correct = bool((ones == world).all())
+    x = torch.full((a["numel"],), float(rank), device=dev)
+    sync(ctx)
+    t = time.perf_counter()
+    for _ in range(a["iters"]):
+        dist.all_reduce(x)
+    sync(ctx)
+    seconds = (time.perf_counter() - t) / a["iters"]
+    dist.destroy_process_group()
+    # nccl-tests' bus bandwidth for all_reduce: 2 (n-1)/n of the buffer crosses each link
+    busbw = 2 * (world - 1) / world * a["numel"] * 4 / seconds / 1e9
+    return {"rank": rank, "correct": correct, "mib": mib(a["numel"] * 4), "ms": round(seconds * 1e3, 2),
+            "busbw_gb_s": round(busbw, 2)}
+
+
+def all_reduce_pair(ctx: Ctx, env: dict[str, str], timeout: float) -> list[dict[str, Any]]:
+    port, out = free_port(), [{}, {}]
+    args = {"world": 2, "port": port, "numel": 2**26 if ctx.cuda else 2**16, "iters": 5 if ctx.cuda else 2}
+
+    def go(rank: int) -> None:
+        out[rank] = run_child(ctx, "all_reduce", {**args, "rank": rank}, timeout, env)
+
+    threads = [threading.Thread(target=go, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return out
+
+
+def sec_nccl(ctx: Ctx) -> None:
+    """The 2-GPU all_reduce of a multi-GPU node (docs/cluster.md): with NCCL_P2P_DISABLE=1, the g5 workaround
+    (ray-project/ray#39471) that cluster.yaml gives Ray's workers, and with P2P on, to see whether this node
+    needs it. One GPU: SKIP. --smoke: the same two ranks over gloo."""
+    f = ctx.figures()
+    n = torch.cuda.device_count() if ctx.cuda else 0
+    f["gpus"] = n
+    if ctx.cuda and n < 2:
+        ctx.check("all_reduce over 2 GPUs", None, f"needs 2 GPUs, this node has {n}")
+        return
+    backend = "NCCL" if ctx.cuda else "gloo"
+    runs = {"p2p_disabled": {"NCCL_P2P_DISABLE": "1"}, "p2p_on": {"NCCL_P2P_DISABLE": "0"}}
+    for name, env in runs.items():
+        if name == "p2p_on" and not ctx.cuda:
+            ctx.check("all_reduce with P2P on", None, "needs 2 CUDA devices")
+            continue
+        f[name] = ranks = all_reduce_pair(ctx, env, 120 if name == "p2p_disabled" else 60)
+        errors = [r["error"] for r in ranks if "error" in r]
+        ok = not errors and all(r["correct"] for r in ranks)
+        detail = errors[0][-300:] if errors else (
+            f"sums correct: {ok}, {ranks[0]['ms']} ms per {ranks[0]['mib']:.0f} MiB, bus bandwidth "
+            f"{ranks[0]['busbw_gb_s']} GB/s")
+        if name == "p2p_disabled":
+            ctx.check(f"all_reduce over 2 ranks ({backend}, NCCL_P2P_DISABLE=1)", ok, detail)
+        else:  # a measurement: on g5 this is the failure the workaround avoids
+            ctx.check("all_reduce with P2P on (NCCL_P2P_DISABLE=0)", True,
+                      detail + ("" if ok else " -> keep NCCL_P2P_DISABLE=1 on this node type"))
+
+
 def sec_seed000(ctx: Ctx) -> None:
     """Seed 000's table with the trial's own training loop (AdamW, grad clip 0.1, amp auto, batch 4), on
     batches already on the device: training compute, not data loading."""
@@ -823,9 +899,10 @@ def sec_knobs(ctx: Ctx) -> None:
 SECTIONS: dict[str, tuple[Callable[[Ctx], None], bool, float]] = {
     "env": (sec_env, False, 0), "resume": (sec_resume, False, 0), "amp": (sec_amp, False, 0),
     "regimes": (sec_regimes, False, 0), "loader": (sec_loader, False, 0), "fraction": (sec_fraction, False, 0),
-    "ddp": (sec_ddp, False, 0), "knobs": (sec_knobs, True, 45), "seed000": (sec_seed000, True, 60),
+    "ddp": (sec_ddp, False, 0), "nccl": (sec_nccl, False, 0), "knobs": (sec_knobs, True, 45),
+    "seed000": (sec_seed000, True, 60),
 }
-CHILDREN = {"trial": child_trial, "ddp": child_ddp}
+CHILDREN = {"trial": child_trial, "ddp": child_ddp, "all_reduce": child_all_reduce}
 
 
 def main(argv: list[str] | None = None) -> int:

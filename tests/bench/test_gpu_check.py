@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
-SECTIONS = ["env", "resume", "amp", "regimes", "loader", "fraction", "ddp", "knobs", "seed000"]
+SECTIONS = ["env", "resume", "amp", "regimes", "loader", "fraction", "ddp", "nccl", "knobs", "seed000"]
 # The lent GPU machine has torch 2.11 but no Ray, no pycocotools, and nothing can be installed there.
 ABSENT = ("ray", "pycocotools", "faster_coco_eval")
 BLOCKER = f"""
