@@ -175,19 +175,30 @@ def predict(
     amp_dtype: torch.dtype | None = None,
     meter: Any = None,
     keep_images: int = 0,
+    val_loss: dict[str, float] | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[torch.Tensor, dict, dict]]]:
     """Run the detector over `loader` and return this rank's detections in COCO results format
     (`{"image_id", "category_id" (original id), "bbox": [x, y, w, h] absolute, "score"}`),
     with no score threshold. Also returns the first `keep_images` (image, target, prediction)
-    triples on CPU, for drawing."""
+    triples on CPU, for drawing. Given a dict `val_loss`, fills it with this rank's mean weighted
+    validation losses (`val_loss` and `val_<term>`): `_detect_with_loss` says how each model gets them."""
     model.eval()
     detections: list[dict[str, Any]] = []
     kept: list[tuple[torch.Tensor, dict, dict]] = []
     seen: set[int] = set()  # a loader that repeats an image (e.g. a ConcatDataset) scores it once
+    sums: dict[str, torch.Tensor] = {}
+    batches = 0
     for images, targets in loader:
-        images, _ = to_device(images, None, device)
         with autocast(device, amp_dtype):
-            outputs = model(images)
+            if val_loss is None:
+                images, _ = to_device(images, None, device)
+                outputs = model(images)
+            else:
+                images, on_device = to_device(images, targets, device)
+                outputs, losses = _detect_with_loss(model, images, on_device)
+                for k, v in (*((f"val_{k}", v) for k, v in losses.items()), ("val_loss", sum(losses.values()))):
+                    sums[k] = sums.get(k, 0) + v.detach().double()
+                batches += 1
         fresh = 0
         for image, target, out in zip(images, targets, outputs):
             boxes_xyxy = out["boxes"].float().cpu()
@@ -206,7 +217,26 @@ def predict(
                              {k: v.float().cpu() for k, v in out.items()}))
         if meter is not None:
             meter.step(fresh)  # a repeat is not another image evaluated
+    if val_loss is not None and batches:
+        val_loss.update(zip(sums, (torch.stack(list(sums.values())) / batches).tolist()))  # one read-back
     return detections, kept
+
+
+def _detect_with_loss(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict[str, Any]]
+                      ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Detections and weighted losses of one val batch. DETR gives both from one eval forward
+    (`predict_with_loss`). torchvision's Faster R-CNN computes losses only in train mode, so it runs a second
+    forward in train mode under no_grad (its FrozenBatchNorm has no running statistics to disturb; the RPN
+    and RoI sampling are as in training)."""
+    if hasattr(model, "predict_with_loss"):
+        return model.predict_with_loss(images, targets)
+    outputs = model(images)
+    model.train()
+    try:
+        losses = model(images, targets)
+    finally:
+        model.eval()
+    return outputs, losses
 
 
 def gather_detections(detections: list[dict[str, Any]]) -> list[dict[str, Any]] | None:

@@ -66,6 +66,8 @@ CONFIG_COLUMNS: tuple[ConfigColumn, ...] = (
     ConfigColumn("lora_rank", _I32, _lora("rank"), ("lora.rank",)),
     ConfigColumn("lora_placement", _STR, _lora("placement"), ("lora.placement",)),
     ConfigColumn("lora_alpha", _F64, _lora("alpha"), ("lora.alpha",)),
+    # JSON list of the module-name patterns when `lora.targets` replaces the placement, else null
+    ConfigColumn("lora_targets", _STR, _lora("targets"), ("lora.targets",)),
     ConfigColumn("backbone", _STR, lambda t: t["detector"]["backbone"],
                  ("model.detr.backbone", "model.faster_rcnn.backbone"), own_line=True),
     ConfigColumn("num_queries", _I32, _detr("num_queries"), ("model.detr.num_queries",)),
@@ -84,8 +86,8 @@ KEYS_WITH_COLUMNS = frozenset(k for c in CONFIG_COLUMNS for k in c.keys)
 REPLICATE_COLUMNS = ("sweep",) + tuple(c.name for c in CONFIG_COLUMNS if c.replicate)
 OWN_LINE_COLUMNS = ("sweep",) + tuple(c.name for c in CONFIG_COLUMNS if c.own_line)
 # Columns the driver fills in itself, never from a worker's report.
-DRIVER_COLUMNS = frozenset({"sweep", "trial_id", "status", "error", "wall_s", "gpu_hours", "started_at",
-                            "finished_at", "detsweep_version", "git_sha", "torch_version", "ray_version",
+DRIVER_COLUMNS = frozenset({"sweep", "trial_id", "status", "error", "wall_s", "gpu_hours", "cost_usd",
+                            "started_at", "finished_at", "detsweep_version", "git_sha", "torch_version", "ray_version",
                             "checkpoint_path", "hostname", "gpu_name"})
 
 
@@ -101,15 +103,19 @@ RESULTS_SCHEMA: pa.Schema = pa.schema(
     + [(c.name, c.dtype) for c in CONFIG_COLUMNS]
     # quality: COCOeval's 12 bbox stats
     + [(name, _F64) for name in _QUALITY]
+    # the best evaluation by eval.best_metric (the columns above are the final epoch's)
+    + [("best_epoch", _I32)] + [(f"best_{name}", _F64) for name in _QUALITY + ["ece", "val_loss"]]
+    + [("val_loss", _F64)]
     # calibration
     + [("ece", _F64), ("nll", _F64), ("brier", _F64), ("n_detections", _I64)]
+    + [("dece", _F64)]  # D-ECE (Küppers et al. 2020): detections scoring >= eval.calibration.score_threshold
     # detection error breakdown (counts)
     + [(f"err_{kind}", _I64) for kind in ("cls", "loc", "dup", "bkg", "missed")]
     # cost (peak_vram_* null without CUDA)
     + [("total_params", _I64), ("trainable_params", _I64), ("trainable_frac", _F64), ("lora_params", _I64)]
     + [(name, _F64) for name in ("peak_vram_train_mb", "peak_vram_eval_mb", "peak_vram_reserved_mb", "peak_rss_mb",
                                  "train_images_per_s", "eval_images_per_s", "train_s", "eval_s",
-                                 "wall_s", "worker_s", "gpu_hours")]
+                                 "wall_s", "worker_s", "gpu_hours", "cost_usd")]
     + [("device", _STR), ("amp_dtype", _STR)]
     # run (per_class_ap and reliability are JSON text)
     + [("epochs_completed", _I32), ("checkpoint_path", _STR), ("per_class_ap", _STR), ("reliability", _STR)]

@@ -111,8 +111,11 @@ class ResultsCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cfg = self.trials[trial.config["trial_id"]]
         done = (trial.last_result or {}).get("epochs_completed", 0)
-        status = "ok" if done >= cfg["train"]["epochs"] else "stopped"  # a scheduler stopped it early
-        self._write(self._row(trial, status, None))
+        status = "ok" if done >= cfg["train"]["epochs"] else "stopped"  # a scheduler or train.patience
+        reason = (trial.last_result or {}).get("stop_reason")
+        if status == "stopped" and reason is None:
+            reason = "stopped by the scheduler"
+        self._write(self._row(trial, status, reason))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # Tune has just written the traceback to the trial's local error file; its copy in

@@ -10,8 +10,10 @@ this function, and importing torch there costs ~258 MiB of private memory per pr
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -21,6 +23,7 @@ import time
 from typing import Any
 
 from detsweep.checkpoint import DETECTIONS, MODEL_STATE, TRAIN_STATE, write_meta
+from detsweep.cluster.evaluation import Best, Evaluator, evaluates, save_best
 from detsweep.models.trial import build_trial_model
 from detsweep.sweep.plan import loader_workers
 from detsweep.sweep.spec import TrialConfig
@@ -48,17 +51,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(run.finished)
         return
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)  # already on `device`
-    evaluator = Evaluator(trial, model, data, device)
+    evaluator = Evaluator(trial, model, data, device, run.amp_dtype)
     for epoch in range(run.start_epoch, trial.train.epochs):
-        train_stats, losses = train_epoch(trial, ddp_model, data, run, device, epoch)
-        eval_stats, quality, kept = evaluator.run(epoch)
-        metrics = epoch_metrics(trial, run, epoch, losses, quality, train_stats, eval_stats, counts, started_at,
-                                device, n_val=len(data.val_ds), skipped=data.skipped)
+        run.pending.append(train_epoch(trial, ddp_model, data, run, device, epoch))
+        if not evaluates(trial, epoch):  # reports, checkpoints and the scheduler follow the evaluations
+            continue
+        eval_stats, quality, kept = evaluator.run(epoch, run.ema)
+        metrics = epoch_metrics(trial, run, epoch, quality, eval_stats, counts, started_at, device,
+                                n_val=len(data.val_ds), skipped=data.skipped)
+        track_best(trial, run, model, epoch, metrics, data.label_map)
         ckpt_dir = save_checkpoint(trial, model, run, data, epoch, metrics, quality, kept)
         metrics = _broadcast(metrics)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if metrics.get("stop_reason"):  # train.patience: recorded as `stopped`, with the reason
+            return
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +153,9 @@ class TrialRun:
     totals: dict = dataclasses.field(default_factory=lambda: {"train_s": 0.0, "eval_s": 0.0})
     resumed_from: int | None = None
     finished: dict | None = None  # the final metrics, when the checkpoint is of the last epoch
+    ema: Any = None  # engine.EMA, with train.ema
+    best: Best = dataclasses.field(default_factory=Best)
+    pending: list = dataclasses.field(default_factory=list)  # (train stats, losses) of epochs not yet reported
     held_before: float = 0.0  # seconds earlier attempts' workers held their resources, to their last report
 
 
@@ -154,11 +165,13 @@ def restore(trial: TrialConfig, model: Any, data: TrialData, device: Any, checkp
 
     from detsweep import engine
 
-    amp_dtype = engine.amp_dtype_for(trial.train.amp, device)
-    steps = len(data.train_loader)
+    t = trial.train
+    amp_dtype = engine.amp_dtype_for(t.amp, device)
+    steps = math.ceil(len(data.train_loader) / t.accumulate)  # the schedule counts optimizer steps
     if checkpoint is None:
-        opt = engine.prepare_training(model, trial.train, steps_per_epoch=steps, to=device, amp_dtype=amp_dtype)
-        return TrialRun(opt, amp_dtype)
+        opt = engine.prepare_training(model, t, steps_per_epoch=steps, to=device, amp_dtype=amp_dtype)
+        ema = engine.EMA(model, t.ema.decay, t.ema.warmup_steps) if t.ema else None  # after the move
+        return TrialRun(opt, amp_dtype, ema=ema)
     with checkpoint.as_directory() as ckpt_dir:
         engine.load_model_state(model, trial.regime, torch.load(os.path.join(ckpt_dir, MODEL_STATE),
                                                                  map_location="cpu", weights_only=True))
@@ -167,7 +180,11 @@ def restore(trial: TrialConfig, model: Any, data: TrialData, device: Any, checkp
                                   state=state)
     log.info("resumed from the checkpoint of epoch %d", state["epoch"])
     run = TrialRun(opt, amp_dtype, start_epoch=state["epoch"] + 1, history=state["history"],
-                   totals=state["totals"], resumed_from=state["epoch"], held_before=state["totals"].get("worker_s", 0.0))
+                   totals=state["totals"], resumed_from=state["epoch"], held_before=state["totals"].get("worker_s", 0.0),
+                   best=Best(**state.get("best", {})))
+    if t.ema:
+        run.ema = engine.EMA(model, t.ema.decay, t.ema.warmup_steps)
+        run.ema.load_state_dict(state["ema"])
     if run.start_epoch >= trial.train.epochs:
         run.finished = state["metrics"]
     return run
@@ -183,86 +200,45 @@ def train_epoch(trial: TrialConfig, ddp_model: Any, data: TrialData, run: TrialR
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     meter = PhaseMeter(device)
-    meter.start()
-    losses = engine.train_one_epoch(ddp_model, data.train_loader, run.opt.optimizer, device, epoch=epoch,
-                                    grad_clip=trial.train.grad_clip, lr_scheduler=run.opt.lr_scheduler,
-                                    amp_dtype=run.amp_dtype, scaler=run.opt.scaler, meter=meter)
-    return meter.stop(), dist.all_reduce_mean(losses, device)
+    profile = trial.train.profile if epoch == run.start_epoch and dist.is_main() else None
+    with profiler(trial, profile) as prof_step:
+        def on_step() -> None:
+            if run.ema is not None:
+                run.ema.update(getattr(ddp_model, "module", ddp_model))
+            prof_step()
 
-
-class Evaluator:
-    """The val pass of every epoch. LoRA trials evaluate a plain copy of the base architecture holding
-    the merged weights, so adapters cost nothing at inference; the copy waits on the CPU while
-    training runs, so its weights never count in the trial's training VRAM."""
-
-    def __init__(self, trial: TrialConfig, model: Any, data: TrialData, device: Any) -> None:
-        from detsweep.models import build_model
-
-        self.trial, self.model, self.data, self.device = trial, model, data, device
-        self.merged = trial.regime == "lora_only" and trial.eval.merge_lora
-        self.module = model
-        if self.merged:
-            self.module = build_model(trial.model, dataclasses.replace(trial.detector, weights="none"),
-                                      num_classes=data.label_map.num_classes)
-
-    def run(self, epoch: int) -> tuple[dict[str, Any], dict[str, Any] | None, list]:
-        """(eval phase stats, COCO quality on rank 0 else None, first val images drawn on the last epoch)."""
-        from detsweep import dist, engine
-        from detsweep.metrics import evaluate_detections
-        from detsweep.metrics.efficiency import PhaseMeter
-        from detsweep.models.lora import merged_state_dict
-
-        t, ev, ids = self.trial, self.trial.eval, self.data.label_map.category_ids
-        if self.merged:
-            self.module.to(self.device)
-            self.module.load_state_dict(merged_state_dict(self.model))
-        meter = PhaseMeter(self.device)
         meter.start()
-        dets, _ = engine.predict(self.module, self.data.val_loader, self.device, ids,
-                                 amp_dtype=engine.amp_dtype_for(t.train.amp, self.device), meter=meter)
+        losses = engine.train_one_epoch(ddp_model, data.train_loader, run.opt.optimizer, device, epoch=epoch,
+                                        grad_clip=trial.train.grad_clip, lr_scheduler=run.opt.lr_scheduler,
+                                        amp_dtype=run.amp_dtype, scaler=run.opt.scaler, meter=meter,
+                                        accumulate=trial.train.accumulate, on_step=on_step)
         stats = meter.stop()
-        kept = self._drawn() if dist.is_main() and epoch == t.train.epochs - 1 and ev.visuals else []
-        if self.merged:
-            self.module.to("cpu")
-        all_dets = engine.gather_detections(dets)  # on rank 0 only
-        quality = None
-        if dist.is_main():
-            quality = evaluate_detections(str(self.data.val_ann), all_dets, match_iou=ev.calibration.match_iou,
-                                          bins=ev.calibration.bins, error_score_threshold=ev.error_score_threshold,
-                                          backend=ev.backend)
-            quality["_detections"] = all_dets
-        return stats, quality, kept
-
-    def _drawn(self) -> list:
-        """Predictions on the first val images themselves (the distributed sampler deals them out)."""
-        from torch.utils.data import DataLoader, Subset
-
-        from detsweep import engine
-        from detsweep.data.coco import collate_fn
-
-        first = DataLoader(Subset(self.data.val_ds, range(min(8, len(self.data.val_ds)))),
-                           batch_size=self.trial.train.batch_size_per_worker, collate_fn=collate_fn)
-        _, kept = engine.predict(self.module, first, self.device, self.data.label_map.category_ids,
-                                 amp_dtype=engine.amp_dtype_for(self.trial.train.amp, self.device), keep_images=8)
-        return kept
+    return stats, dist.all_reduce_mean(losses, device)
 
 
-def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[str, float],
-                  quality: dict[str, Any] | None, train_stats: dict[str, Any], eval_stats: dict[str, Any],
-                  counts: dict[str, int], started_at: float, device: Any, n_val: int,
+def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, quality: dict[str, Any] | None,
+                  eval_stats: dict[str, Any], counts: dict[str, int], started_at: float, device: Any, n_val: int,
                   skipped: dict[str, int] | None = None) -> dict[str, Any] | None:
-    """The epoch's report on rank 0 (None elsewhere): losses, quality, cost. Gathers every rank's
-    phase stats (all ranks must call it) and adds the epoch to `run.totals` and `run.history`."""
+    """The evaluated epoch's report on rank 0 (None elsewhere): this epoch's losses and quality, cost
+    over every epoch trained since the last report (`run.pending`). Gathers every rank's phase stats (all
+    ranks must call it) and adds them to `run.totals` and the report to `run.history`."""
     from detsweep import dist, engine
     from detsweep.metrics.efficiency import device_info, peak_rss_mb, reduce_phase_stats
 
-    phase = dist.gather_objects((train_stats, eval_stats, peak_rss_mb()))
-    tr = reduce_phase_stats([p[0] for p in phase])  # images/s summed, seconds and VRAM maxed
+    pending, run.pending = run.pending, []
+    phase = dist.gather_objects(([stats for stats, _ in pending], eval_stats, peak_rss_mb()))
+    # Per epoch across ranks: images/s summed, seconds and VRAM maxed; the report's images/s is this epoch's.
+    per_epoch = [reduce_phase_stats([p[0][i] for p in phase]) for i in range(len(pending))]
+    tr, losses = per_epoch[-1], pending[-1][1]
     evs = reduce_phase_stats([p[1] for p in phase])
     totals = run.totals
     totals["worker_s"] = run.held_before + (time.time() - started_at)
-    totals["train_s"] += tr["seconds"]
+    totals["train_s"] += sum(e["seconds"] for e in per_epoch)
     totals["eval_s"] += evs["seconds"]
+    tr = {**tr, "peak_vram_mb": max([e["peak_vram_mb"] for e in per_epoch if e["peak_vram_mb"] is not None],
+                                    default=None),
+          "peak_vram_reserved_mb": max([e["peak_vram_reserved_mb"] for e in per_epoch
+                                        if e["peak_vram_reserved_mb"] is not None], default=None)}
     # Peak VRAM of the whole trial: the largest of any epoch (each epoch resets per phase).
     for key, value in (("peak_vram_train_mb", tr["peak_vram_mb"]), ("peak_vram_eval_mb", evs["peak_vram_mb"]),
                        ("peak_vram_reserved_mb", max([v for v in (tr["peak_vram_reserved_mb"],
@@ -302,6 +278,54 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, losses: dict[st
     return metrics
 
 
+def track_best(trial: TrialConfig, run: TrialRun, model: Any, epoch: int, metrics: dict[str, Any] | None,
+               label_map: Any) -> None:
+    """Rank 0: keep the best evaluation (its model in `best/`), add `best_*` and, when `train.patience`
+    has run out, `stop_reason` to the report."""
+    if metrics is None:
+        return
+    if run.best.offer(trial.eval.best_metric, epoch, metrics):
+        with run.ema.applied(model) if run.ema is not None else contextlib.nullcontext():  # the weights evaluated
+            save_best(trial, model, run.best, label_map)
+    metrics.update(run.best.columns())
+    reason = run.best.stop_reason(trial)
+    if reason is not None and epoch < trial.train.epochs - 1:  # the last epoch ends the trial anyway
+        metrics["stop_reason"] = reason
+    run.history[-1].update({k: v for k, v in run.best.columns().items() if isinstance(v, (int, float))})
+
+
+@contextlib.contextmanager
+def profiler(trial: TrialConfig, profile: Any):
+    """Yields the function to call after each optimizer step. With `train.profile` (on the first epoch,
+    rank 0), a `torch.profiler` trace of the steps its schedule picks, written beside the trial's
+    TensorBoard events (`<root>/tune/<trial id>/profile/`), where TensorBoard's profiler tab and Perfetto
+    open it."""
+    if profile is None:
+        yield lambda: None
+        return
+    import torch
+
+    from detsweep.storage import TUNE_DIR, is_local, join
+
+    target = join(trial.storage, TUNE_DIR, trial.trial_id, "profile")
+    local = target if is_local(target) else tempfile.mkdtemp(prefix="profile-")
+    schedule = torch.profiler.schedule(wait=profile.wait, warmup=profile.warmup, active=profile.active, repeat=1)
+    with torch.profiler.profile(schedule=schedule, on_trace_ready=torch.profiler.tensorboard_trace_handler(local)) as p:
+        yield p.step
+    if local != target:
+        _upload(local, target)
+    log.info("profiler trace of %d steps in %s", profile.active, target)
+
+
+def _upload(local: str, target: str) -> None:
+    """Copy the files of a local folder to a URI folder."""
+    from detsweep.storage import join, write_bytes_atomic
+
+    for name in os.listdir(local):
+        with open(os.path.join(local, name), "rb") as f:
+            write_bytes_atomic(f.read(), join(target, name))
+
+
 def _gpu_uuid(device: Any) -> str | None:
     """The CUDA device's UUID: trials with the same one and overlapping run times shared that GPU."""
     import torch
@@ -322,7 +346,8 @@ def save_checkpoint(trial: TrialConfig, model: Any, run: TrialRun, data: TrialDa
     ckpt_dir = tempfile.mkdtemp(prefix=f"ckpt-{trial.trial_id}-")
     torch.save(engine.model_state(model, trial.regime), os.path.join(ckpt_dir, MODEL_STATE))
     torch.save({**run.opt.state_dict(), "epoch": epoch, "history": run.history, "totals": run.totals,
-                "metrics": metrics}, os.path.join(ckpt_dir, TRAIN_STATE))
+                "metrics": metrics, "best": dataclasses.asdict(run.best),
+                "ema": run.ema.state_dict() if run.ema is not None else None}, os.path.join(ckpt_dir, TRAIN_STATE))
     write_meta(ckpt_dir, trial_id=trial.trial_id, epoch=epoch, regime=trial.regime, model=trial.model,
                label_map=data.label_map.as_dict())
     last = epoch == trial.train.epochs - 1

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detsweep.models.backbone import freeze_layers, frozen_layers_for
 from detsweep.models.boxes import box_xyxy_to_cxcywh
 from detsweep.models.criterion import PostProcess, SetCriterion
 from detsweep.models.detr import DETR, build_detr
@@ -129,6 +130,17 @@ class DETRDetector(nn.Module):
         self.last_stats = {k: v.detach() for k, v in losses.items() if k not in weights}
         return {k: v * weights[k] for k, v in losses.items() if k in weights}
 
+    def predict_with_loss(self, images: list[Tensor], targets: list[dict[str, Tensor]]
+                          ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """Eval-mode detections (as `forward` in eval mode) and the weighted set-prediction losses of the
+        very same forward: the validation loss the DETR fine-tuning literature reports, at no second pass."""
+        sizes_hw = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        outputs = self.detr(self._prepare(list(images)))
+        target_sizes = torch.tensor(sizes_hw, dtype=torch.float32, device=outputs["pred_boxes"].device)
+        losses = self.criterion(outputs, self._targets_to_official(targets, sizes_hw))
+        weights = self.criterion.weight_dict
+        return self.postprocess(outputs, target_sizes), {k: v * weights[k] for k, v in losses.items() if k in weights}
+
     def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW param groups of the trainable parameters: backbone at lr_backbone, the rest at lr.
 
@@ -167,7 +179,8 @@ def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_
                         category_ids_are_coco: bool = False) -> DETRDetector:
     """DETR for `num_classes` contiguous labels with the official recipe: matcher costs 1/5/2, loss weights
     1/5/2 (+ aux copies), eos_coef 0.1. `weights`: "none", "imagenet" (the backbone only, the official starting
-    point), "coco" or a checkpoint path (see `load_detr_weights`);
+    point), "coco" or a checkpoint path (see `load_detr_weights`); the backbone parts frozen follow from it
+    (`backbone.frozen_layers_for`: the official stem + layer1 when pretrained, nothing from random init);
     `category_ids`: original category id of each label, sorted; with `category_ids_are_coco` (the dataset is
     COCO) they keep a COCO checkpoint's class rows, else a checkpoint of other classes gets a fresh class head.
     """
@@ -179,6 +192,8 @@ def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_
                       num_classes=num_classes, dropout=dropout, aux_loss=aux_loss, pre_norm=pre_norm)
     summary = load_detr_weights(detr, weights, category_ids=list(category_ids) if category_ids is not None else None,
                                 category_ids_are_coco=category_ids_are_coco)
+    # Pretrained starts keep the official frozen stem + layer1; from random init everything trains.
+    freeze_layers(detr.backbone[0], frozen_layers_for(weights))
     matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
     criterion = SetCriterion(num_classes, matcher, detr_weight_dict(dec_layers, aux_loss), eos_coef=0.1,
                              losses=["labels", "boxes", "cardinality"])

@@ -80,8 +80,9 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
         assert r["n_detections"] == 5 * 8  # every query of every val image, no threshold, no duplicates
         # Every column is filled in, except the ones that are null by definition here.
         # (COCOeval's medium/large stats are -1 -> null: 64 px images hold only small objects.)
-        null_ok = {"error", "peak_vram_train_mb", "peak_vram_eval_mb", "gpu_name",
-                   "ap_medium", "ap_large", "ar_medium", "ar_large"} | (
+        null_ok = {"error", "peak_vram_train_mb", "peak_vram_eval_mb", "peak_vram_reserved_mb", "gpu_name", "gpu_uuid",
+                   "ap_medium", "ap_large", "ar_medium", "ar_large",
+                   "best_ap_medium", "best_ap_large", "best_ar_medium", "best_ar_large"} | (
             set() if r["regime"] == "lora_only" else {"lora_rank", "lora_placement", "lora_alpha"})
         assert [k for k, v in r.items() if v is None and k not in null_ok] == [], tid
         assert r["gpu_hours"] == 0.0 and r["trainable_frac"] == r["trainable_params"] / r["total_params"]

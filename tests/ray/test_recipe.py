@@ -1,0 +1,46 @@
+"""The training recipe in real trials on a real local Ray: evaluation every N epochs (reports, history and
+checkpoints follow the evaluations), gradient accumulation, EMA weights evaluated and kept as the best
+checkpoint, the validation loss, a profiler trace beside the TensorBoard events, and train.patience
+stopping a trial that no longer improves, recorded as `stopped` with its reason."""
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from detsweep import run
+from tests.ray.test_e2e import tiny_sweep, write_sweep
+
+pytestmark = pytest.mark.ray
+
+
+def test_eval_every_ema_best_checkpoint_profiler_and_patience(ray_cluster, tmp_path, synthetic_root):
+    sweep = tiny_sweep(tmp_path, synthetic_root, name="recipe")
+    sweep["resources"] = {"ddp_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}  # DDP is not under test
+    sweep["train"] = {"epochs": 6, "batch_size_per_worker": 2, "accumulate": 2, "lr": 1.0e-4,
+                      "ema": {"decay": 0.9, "warmup_steps": 0}, "profile": {"wait": 0, "warmup": 1, "active": 1}}
+    sweep["eval"] = {"every": 2, "visuals": False}
+    # Two epochs of a tiny model on 8 images leave AP at 0: with patience 1 the second evaluation
+    # (epoch 4 of 6) is no better, and the trial stops there.
+    sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.patience": [None, 1]}
+    assert run.main([str(write_sweep(tmp_path, sweep)), "--max-concurrent", "2"]) == 0
+
+    root = tmp_path / "results" / "recipe"
+    rows = {r["trial_id"]: r for r in pq.read_table(root / "results.parquet").to_pylist()}
+    history = pq.read_table(root / "history.parquet").to_pylist()
+    learner = rows["detr_r18-full-patienceNone"]
+    assert learner["status"] == "ok" and learner["epochs_completed"] == 6 and learner["error"] is None
+    epochs = sorted(h["epoch"] for h in history if h["trial_id"] == learner["trial_id"])
+    assert epochs == [1, 3, 5]  # eval.every 2: epochs 2, 4 and 6 (0-based 1, 3, 5) are evaluated and reported
+    assert all(h["val_loss"] > 0 and h["val_loss_ce"] > 0 for h in history if h["trial_id"] == learner["trial_id"])
+    assert learner["best_epoch"] in (1, 3, 5) and learner["best_ap"] == max(
+        h["ap"] for h in history if h["trial_id"] == learner["trial_id"])
+    best = root / f"train-{learner['trial_id']}" / "best"
+    meta = json.loads((best / "meta.json").read_text())
+    assert meta["epoch"] == learner["best_epoch"] and meta["best_metric"] == "ap" and (best / "model.pt").is_file()
+    assert list((root / "tune" / learner["trial_id"] / "profile").glob("*.pt.trace.json*"))  # the profiler trace
+
+    stuck = rows["detr_r18-full-patience1"]
+    assert stuck["status"] == "stopped" and stuck["epochs_completed"] == 4 and stuck["ap"] == 0.0
+    assert stuck["error"] == "patience: no better ap in 1 evaluations (best 0.0000 at epoch 1)"
