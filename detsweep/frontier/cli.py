@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from detsweep.frontier.front import Frontier, compute_frontier, read_results
+from detsweep.frontier.front import Frontier, compute_frontier, read_results, with_epoch
 from detsweep.frontier.html import write_html
 from detsweep.frontier.pareto import parse_objectives
 from detsweep.frontier.plots import plot_frontier
@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="output folder, local or a URI written through pyarrow.fs (default: the results file's folder)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-html", action="store_true", help="skip report.html (the interactive, offline page)")
+    p.add_argument("--use", choices=("best", "final"), default="best",
+                   help="each trial's metrics at its best evaluation (eval.best_metric; default) or its final epoch")
     return p
 
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     results = str(Path(args.results).expanduser()) if is_local(args.results) else args.results
     try:
         objectives = parse_objectives(args.objectives)
-        fr = compute_frontier(read_results(results), objectives)
+        fr = compute_frontier(with_epoch(read_results(results), args.use), objectives)
     except ValueError as e:  # FrontierError and bad objective specs: one line, exit 2
         print(f"detsweep.frontier: error: {e}", file=sys.stderr)
         return 2

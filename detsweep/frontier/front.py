@@ -61,6 +61,21 @@ def read_results(uri: str) -> pa.Table:
     return table
 
 
+def with_epoch(table: pa.Table, use: str) -> pa.Table:
+    """The results as of each trial's best evaluation (`use="best"`: every `best_<metric>` column that is
+    filled in replaces `<metric>`, row by row) or as of its final epoch (`use="final"`: unchanged)."""
+    if use == "final":
+        return table
+    for name in table.column_names:
+        base = name.removeprefix("best_")
+        if name.startswith("best_") and base in table.column_names and name != "best_epoch":
+            best, final = table.column(name).to_pylist(), table.column(base).to_pylist()
+            merged = [b if b is not None else f for b, f in zip(best, final)]
+            table = table.set_column(table.column_names.index(base), base,
+                                     pa.array(merged, type=table.schema.field(base).type))
+    return table
+
+
 def resolve_objectives(table: pa.Table, objectives: list[Objective]) -> tuple[list[Objective], list[str]]:
     """Check objective columns exist and are numeric; swap in peak_rss_mb for an all-null VRAM column.
 

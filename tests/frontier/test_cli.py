@@ -358,3 +358,14 @@ def test_every_front_point_is_labelled_above_the_label_limit():
         assert labels == front
     view = fr.values[np.array(fr.ranks) == 1][:, [0, 1]]
     assert (pareto.pareto_ranks(view, [True, False]) > 1).any()  # the case that used to go unlabelled
+
+
+def test_the_front_uses_each_trials_best_evaluation_unless_told_final():
+    from detsweep.frontier.front import with_epoch
+
+    table = rows_to_table([
+        {"sweep": "s", "trial_id": "a", "status": "ok", "ap": 0.30, "best_ap": 0.42, "best_epoch": 3},
+        {"sweep": "s", "trial_id": "b", "status": "ok", "ap": 0.35, "best_ap": None},  # from before best_*
+    ])
+    assert with_epoch(table, "best").column("ap").to_pylist() == [0.42, 0.35]
+    assert with_epoch(table, "final").column("ap").to_pylist() == [0.30, 0.35]
