@@ -39,6 +39,7 @@ def evaluate_detections(
     bins: int = 10,
     error_score_threshold: float = 0.3,
     backend: str = "pycocotools",
+    score_threshold: float = 0.3,
 ) -> dict[str, Any]:
     """All quality metrics of one trial's val detections, as results-schema columns.
 
@@ -49,13 +50,14 @@ def evaluate_detections(
 
     Returns:
         Flat dict: the 12 COCO stats (`ap` ... `ar_large`, None where no GT in an area range),
-        `ece`, `nll`, `brier` (None with zero detections), `n_detections`, `err_cls`, `err_loc`,
-        `err_dup`, `err_bkg`, `err_missed`; plus non-column extras `per_class_ap` and `reliability`.
+        `ece`, `dece` (detections scoring >= `score_threshold`), `nll`, `brier` (None with zero detections),
+        `n_detections`, `err_cls`, `err_loc`, `err_dup`, `err_bkg`, `err_missed`; plus non-column extras
+        `per_class_ap` and `reliability`.
     """
     # Read a JSON path and convert the detection dicts once, not once per metric.
     gt = load_ground_truth(gt)
     dets = detection_arrays(detections)
     result = coco_eval(gt, dets, backend=backend)
-    result.update(calibration_metrics(gt, dets, match_iou=match_iou, bins=bins))
+    result.update(calibration_metrics(gt, dets, match_iou=match_iou, bins=bins, score_threshold=score_threshold))
     result.update(error_taxonomy(gt, dets, score_threshold=error_score_threshold))
     return result

@@ -21,6 +21,10 @@ from detsweep.metrics.coco import (
 )
 
 NLL_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] so NLL stays finite (DESIGN.md)
+# D-ECE's protocol (Küppers et al., "Multivariate Confidence Calibration for Object Detection", CVPR-W 2020,
+# and the papers that report it): a detection is correct at IoU >= 0.5, confidences in 10 equal-width bins.
+DECE_IOU = 0.5
+DECE_BINS = 10
 _MAX_PAIRS_PER_CHUNK = 1 << 22  # bounds memory of the det x GT pair arrays (~4M pairs, ~200 MB)
 
 
@@ -173,6 +177,17 @@ def ece(confidences: Any, correct: Any, n_bins: int = 10) -> float | None:
     return float(np.abs(gap).sum() / p.size)
 
 
+def dece(confidences: Any, correct: Any, score_threshold: float = 0.3, n_bins: int = DECE_BINS) -> float | None:
+    """Detection ECE (D-ECE, confidence only): the ECE of the detections whose confidence is at least
+    `score_threshold`, over `n_bins` equal-width bins on [0, 1] (the bins below the threshold stay empty),
+    as `netcal.metrics.ECE(bins, detection=True)` computes it. None when no detection is kept."""
+    p, c = _as_prob_arrays(confidences, correct)
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold!r}")
+    keep = p >= score_threshold
+    return ece(p[keep], c[keep], n_bins)
+
+
 def nll(confidences: Any, correct: Any) -> float | None:
     """Binary negative log-likelihood -mean(c log p + (1-c) log(1-p)), p clipped to [1e-7, 1-1e-7]."""
     p, c = _as_prob_arrays(confidences, correct)
@@ -210,18 +225,23 @@ def reliability(confidences: Any, correct: Any, n_bins: int = 10) -> dict[str, l
 
 
 def calibration_metrics(
-    gt: dict | str | Path, detections: Detections, *, match_iou: float = 0.5, bins: int = 10
+    gt: dict | str | Path, detections: Detections, *, match_iou: float = 0.5, bins: int = 10,
+    score_threshold: float = 0.3,
 ) -> dict[str, Any]:
-    """ECE / NLL / Brier of detection scores against greedy-matching correctness (DESIGN.md).
+    """ECE / NLL / Brier of detection scores against greedy-matching correctness (DESIGN.md), and D-ECE.
 
-    Every detection counts (no score threshold). Returns `{"ece", "nll", "brier", "n_detections",
-    "reliability"}`; with zero detections ece/nll/brier are None and n_detections is 0.
+    ECE, NLL and Brier count every detection (no score threshold), matched at `match_iou` and binned in
+    `bins`. D-ECE follows its paper's protocol: detections scoring >= `score_threshold`, matched at IoU 0.5,
+    10 bins, whatever `match_iou` and `bins` say. Returns `{"ece", "dece", "nll", "brier", "n_detections",
+    "reliability"}`; with zero detections ece/dece/nll/brier are None and n_detections is 0.
     """
     dets = detection_arrays(detections)
     correct = match_detections(gt, dets, iou_threshold=match_iou)
+    correct_dece = correct if match_iou == DECE_IOU else match_detections(gt, dets, iou_threshold=DECE_IOU)
     scores = dets.scores
     return {
         "ece": ece(scores, correct, bins),
+        "dece": dece(scores, correct_dece, score_threshold, DECE_BINS),
         "nll": nll(scores, correct),
         "brier": brier(scores, correct),
         "n_detections": len(detections),

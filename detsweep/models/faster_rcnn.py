@@ -14,11 +14,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 
 # torchvision's FrozenBatchNorm2d, but it keeps bf16/fp16 activations in their dtype (issue 13).
 from detsweep.models.backbone import FrozenBatchNorm2d
-from detsweep.models.registry import BACKBONES
+from detsweep.models.registry import FASTER_RCNN_BACKBONES as BACKBONES
 from detsweep.models.registry import NAMED_WEIGHTS as WEIGHTS  # or a state dict path
 from detsweep.models.weights import (IMAGENET_RESNETS, coco_rows_unusable, load_checkpoint_file, load_hub_checkpoint,
                                      load_imagenet_body)
@@ -175,6 +175,8 @@ def build_faster_rcnn(
         rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
     )
     _decode_boxes_in_fp32(model)
+    assert type(model.backbone) is BackboneWithFPN, type(model.backbone)
+    model.backbone.__class__ = _NoGradWhenFrozen  # as parametrize does: same parameters and state-dict keys
 
     if weights == "coco":
         load_detector_state_dict(model, load_hub_checkpoint(enum.url), category_ids=category_ids,
@@ -284,6 +286,17 @@ def _check_category_ids(category_ids: Sequence[int], num_classes: int) -> list[i
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+class _NoGradWhenFrozen(BackboneWithFPN):
+    """torchvision's ResNet-FPN backbone that builds no autograd graph when none of its parameters trains
+    (`lora_only`: the adapters sit in the box head), so its activations are not kept for a backward."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if any(p.requires_grad for p in self.parameters()):
+            return super().forward(x)
+        with torch.no_grad():
+            return super().forward(x)
 
 
 class _Fp32Forward:

@@ -1,4 +1,5 @@
-"""LoRA adapters for DETR's transformer, as torch parametrizations of the existing weights.
+"""LoRA adapters on any nn.Linear / nn.MultiheadAttention of a detector, as torch parametrizations of the
+existing weights (where they go: ``lora_targets``).
 
 ``W' = W + (alpha / r) · B · A`` (Hu et al. 2021); A is Kaiming-uniform (a=√5) and B is zero, as in PEFT,
 so a fresh adapter changes nothing. Merging is ``remove_parametrizations(leave_parametrized=True)``.
@@ -13,45 +14,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
+from detsweep.models.lora_targets import PRESETS, adaptable_names, matched_names, preset_patterns, resolve_sites
+
 logger = logging.getLogger(__name__)
 
 BASE_IDENTITY_KEY = "base_identity"
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Which weights of a DETR transformer get adapters.
-
-    scopes: transformer stacks searched, from ("encoder", "decoder").
-    attn_parts: projections adapted in every nn.MultiheadAttention of those stacks, from
-        ("q", "k", "v", "out"); q, k, v are row blocks of the fused ``in_proj_weight`` [3E, E].
-    ffn: also adapt ``linear1`` and ``linear2`` of every layer of those stacks.
-    """
-
-    scopes: tuple[str, ...]
-    attn_parts: tuple[str, ...]
-    ffn: bool
-
-
-_QKVO = ("q", "k", "v", "out")
-PLACEMENTS: dict[str, Placement] = {
-    # encoder self-attn, decoder self-attn and decoder cross-attn: q, k, v, out
-    "attention_only": Placement(("encoder", "decoder"), _QKVO, ffn=False),
-    "attention_ffn": Placement(("encoder", "decoder"), _QKVO, ffn=True),
-    # decoder self-attn and cross-attn only (q, k, v, out); no FFN, nothing in the encoder
-    "decoder_only": Placement(("decoder",), _QKVO, ffn=False),
-    # the original LoRA paper's choice: W_q and W_v of every attention
-    "qv_only": Placement(("encoder", "decoder"), ("q", "v"), ffn=False),
-}
-PLACEMENT_NAMES: tuple[str, ...] = tuple(PLACEMENTS)
+PLACEMENT_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 
 class LoRADelta(nn.Module):
@@ -109,69 +83,48 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _placement(name: str) -> Placement:
-    if name not in PLACEMENTS:
-        raise ValueError(f"lora placement {name!r} is not one of {list(PLACEMENT_NAMES)}")
-    return PLACEMENTS[name]
-
-
-def _find_targets(model: nn.Module, spec: Placement) -> list[tuple[str, nn.Module]]:
-    """Modules to adapt, found by name so a raw DETR and a wrapper holding it both work."""
-    scopes = "|".join(spec.scopes)
-    in_layer = re.compile(rf"(?:^|\.)(?:{scopes})\.layers\.\d+\.")
-    ffn_name = re.compile(rf"(?:^|\.)(?:{scopes})\.layers\.\d+\.linear[12]$")
-    targets = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) and in_layer.search(name):
-            targets.append((name, module))
-        elif spec.ffn and isinstance(module, nn.Linear) and ffn_name.search(name):
-            targets.append((name, module))
-    return targets
-
-
 def _adapt(module: nn.Module, tensor_name: str, blocks: dict[str, tuple[int, int]], **lora_kw) -> None:
     weight = getattr(module, tensor_name)
     parametrize.register_parametrization(module, tensor_name, LoRADelta(weight, blocks, **lora_kw))
 
 
-def apply_lora(model: nn.Module, *, rank: int, alpha: float, placement: str, dropout: float = 0.0) -> nn.Module:
-    """Add LoRA adapters to the DETR transformer in ``model`` in place; freezes nothing (see regimes).
-
-    rank: r >= 1. alpha: the scale numerator, > 0 (the delta is scaled by alpha / r).
-    placement: one of PLACEMENT_NAMES. dropout: in [0, 1), see the module docstring.
-    Returns ``model``.
-    """
-    spec = _placement(placement)
+def _check_lora_args(rank: int, alpha: float, dropout: float) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"lora rank must be an integer >= 1, got {rank!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"lora alpha must be a finite number > 0, got {alpha!r}")
     if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
         raise ValueError(f"lora dropout must be in [0, 1), got {dropout!r}")
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float, placement: str = "attention_only",
+               targets: tuple[str, ...] | list[str] | None = None, dropout: float = 0.0) -> nn.Module:
+    """Add LoRA adapters to ``model`` in place; freezes nothing (see regimes).
+
+    rank: r >= 1. alpha: the scale numerator, > 0 (the delta is scaled by alpha / r).
+    placement: one of PLACEMENT_NAMES, a preset of module-name patterns (``lora_targets.PRESETS``); it must
+        adapt something in ``model``. targets: module-name patterns instead of the placement (see
+        ``lora_targets``); each must match at least one module. dropout: in [0, 1), see the module docstring.
+    Returns ``model``.
+    """
+    patterns = preset_patterns(placement) if targets is None else tuple(targets)
+    _check_lora_args(rank, alpha, dropout)
+    if targets is not None and not patterns:
+        raise ValueError("lora targets must be a non-empty list of module-name patterns, got []")
     root = _unwrap(model)
     if any(isinstance(m, LoRADelta) for m in root.modules()):
         raise ValueError("model already has LoRA adapters; call merge_lora(model) before adding new ones")
-    targets = _find_targets(root, spec)
-    if not targets:
-        raise ValueError(f"lora placement {placement!r} found no targets in {type(root).__name__}: "
-                         f"it adapts nn.MultiheadAttention / linear1 / linear2 under "
-                         f"{'|'.join(spec.scopes)}.layers.<i> (a DETR transformer)")
+    names = matched_names(root, patterns, each_must_match=targets is not None)
+    if not names:
+        raise ValueError(f"lora placement {placement!r} found no targets in {type(root).__name__}: its "
+                         f"patterns {list(patterns)} match none of its modules; adaptable ones are named like "
+                         f"{adaptable_names(root)[:4]}")
     kw = {"rank": rank, "alpha": float(alpha), "dropout": float(dropout)}
-    for name, module in targets:
-        if isinstance(module, nn.MultiheadAttention):
-            if not module._qkv_same_embed_dim:
-                raise ValueError(f"{name}: LoRA needs a fused in_proj_weight (kdim == vdim == embed_dim)")
-            e = module.embed_dim
-            rows = {"q": (0, e), "k": (e, 2 * e), "v": (2 * e, 3 * e)}
-            qkv = {p: rows[p] for p in ("q", "k", "v") if p in spec.attn_parts}
-            if qkv:
-                _adapt(module, "in_proj_weight", qkv, **kw)
-            if "out" in spec.attn_parts:
-                _adapt(module.out_proj, "weight", {"out": (0, e)}, **kw)
-        else:
-            _adapt(module, "weight", {"w": (0, module.out_features)}, **kw)
-    logger.info("LoRA %s r=%d alpha=%g: %d modules, %d adapter params",
-                placement, rank, alpha, len(targets), count_lora_params(root))
+    sites = resolve_sites(root, names)
+    for site in sites:
+        _adapt(site.module, site.tensor_name, site.blocks, **kw)
+    logger.info("LoRA %s r=%d alpha=%g: %d weights, %d adapter params", placement if targets is None else
+                list(patterns), rank, alpha, len(sites), count_lora_params(root))
     return model
 
 

@@ -1,4 +1,5 @@
-"""Fine-tuning regimes: which parameters of a DETR or Faster R-CNN train (full / lora_only / partial).
+"""Fine-tuning regimes: which parameters of a DETR or Faster R-CNN train (full / lora_only / partial / heads;
+`heads` is the first stage of the sweep's `two_stage` regime, whose second stage is one of the others).
 
 A regime only sets ``requires_grad``; the optimizer then receives ``trainable_parameters(model)``. Frozen
 parameters never require grad, so DDP needs no ``find_unused_parameters``.
@@ -12,9 +13,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detsweep.models.lora import lora_parameters
-from detsweep.models.registry import REGIMES
+from detsweep.models.registry import STAGE2_REGIMES
 
 logger = logging.getLogger(__name__)
+
+# The parameter sets apply_regime knows. A sweep's `two_stage` is a schedule of two of them: `heads`, then
+# `two_stage.stage2.regime` (the worker switches at the epoch `two_stage.stage1.epochs`).
+REGIMES: tuple[str, ...] = STAGE2_REGIMES + ("heads",)
 
 
 # Parameters are matched by name *suffix*, so a raw model and a wrapper holding it (``.detr``, ``.model``)
@@ -22,9 +27,17 @@ logger = logging.getLogger(__name__)
 _DETR_MARKERS = (r"transformer\.", r"query_embed\.")
 _FRCNN_MARKERS = (r"rpn\.", r"roi_heads\.")
 _DETR_HEADS = (r"class_embed\.", r"bbox_embed\.", r"query_embed\.")
+# The last block of a ViT backbone (torchvision: encoder_layer_<last>, timm: blocks.<last>) and its final norm
+# play ResNet layer4's part in `partial`; `vit_last_block` names them (the block index depends on the depth).
+_VIT_TAIL = (r"backbone\.0\.body\.(?:encoder\.ln|norm)\.", r"backbone\.0\.neck\.")
 _TRAINABLE = {
     ("detr", "lora_only"): _DETR_HEADS,
-    ("detr", "partial"): (r"backbone\.0\.body\.layer4\.",) + _DETR_HEADS,
+    ("detr", "partial"): (r"backbone\.0\.body\.layer4\.",) + _VIT_TAIL + _DETR_HEADS,
+    # Stage 1 of two_stage: a linear probe on the frozen decoder's outputs (the queries feed the frozen decoder,
+    # so they would get no gradient: the whole body runs under no_grad).
+    ("detr", "heads"): (r"class_embed\.", r"bbox_embed\."),
+    # The adapters live in the box head (`box_head` placement); the RPN head and the box predictor train.
+    ("faster_rcnn", "lora_only"): (r"rpn\.head\.", r"roi_heads\.box_predictor\."),
     ("faster_rcnn", "partial"): (r"backbone\.body\.layer4\.", r"backbone\.fpn\.", r"rpn\.", r"roi_heads\."),
 }
 # Names of the parameters frozen when apply_regime first saw the model (the build-time recipe: DETR's
@@ -49,6 +62,16 @@ def _model_kind(names: list[str], model: nn.Module) -> str:
                      f"(with rpn and roi_heads) models, got {type(model).__name__}")
 
 
+def _vit_last_block(named: list[tuple[str, nn.Parameter]]) -> tuple[str, ...]:
+    """The pattern of a ViT backbone's last block, or () for a ResNet."""
+    found = [(m.group(1), int(m.group(2))) for n, _ in named
+             if (m := re.search(r"(?:^|\.)backbone\.0\.body\.(encoder\.layers\.encoder_layer_|blocks\.)(\d+)\.", n))]
+    if not found:
+        return ()
+    prefix, last = max(found, key=lambda f: f[1])
+    return (rf"backbone\.0\.body\.{re.escape(prefix)}{last}\.",)
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters with ``requires_grad``: what the optimizer should hold."""
     return [p for p in model.parameters() if p.requires_grad]
@@ -59,9 +82,11 @@ def apply_regime(model: nn.Module, regime: str) -> dict:
 
     full: everything trains except what was frozen when the model was built (recorded on the first
         call; DETR: backbone stem and layer1, as in the official recipe). LoRA adapters, if any, train.
-    lora_only (DETR): the LoRA adapters + class_embed, bbox_embed, query_embed. Needs apply_lora first.
-    partial: DETR: backbone layer4 + the same heads; Faster R-CNN: layer4 + FPN + RPN + ROI heads.
-        LoRA adapters, if any, stay frozen.
+    lora_only: DETR: the LoRA adapters + class_embed, bbox_embed, query_embed; Faster R-CNN: the adapters + the
+        RPN head + the box predictor. Needs apply_lora first.
+    partial: DETR: backbone layer4 (a ViT: its last block, final norm and neck) + the same heads; Faster R-CNN:
+        layer4 + FPN + RPN + ROI heads. LoRA adapters, if any, stay frozen.
+    heads (DETR, two_stage's first stage): class_embed and bbox_embed only; adapters stay frozen.
     Idempotent: regimes can be switched on the same model. Returns
     ``{"total_params", "trainable_params", "trainable_frac", "lora_params"}`` (parameter elements;
     buffers such as FrozenBatchNorm statistics are not parameters).
@@ -74,22 +99,24 @@ def apply_regime(model: nn.Module, regime: str) -> dict:
     lora_ids = {id(p) for p in lora_parameters(root)}
     if regime == "lora_only" and not lora_ids:
         raise ValueError(f"regime 'lora_only' needs LoRA adapters but this {kind} model has none; "
-                         "call detsweep.models.lora.apply_lora first (LoRA is defined for DETR only)")
+                         "call detsweep.models.lora.apply_lora first")
     if (kind, regime) not in _TRAINABLE and regime != "full":
-        raise ValueError(f"regime {regime!r} is not defined for {kind}; allowed: ['full', 'partial']")
+        allowed = ["full"] + [r for k, r in _TRAINABLE if k == kind]
+        raise ValueError(f"regime {regime!r} is not defined for {kind}; allowed: {allowed}")
 
     build_frozen = getattr(root, _BUILD_FROZEN_ATTR, None)
     if build_frozen is None:
         build_frozen = frozenset(_canonical(n) for n, p in named if not p.requires_grad and id(p) not in lora_ids)
         setattr(root, _BUILD_FROZEN_ATTR, build_frozen)
 
+    tail = _TRAINABLE.get((kind, regime), ()) + (_vit_last_block(named) if regime == "partial" else ())
     for name, p in named:
         if regime == "full":
             train = _canonical(name) not in build_frozen
         elif id(p) in lora_ids:
             train = regime == "lora_only"
         else:
-            train = _matches(name, _TRAINABLE[kind, regime]) and _canonical(name) not in build_frozen
+            train = _matches(name, tail) and _canonical(name) not in build_frozen
         p.requires_grad_(train)
 
     total = sum(p.numel() for _, p in named)

@@ -28,7 +28,8 @@ def build_trial_model(trial: TrialConfig, label_map: Any) -> tuple[Any, dict[str
                         category_ids=list(label_map.category_ids), category_ids_are_coco=is_coco2017(trial.data))
     if trial.regime == "lora_only":
         lora = trial.lora
-        apply_lora(model, rank=lora.rank, alpha=lora.alpha, placement=lora.placement, dropout=lora.dropout)
+        apply_lora(model, rank=lora.rank, alpha=lora.alpha, placement=lora.placement, targets=lora.targets,
+                   dropout=lora.dropout)
     apply_regime(model, trial.regime)
     counts = count_parameters(model)
     counts["lora_params"] = count_lora_params(model)

@@ -12,7 +12,7 @@ from detsweep.models import registry
 from detsweep.storage import sweep_root
 from detsweep.sweep.bases import base_key, base_name, base_trial, find_base, train_run
 from detsweep.sweep.load import apply_axis
-from detsweep.sweep.rules import check_resources
+from detsweep.sweep.rules import check_resources, lora_targets_violation
 from detsweep.sweep.spec import Sweep, TrialConfig, resources_for
 from detsweep.sweep.typed import SweepError
 
@@ -32,7 +32,10 @@ def _relevant(key: str, family: str, regime: str) -> bool:
 
 
 def model_label(model: str, backbone: str) -> str:
-    """The model's name as it runs: `detr_r50` with a resnet18 backbone is `detr_r18`."""
+    """The model's name as it runs: `detr_r50` with a resnet18 backbone is `detr_r18`, with a ViT one
+    `detr_dinov2_vits14`."""
+    if not backbone.startswith("resnet"):
+        return model.replace("r50", backbone)
     return model.replace("r50", "r" + backbone.removeprefix("resnet"))
 
 
@@ -66,7 +69,9 @@ def expand(sweep: Sweep) -> list[TrialConfig]:
     """Every complete trial of the sweep, in grid order, deduplicated by trial id.
 
     Pruned: LoRA keys outside `lora_only`; model keys of the other family; regimes a model
-    family does not list in `model.<family>.regimes` (Faster R-CNN has no LoRA at all).
+    family does not list in `model.<family>.regimes`; LoRA placements that adapt nothing in the
+    trial's model (`registry.placement_fits`: `box_head` is Faster R-CNN's, `backbone_attention`
+    needs a ViT backbone). `lora.targets` patterns are checked on each trial's real model.
     Trial id: `<model label>-<regime>[-r<rank>-<placement>]`, then one part per other varying
     axis, sorted by dotted key so that the YAML's key order never changes an id (`--resume`).
     """
@@ -92,14 +97,23 @@ def expand(sweep: Sweep) -> list[TrialConfig]:
             chosen[key] = value
             if key in varying and key not in _ALWAYS_IN_ID:
                 extra[key] = f"{key.rsplit('.', 1)[-1]}{id_value(value)}"
-        id_parts = [model_label(model, getattr(cfg.model, family).backbone), regime]
+        backbone = getattr(cfg.model, family).backbone
+        if regime == "lora_only" and not (cfg.lora.targets or registry.placement_fits(cfg.lora.placement, family,
+                                                                                      backbone)):
+            continue  # e.g. box_head on DETR, backbone_attention on a ResNet: the placement adapts nothing there
+        id_parts = [model_label(model, backbone), regime]
         if regime == "lora_only":
-            id_parts += [f"r{cfg.lora.rank}", cfg.lora.placement]
+            id_parts += [f"r{cfg.lora.rank}", "targets" if cfg.lora.targets else cfg.lora.placement]
         trial_id = "-".join(id_parts + [extra[k] for k in sorted(extra)])
         if trial_id in trials:
             if any(trials[trial_id].axes.get(k) != v for k, v in chosen.items()):
                 raise _collision(sweep.source, trial_id, trials[trial_id].axes, chosen)
             continue  # the same trial again: an axis that does not apply here
+        if regime == "lora_only" and cfg.lora.targets:
+            why = lora_targets_violation(model, getattr(cfg.model, family), cfg.lora.targets)
+            if why is not None:
+                key = "grid.lora.targets" if "lora.targets" in sweep.grid else "lora.targets"
+                raise SweepError(f"{sweep.source}: {key}: {why} (trial {trial_id})")
         resources = resources_for(cfg, regime) if regime in cfg.resources_by_regime else cfg.resources
         check_resources(resources, f"resources (trial {trial_id})", sweep.source)
         assert regime in registry.FAMILY_REGIMES[family], (family, regime)  # the loader's `regimes` rule

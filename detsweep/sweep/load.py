@@ -13,7 +13,7 @@ import yaml
 
 from detsweep.models import registry
 from detsweep.sweep.bases import base_name, find_base
-from detsweep.sweep.rules import check_values, combination_violation, in_combination_rules
+from detsweep.sweep.rules import check_search_and_cost, check_values, combination_violation, in_combination_rules
 from detsweep.sweep.spec import Sweep, data_defaults
 from detsweep.sweep.typed import SweepError, build, coerce
 
@@ -34,6 +34,7 @@ def parse_sweep(raw: Any, source: str = "<memory>", *, check_paths: bool = True)
     sweep = dataclasses.replace(sweep, data=data_defaults(sweep.data), bases={
         name: dataclasses.replace(b, data=data_defaults(b.data)) for name, b in sweep.bases.items()})
     check_values(sweep, check_paths)
+    check_search_and_cost(sweep)  # the search space itself: sweep/search.py, which sees the grid
     sweep = dataclasses.replace(sweep, grid=_check_grid(grid, sweep, check_paths))
     _check_bases(sweep, check_paths)
     return sweep

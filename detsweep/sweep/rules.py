@@ -3,15 +3,22 @@ between keys, and the resources rule for fractional GPUs. Each violation is one 
 file, the dotted key (`grid.<key>` for a grid value), the value and what is allowed."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
 
 from detsweep.data import sources
 from detsweep.data.synthetic import domain_classes
 from detsweep.models import registry
+from detsweep.results import CONFIG_COLUMNS, DRIVER_COLUMNS, RESULTS_SCHEMA
 from detsweep.sweep.bases import base_name
-from detsweep.sweep.spec import DataConfig, DetrConfig, ResourcesConfig, Sweep, resources_for
+from detsweep.sweep.cost import pricing
+from detsweep.sweep.spec import DataConfig, DetrConfig, ResourcesConfig, SearchConfig, Sweep, resources_for
 from detsweep.sweep.typed import SweepError
 
 
@@ -25,6 +32,12 @@ COMBINATION_KEYS = ("train.epochs", "train.lr_drop_epoch", "data.kind", "data.nu
 COMBINATION_PREFIXES = ("model.detr.",)
 # Metrics a scheduler may watch: what every epoch reports.
 SCHEDULER_METRICS = ("ap", "ap50", "ap75", "ar100", "loss", "ece", "nll", "brier")
+# What a search may optimise: a number every epoch's report carries (the searcher sees the last one), or
+# cost_usd, which the driver computes from the report's worker_s and the sweep's prices.
+_NOT_REPORTED = ({c.name for c in CONFIG_COLUMNS} | DRIVER_COLUMNS
+                 | {"epochs_completed", "n_skipped_images", "n_skipped_boxes"})
+SEARCH_METRICS = tuple(f.name for f in RESULTS_SCHEMA if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
+                       and f.name not in _NOT_REPORTED) + ("cost_usd",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # `model.detr.weights: coco` is the official DETR-R50 (detr-r50-e632da11.pth, the official main.py
 # defaults): these settings must equal its own, and its queries and decoder layers can only be cut.
@@ -73,6 +86,8 @@ def _value_rules(sweep: Sweep) -> list[tuple[str, object, bool, str]]:
         ("eval.calibration.match_iou", sweep.eval.calibration.match_iou, 0.0 < sweep.eval.calibration.match_iou <= 1.0, "in (0, 1]"),
         ("eval.calibration.bins", sweep.eval.calibration.bins, sweep.eval.calibration.bins > 0, "> 0"),
         ("eval.error_score_threshold", sweep.eval.error_score_threshold, 0.0 <= sweep.eval.error_score_threshold <= 1.0, "in [0, 1]"),
+        ("eval.calibration.score_threshold", sweep.eval.calibration.score_threshold,
+         0.0 <= sweep.eval.calibration.score_threshold <= 1.0, "in [0, 1]"),
         ("fault_tolerance.max_failures", ft.max_failures, ft.max_failures >= -1, ">= 0, or -1 for unlimited"),
         ("fault_tolerance.keep", ft.keep, ft.keep >= 1, ">= 1"),
         ("train.accumulate", t.accumulate, t.accumulate >= 1, ">= 1"),
@@ -255,3 +270,61 @@ def check_resources(res: ResourcesConfig, key: str, source: str, grid_key: str |
         if grid_key == f"{key}.gpus_per_worker":
             raise fail("gpus_per_worker", f"{g!r} must be > 0 with backend 'nccl'; use backend 'gloo' or 'auto'")
         raise fail("backend", "'nccl' needs gpus_per_worker > 0; use 'gloo' or 'auto'")
+
+
+@functools.lru_cache(maxsize=64)
+def lora_targets_violation(model: str, detector: Any, targets: tuple[str, ...]) -> str | None:
+    """Why `lora.targets` cannot adapt `model` built from its section `detector`, or None: a pattern that
+    matches no module (the message lists a few real names) or one that matches a module other than an
+    nn.Linear / nn.MultiheadAttention (named, with its type).
+
+    The module names come from the real builder, run on torch's meta device (no memory, no weights, about a
+    second): a hand-kept table of names would drift from the models. torch is imported here, lazily, and only
+    for a sweep that sets `lora.targets`, so `detsweep.sweep` itself still imports without torch."""
+    import torch
+
+    from detsweep.models import build_model
+    from detsweep.models.lora_targets import matched_names
+
+    with torch.device("meta"):
+        built = build_model(model, dataclasses.replace(detector, weights="none"), num_classes=2)
+    try:
+        matched_names(built, targets, each_must_match=True)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def search_objectives(search: SearchConfig, source: str) -> list[tuple[str, str]]:
+    """`search.objectives` as (metric, 'max' | 'min') pairs, in the syntax of `detsweep.frontier
+    --objectives`; one SweepError line naming the bad entry."""
+    if not search.objectives:
+        raise SweepError(f"{source}: search.objectives: [] must name at least one objective, e.g. [ap:max]")
+    out: list[tuple[str, str]] = []
+    for i, text in enumerate(search.objectives):
+        metric, _, mode = (s.strip() for s in text.partition(":"))
+        if mode not in ("max", "min"):
+            raise SweepError(f"{source}: search.objectives[{i}]: {text!r} is not METRIC:max or METRIC:min")
+        if metric not in SEARCH_METRICS:
+            raise SweepError(f"{source}: search.objectives[{i}]: {metric!r} is not a reported metric; use one of "
+                             f"{list(SEARCH_METRICS)}")
+        if metric in (m for m, _ in out):
+            raise SweepError(f"{source}: search.objectives[{i}]: {metric!r} is given twice")
+        out.append((metric, mode))
+    return out
+
+
+def check_search_and_cost(sweep: Sweep) -> None:
+    """The `search:` section's own rules (its space is checked by sweep/search.py, which knows the grid)
+    and the `cost:` section's prices (sweep/cost.py)."""
+    src, search = sweep.source, sweep.search
+    pricing(sweep.cost, src)
+    if search is None:
+        return
+    if search.num_samples < 1:
+        raise SweepError(f"{src}: search.num_samples: {search.num_samples!r} must be >= 1")
+    objectives = search_objectives(search, src)
+    if sweep.scheduler.kind == "asha" and len(objectives) > 1:
+        raise SweepError(f"{src}: scheduler: 'asha' cannot stop trials of a multi-objective search "
+                         f"({len(objectives)} objectives): Optuna cannot prune multi-objective studies, and ASHA "
+                         f"would judge trials by scheduler.metric alone; use scheduler: none, or one objective")

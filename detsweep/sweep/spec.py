@@ -67,7 +67,7 @@ class DetrConfig:
 
 @dataclass(frozen=True)
 class FasterRCNNConfig:
-    backbone: Backbone = "resnet50"
+    backbone: Literal[registry.FASTER_RCNN_BACKBONES] = "resnet50"
     weights: str = "none"  # none | coco | imagenet | /path/to/state_dict.pth
     min_size: int = 800
     max_size: int = 1333
@@ -89,7 +89,10 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    placement: Placement = "attention_only"
+    placement: Placement = "attention_only"  # a preset of module-name patterns (models/lora_targets.py)
+    # Module-name patterns (regular expressions on named_modules() names) instead of the placement: each
+    # must match an nn.Linear / nn.MultiheadAttention (or its .q/.k/.v) of the trial's model.
+    targets: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class TrainConfig:
 class CalibrationConfig:
     match_iou: float = 0.5
     bins: int = 10
+    # D-ECE (Küppers et al. 2020): only detections scoring at least this count; IoU 0.5 and 10 bins are fixed.
+    score_threshold: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,31 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """`search:`: trials sampled from a space by Optuna (Ray Tune's OptunaSearch) instead of the grid's
+    product; the grid may fix keys (one value each). The space's entries are parsed by sweep/search.py."""
+
+    kind: Literal["optuna"] = "optuna"
+    num_samples: int = 16
+    objectives: tuple[str, ...] = ("ap:max",)  # COLUMN:DIRECTION, as `detsweep.frontier --objectives`
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"  # TPE and NSGA-II both take several objectives
+    seed: int = 0
+    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {choice: [...]} | {loguniform: [lo, hi]} ...
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """`cost:`: the user's prices (the cloud's on-demand or spot price), flat or per node type of
+    cluster.yaml, and an optional time estimate for `--dry-run`. See sweep/cost.py."""
+
+    usd_per_gpu_hour: float | None = None
+    usd_per_cpu_hour: float | None = None
+    node_types: dict[str, float] = field(default_factory=dict)  # cluster.yaml node type name -> USD per node-hour
+    cluster: str = "cluster.yaml"  # the file whose available_node_types node_types names
+    expected_minutes: float | None = None  # one trial's worker time, for --dry-run's cost estimate
+
+
+@dataclass(frozen=True)
 class BaseConfig:
     """A base to fine-tune from (`model.<family>.weights: base:NAME`): pretrained once by detsweep on
     `data` with `train`, starting from `weights`, in the architecture of the trial that uses it."""
@@ -195,6 +225,8 @@ class Sweep:
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     bases: dict[str, BaseConfig] = field(default_factory=dict)  # base:NAME weights, see sweep/bases.py
+    search: SearchConfig | None = None  # None: the grid's trials; else sampled (sweep/search.py)
+    cost: CostConfig = field(default_factory=CostConfig)
     storage: str = "~/detsweep_results"
     # None: computed from the cluster's resources when the sweep starts. Set it on an autoscaling
     # cluster that starts with no GPU nodes, where the resources present are not the ones to come.

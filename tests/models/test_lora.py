@@ -11,9 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from detsweep.models.detr import build_detr
-from detsweep.models.lora import (PLACEMENT_NAMES, PLACEMENTS, LoRADelta, apply_lora, count_lora_params,
-                                  load_lora_state_dict, lora_parameters, lora_state_dict, merge_lora,
-                                  merged_state_dict)
+from detsweep.models.lora import (PLACEMENT_NAMES, LoRADelta, apply_lora, count_lora_params, load_lora_state_dict,
+                                  lora_parameters, lora_state_dict, merge_lora, merged_state_dict)
 from detsweep.models.regimes import apply_regime, trainable_parameters
 
 TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=2, dec_layers=2, dim_feedforward=48,
@@ -151,19 +150,28 @@ def test_dropout_drops_whole_input_features_in_train_only():
 
 # ---- placements on a tiny DETR ----------------------------------------------------------------------------------
 
+# What each DETR-transformer placement means: (transformer stacks, attention projections, FFN too). The other
+# presets (a ViT backbone's attention, Faster R-CNN's box head) are tested in test_lora_targets.py.
+MEANING = {"attention_only": (("encoder", "decoder"), ("q", "k", "v", "out"), False),
+           "attention_ffn": (("encoder", "decoder"), ("q", "k", "v", "out"), True),
+           "decoder_only": (("decoder",), ("q", "k", "v", "out"), False),
+           "qv_only": (("encoder", "decoder"), ("q", "v"), False)}
+DETR_PLACEMENTS = tuple(MEANING)
+
+
 def _closed_form(placement: str, d: int, f: int, enc: int, dec: int, r: int) -> int:
-    spec = PLACEMENTS[placement]
-    n_mha = (enc if "encoder" in spec.scopes else 0) + (2 * dec if "decoder" in spec.scopes else 0)
-    n_ffn = ((enc if "encoder" in spec.scopes else 0) + (dec if "decoder" in spec.scopes else 0)) * spec.ffn
-    return n_mha * len(spec.attn_parts) * 2 * d * r + n_ffn * 2 * (d + f) * r
+    scopes, attn_parts, ffn = MEANING[placement]
+    n_mha = (enc if "encoder" in scopes else 0) + (2 * dec if "decoder" in scopes else 0)
+    n_ffn = ((enc if "encoder" in scopes else 0) + (dec if "decoder" in scopes else 0)) * ffn
+    return n_mha * len(attn_parts) * 2 * d * r + n_ffn * 2 * (d + f) * r
 
 
 def test_placement_names():
-    assert PLACEMENT_NAMES == ("attention_only", "attention_ffn", "decoder_only", "qv_only")
-    assert set(PLACEMENTS) == set(PLACEMENT_NAMES)
+    assert PLACEMENT_NAMES == ("attention_only", "attention_ffn", "decoder_only", "qv_only", "backbone_attention",
+                               "backbone_attention+transformer", "box_head")
 
 
-@pytest.mark.parametrize("placement", PLACEMENT_NAMES)
+@pytest.mark.parametrize("placement", DETR_PLACEMENTS)
 def test_fresh_adapter_changes_nothing_and_counts(placement):
     model = tiny_detr().eval()
     imgs = images()
@@ -175,10 +183,10 @@ def test_fresh_adapter_changes_nothing_and_counts(placement):
     assert count_lora_params(model) == _closed_form(placement, 32, 48, 2, 2, 4)
     adapted = {n.split(".parametrizations.")[0] + "." + n.split(".parametrizations.")[1].split(".")[0]
                for n, _ in model.named_parameters() if ".lora_A." in n}
-    spec = PLACEMENTS[placement]
-    assert all(n.startswith(tuple(f"transformer.{s}." for s in spec.scopes)) for n in adapted)
-    assert any(n.endswith("linear1.weight") for n in adapted) == spec.ffn
-    assert any(n.endswith("out_proj.weight") for n in adapted) == ("out" in spec.attn_parts)
+    scopes, attn_parts, ffn = MEANING[placement]
+    assert all(n.startswith(tuple(f"transformer.{s}." for s in scopes)) for n in adapted)
+    assert any(n.endswith("linear1.weight") for n in adapted) == ffn
+    assert any(n.endswith("out_proj.weight") for n in adapted) == ("out" in attn_parts)
 
 
 @pytest.mark.parametrize("rank", [4, 8])
@@ -193,7 +201,8 @@ def test_detr_r50_lora_param_closed_form(placement, per_rank, rank):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(rank=4, alpha=8, placement="attn"),
-     "lora placement 'attn' is not one of ['attention_only', 'attention_ffn', 'decoder_only', 'qv_only']"),
+     "lora placement 'attn' is not one of ['attention_only', 'attention_ffn', 'decoder_only', 'qv_only', "
+     "'backbone_attention', 'backbone_attention+transformer', 'box_head']"),
     (dict(rank=0, alpha=8, placement="qv_only"), "lora rank must be an integer >= 1, got 0"),
     (dict(rank=4, alpha=0.0, placement="qv_only"), "lora alpha must be a finite number > 0, got 0.0"),
     (dict(rank=4, alpha=8, placement="qv_only", dropout=1.0), "lora dropout must be in [0, 1), got 1.0"),
@@ -214,7 +223,7 @@ def test_apply_lora_errors_without_targets_and_twice():
 
 # ---- merge -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("placement", PLACEMENT_NAMES)
+@pytest.mark.parametrize("placement", DETR_PLACEMENTS)
 def test_merge_equals_unmerged_and_removes_adapters(placement):
     model = apply_lora(tiny_detr(), rank=4, alpha=8, placement=placement, dropout=0.1)
     randomize_adapters(model)

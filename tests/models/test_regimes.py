@@ -14,8 +14,12 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from detsweep.models.detr import build_detr
-from detsweep.models.lora import PLACEMENT_NAMES, apply_lora, count_lora_params
+from detsweep.models.lora import apply_lora, count_lora_params
 from detsweep.models.regimes import REGIMES, apply_regime, trainable_parameters
+
+PLACEMENT_NAMES = ("attention_only", "attention_ffn", "decoder_only", "qv_only")  # DETR's transformer ones
+# `heads` (two_stage's first stage) has its own tests in test_two_stage.py.
+USER_REGIMES = ("full", "lora_only", "partial")
 
 TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=2, dec_layers=2, dim_feedforward=48,
             num_queries=5, num_classes=3, dropout=0.0, aux_loss=True)
@@ -61,14 +65,14 @@ class Wrapper(nn.Module):
 # ---- argument errors ---------------------------------------------------------------------------------------------
 
 def test_regime_names_and_errors():
-    assert REGIMES == ("full", "lora_only", "partial")
+    assert REGIMES == ("full", "lora_only", "partial", "heads")
     with pytest.raises(ValueError) as err:
         apply_regime(tiny_detr(), "frozen")
-    assert str(err.value) == "regime 'frozen' is not one of ['full', 'lora_only', 'partial']"
+    assert str(err.value) == "regime 'frozen' is not one of ['full', 'lora_only', 'partial', 'heads']"
     with pytest.raises(ValueError) as err:
         apply_regime(tiny_detr(), "lora_only")
     assert str(err.value) == ("regime 'lora_only' needs LoRA adapters but this detr model has none; call "
-                              "detsweep.models.lora.apply_lora first (LoRA is defined for DETR only)")
+                              "detsweep.models.lora.apply_lora first")
     with pytest.raises(ValueError) as err:
         apply_regime(nn.Linear(2, 2), "full")
     assert str(err.value) == ("apply_regime supports DETR (with transformer and query_embed) and Faster R-CNN "
@@ -78,7 +82,7 @@ def test_regime_names_and_errors():
 # ---- which parameters train: regime × placement on a tiny DETR ---------------------------------------------------
 
 @pytest.mark.parametrize("placement", PLACEMENT_NAMES)
-@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("regime", USER_REGIMES)
 def test_only_intended_parameters_change(regime, placement):
     model = apply_lora(tiny_detr(), rank=2, alpha=4, placement=placement)
     counts = apply_regime(model, regime)
@@ -186,7 +190,7 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for regime in REGIMES:
+        for regime in USER_REGIMES:
             model = apply_lora(tiny_detr(), rank=2, alpha=4, placement="attention_ffn")
             apply_regime(model, regime)
             init = [p.detach().clone() for p in model.parameters()]

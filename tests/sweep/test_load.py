@@ -20,7 +20,8 @@ SEED000_GRID = {"model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full", 
 
 BAD = [
     ({"name": "x", "grid": {"lora.placement": ["attn"]}},
-     "f.yaml: grid.lora.placement: 'attn' is not one of ['attention_only', 'attention_ffn', 'decoder_only', 'qv_only']"),
+     "f.yaml: grid.lora.placement: 'attn' is not one of ['attention_only', 'attention_ffn', 'decoder_only', 'qv_only', "
+     "'backbone_attention', 'backbone_attention+transformer', 'box_head']"),
     ({"name": "x", "grid": {"model": ["yolo"]}},
      "f.yaml: grid.model: 'yolo' is not one of ['detr_r50', 'fasterrcnn_r50_fpn']"),
     ({"name": "x", "grid": {"regime": ["half"]}},
@@ -30,8 +31,8 @@ BAD = [
     ({"name": "x", "train": {"epochs": 0}}, "f.yaml: train.epochs: 0 must be > 0"),
     ({"name": "x", "trian": {}},
      "f.yaml: trian: unknown key; allowed keys are ['name', 'data', 'model', 'lora', 'train', 'eval', "
-     "'resources', 'resources_by_regime', 'fault_tolerance', 'grid', 'scheduler', 'bases', 'storage', "
-     "'max_concurrent_trials']"),
+     "'resources', 'resources_by_regime', 'fault_tolerance', 'grid', 'scheduler', 'bases', 'search', 'cost', "
+     "'storage', 'max_concurrent_trials']"),
     ({"name": "x", "model": {"detr": {"layers": 3}}},
      "f.yaml: model.detr.layers: unknown key; allowed keys are ['backbone', 'weights', 'num_queries', "
      "'hidden_dim', 'nheads', 'enc_layers', 'dec_layers', 'dim_feedforward', 'dropout', 'aux_loss', "
@@ -276,7 +277,8 @@ def test_validator_names_equal_the_models_own_registries():
     from detsweep.models.regimes import REGIMES as MODEL_REGIMES
 
     assert tuple(LORA_PLACEMENTS) == tuple(PLACEMENT_NAMES)
-    assert tuple(REGIMES) == tuple(MODEL_REGIMES)
+    # every regime a sweep names is one the models apply, or two_stage: `heads`, then one of them
+    assert set(REGIMES) <= set(MODEL_REGIMES) | {"two_stage"} and "heads" in MODEL_REGIMES
 
 
 def test_rules_between_keys_hold_for_every_trial_not_for_overridden_values():
@@ -304,8 +306,9 @@ def test_shipped_sweeps_load(tmp_path):
         assert expand(sweep), path
     smoke = expand(load_sweep(REPO / "sweeps" / "smoke.yaml"))
     assert {t.regime for t in smoke} == {"full", "lora_only", "partial"}
-    assert {(t.lora.rank, t.lora.placement) for t in smoke if t.lora} == {
-        (r, p) for r in (4, 8) for p in LORA_PLACEMENTS}  # every placement trains in the demo
+    detr_placements = ("attention_only", "attention_ffn", "decoder_only", "qv_only")
+    assert {(t.lora.rank, t.lora.placement) for t in smoke if t.lora and t.family == "detr"} >= {
+        (r, p) for r in (4, 8) for p in detr_placements}  # every transformer placement trains in the demo
     full = expand(load_sweep(REPO / "sweeps" / "full.yaml", check_paths=False))
     assert len(full) == 9
 
@@ -322,7 +325,7 @@ def test_cli_bad_file_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         f"error: {path}: grid.lora.placement: 'attn' is not one of ['attention_only', 'attention_ffn', "
-        f"'decoder_only', 'qv_only']"]
+        f"'decoder_only', 'qv_only', 'backbone_attention', 'backbone_attention+transformer', 'box_head']"]
     missing = _cli(str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such sweep file"
     path.write_text("name: [unclosed")
