@@ -1,4 +1,5 @@
-"""cluster.yaml: valid the way `ray up` checks it (offline, no AWS calls) and true to our rules."""
+"""cluster.yaml and constraints.txt: valid the way `ray up` checks it (offline, no AWS calls) and true
+to our rules."""
 
 import copy
 import re
@@ -13,6 +14,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_LISTS = ("head_setup_commands", "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+TRIAL_RESOURCE = "detsweep_trial"  # the head-only custom resource that keeps trial actors there
+WORKER_ROLE = "detsweep-worker"  # the GPU nodes' instance profile, scoped to the results bucket
 
 
 def _raw() -> dict:
@@ -43,7 +46,7 @@ def test_every_node_type_declares_its_resources():
         assert "resources" in node_type, f"{name}: resources must be explicit, not detected"
 
 
-def test_head_runs_no_trials():
+def test_head_runs_no_trial_workers():
     cfg = _prepared()
     head = cfg["available_node_types"][cfg["head_node_type"]]
     assert head["resources"].get("CPU") == 0
@@ -69,6 +72,76 @@ def test_setup_pins_the_same_stack_as_pyproject():
     cfg = _prepared()
     for key in ("head_setup_commands", "worker_setup_commands"):
         assert _pins(" ".join(cfg[key])) == wanted, key
+
+
+def test_trial_actors_can_be_kept_on_the_head_by_a_resource_only_it_has():
+    # The trial actor and its Train controller belong on the head: a GPU node that scales down or is
+    # preempted would take the trial with it (docs/cluster.md, "Trial actors on the head").
+    cfg = _prepared()
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert head["resources"].get(TRIAL_RESOURCE, 0) >= 1
+    for name, node_type in _worker_types(cfg).items():
+        assert TRIAL_RESOURCE not in node_type["resources"], name
+
+
+def _constraints() -> dict[str, str]:
+    lines = [ln.strip() for ln in (ROOT / "constraints.txt").read_text().splitlines()]
+    pins = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.+!\-]*", p) for p in pins), pins
+    return {name.lower().replace("_", "-"): version for name, version in (p.split("==") for p in pins)}
+
+
+def test_constraints_pin_the_same_stack_as_pyproject_and_not_detsweep():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = {re.sub(r"\[.*\]", "", name): version for name, version in _pins(" ".join(deps)).items()}
+    pinned = _constraints()
+    assert {name: pinned.get(name) for name in wanted} == wanted
+    assert "detsweep" not in pinned  # the editable checkout itself is installed from ~/detsweep
+    assert {"faster-coco-eval", "pycocotools", "numpy", "nvidia-nccl-cu13"} <= set(pinned)
+
+
+def test_every_node_installs_with_the_constraints_and_the_fast_extra():
+    cfg = _prepared()
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        installs = [c for c in cfg[key] if "pip install" in c and "uv==" not in c and "boto3" not in c]
+        assert installs, key
+        for command in installs:
+            assert "-c ~/detsweep/constraints.txt" in command, (key, command)
+        assert any("-e ~/detsweep'[fast]'" in c for c in installs), key  # eval.backend: faster_coco_eval
+
+
+def test_gpu_workers_fail_fast_before_copying_coco():
+    cfg = _prepared()
+    commands = cfg["worker_setup_commands"]
+    smi = commands.index("nvidia-smi")
+    (torch_check,) = [i for i, c in enumerate(commands) if "torch.cuda.is_available()" in c]
+    (sync,) = [i for i, c in enumerate(commands) if "aws s3 sync" in c]
+    assert "assert torch.cuda.is_available()" in commands[torch_check] and "device='cuda'" in commands[torch_check]
+    assert max(i for i, c in enumerate(commands) if "pip install" in c) < smi < torch_check < sync
+    assert not any("nvidia-smi" in c for c in cfg["head_setup_commands"])  # the head has no GPU
+
+
+def test_gpu_workers_start_ray_with_nccl_p2p_disabled():
+    cfg = _prepared()
+    (start,) = [c for c in cfg["worker_start_ray_commands"] if " start " in c]
+    assert "NCCL_P2P_DISABLE=1" in start  # ray-project/ray#39471 on g5's PCIe-only GPUs
+
+
+def test_gpu_workers_have_their_own_role_and_the_guide_scopes_it_to_the_bucket():
+    cfg = _prepared()
+    for name, node_type in _worker_types(cfg).items():
+        assert node_type["node_config"]["IamInstanceProfile"] == {"Name": WORKER_ROLE}, name
+    guide = (ROOT / "docs" / "cluster.md").read_text()
+    bucket = re.search(r"s3://([a-z0-9.\-]+)/coco2017", " ".join(cfg["worker_setup_commands"]))[1]
+    assert WORKER_ROLE in guide and f"arn:aws:s3:::{bucket}/results/*" in guide
+    assert f"arn:aws:s3:::{bucket}/coco2017/*" in guide and f"arn:aws:s3:::{bucket}/*" not in guide
+
+
+def test_the_guide_says_what_to_check_on_the_first_gpu_node():
+    guide = (ROOT / "docs" / "cluster.md").read_text()
+    for needle in ("bench/gpu_check.py --out /tmp/gc", "--only env,nccl", "NCCL_P2P_DISABLE", "sm75",
+                   "580", "constraints.txt", "faster_coco_eval", TRIAL_RESOURCE, "create-image"):
+        assert needle in guide, needle
 
 
 def test_nodes_run_this_checkout_in_a_python311_venv():
