@@ -20,7 +20,8 @@ def _build_detr(cfg: Any, num_classes: int, category_ids: list[int] | None,
         enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
         num_queries=cfg.num_queries, dropout=cfg.dropout, aux_loss=cfg.aux_loss,
         min_size=cfg.min_size, max_size=cfg.max_size, weights=cfg.weights, category_ids=category_ids,
-        category_ids_are_coco=category_ids_are_coco)
+        category_ids_are_coco=category_ids_are_coco, class_loss=cfg.class_loss, focal_alpha=cfg.focal_alpha,
+        focal_gamma=cfg.focal_gamma, loss_weights=vars(cfg.loss_weights))
 
 
 def _build_faster_rcnn(cfg: Any, num_classes: int, category_ids: list[int] | None,

@@ -1,4 +1,6 @@
-"""DETR's set loss and post-processing (facebookresearch/detr `models/detr.py::SetCriterion/PostProcess`, 29901c5)."""
+"""DETR's set loss and post-processing (facebookresearch/detr `models/detr.py::SetCriterion/PostProcess`, 29901c5),
+with Deformable DETR's sigmoid focal loss as the alternative class loss (fundamentalvision/Deformable-DETR
+`models/deformable_detr.py::loss_labels`, `models/segmentation.py::sigmoid_focal_loss`)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,24 @@ from detsweep.models.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from detsweep.models.matcher import HungarianMatcher, Indices
 
 KNOWN_LOSSES = ("labels", "boxes", "cardinality")
+CLASS_LOSSES = ("ce", "focal")
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: Tensor, alpha: float = 0.25,
+                       gamma: float = 2.0) -> Tensor:
+    """Focal loss (Lin et al. 2017) on independent sigmoids, summed and divided by `num_boxes`.
+
+    logits, targets: [B, Q, K] (targets one-hot, 0 rows for unmatched queries). Each element contributes
+    ``alpha_t · (1 - p_t)^gamma · BCE``; `alpha` < 0 turns the class balance off (Deformable DETR's convention).
+    Deformable DETR's `sigmoid_focal_loss(...) * Q`: the mean over queries times Q is the plain sum.
+    """
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.sum() / num_boxes
 
 
 def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:
@@ -23,7 +43,8 @@ def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:
 
 
 class SetCriterion(nn.Module):
-    """Hungarian-matched losses: weighted CE over K+1 classes, L1 and GIoU on matched boxes.
+    """Hungarian-matched losses: weighted CE over K+1 classes (or, with `class_loss="focal"`, a sigmoid focal loss
+    over the K real classes), L1 and GIoU on matched boxes.
 
     Returns unweighted losses keyed like the official code: `loss_ce`, `class_error`, `loss_bbox`, `loss_giou`,
     `cardinality_error`, plus `<key>_<i>` for aux decoder layer i (no `class_error_<i>`). `weight_dict` is kept
@@ -32,11 +53,17 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float], eos_coef: float,
-                 losses: list[str]) -> None:
+                 losses: list[str], class_loss: str = "ce", focal_alpha: float = 0.25, focal_gamma: float = 2.0
+                 ) -> None:
         super().__init__()
         unknown = [loss for loss in losses if loss not in KNOWN_LOSSES]
         if unknown:
             raise ValueError(f"unknown losses {unknown}; allowed: {list(KNOWN_LOSSES)}")
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class_loss {class_loss!r} is not one of {list(CLASS_LOSSES)}")
+        self.class_loss = class_loss
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -56,7 +83,13 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
                                     device=src_logits.device)
         target_classes[idx] = target_classes_o
-        losses = {"loss_ce": F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)}
+        if self.class_loss == "focal":
+            # One-hot over the K real classes; "no object" (the last logit, unused here) is an all-zero row.
+            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(src_logits.dtype)
+            loss = sigmoid_focal_loss(src_logits[..., :-1], onehot, num_boxes, self.focal_alpha, self.focal_gamma)
+            losses = {"loss_ce": loss}
+        else:
+            losses = {"loss_ce": F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)}
         if log:
             losses["class_error"] = 100 - _top1_accuracy(src_logits[idx].detach(), target_classes_o)
         return losses
@@ -69,7 +102,10 @@ class SetCriterion(nn.Module):
         # Filled on the device from Python ints: torch.as_tensor(list, device="cuda") is a blocking copy (a sync).
         tgt_lengths = torch.stack([torch.full((), float(len(t["labels"])), device=pred_logits.device)
                                    for t in targets])
-        card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
+        if self.class_loss == "focal":  # a query predicts an object when its best class sigmoid passes 0.5
+            card_pred = (pred_logits[..., :-1].max(-1).values > 0).sum(1)
+        else:
+            card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths)}
 
     def loss_boxes(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices,
@@ -133,7 +169,14 @@ def _top1_accuracy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 class PostProcess(nn.Module):
-    """DETR outputs -> per-image {"scores": [Q], "labels": [Q] in 0..K-1, "boxes": [Q, 4] xyxy absolute}."""
+    """DETR outputs -> per-image {"scores": [Q], "labels": [Q] in 0..K-1, "boxes": [Q, 4] xyxy absolute}.
+
+    Scores: the softmax over K+1 classes without "no object" (official), or with `sigmoid=True` (focal loss)
+    the best of the K independent class sigmoids; the "no object" logit is not used then."""
+
+    def __init__(self, sigmoid: bool = False) -> None:
+        super().__init__()
+        self.sigmoid = sigmoid
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Any], target_sizes: Tensor) -> list[dict[str, Tensor]]:
@@ -141,8 +184,8 @@ class PostProcess(nn.Module):
         out_logits, out_bbox = outputs["pred_logits"], outputs["pred_boxes"]
         if target_sizes.dim() != 2 or target_sizes.shape != (len(out_logits), 2):
             raise ValueError(f"target_sizes must be [{len(out_logits)}, 2] (h, w), got {tuple(target_sizes.shape)}")
-        prob = F.softmax(out_logits, -1)
-        scores, labels = prob[..., :-1].max(-1)  # best real class; the "no object" column is dropped
+        prob = out_logits[..., :-1].sigmoid() if self.sigmoid else F.softmax(out_logits, -1)[..., :-1]
+        scores, labels = prob.max(-1)  # best real class; the "no object" column is dropped
         boxes = box_cxcywh_to_xyxy(out_bbox)
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)

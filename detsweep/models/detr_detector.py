@@ -6,7 +6,8 @@ Train: `detector(images, targets) -> {loss name: weighted loss}`; eval: `detecto
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -171,14 +172,36 @@ def detr_weight_dict(dec_layers: int, aux_loss: bool, ce: float = 1.0, bbox: flo
     return weight_dict
 
 
+_OFFICIAL_LOSS_WEIGHTS = {"ce": 1.0, "bbox": 5.0, "giou": 2.0}  # facebookresearch/detr main.py defaults
+FOCAL_PRIOR_PROB = 0.01  # Lin et al. 2017 (RetinaNet) and Deformable DETR: every class starts at p = 0.01
+
+
+def _loss_weights(given: Mapping[str, float] | None) -> dict[str, float]:
+    unknown = sorted(set(given or {}) - set(_OFFICIAL_LOSS_WEIGHTS))
+    if unknown:
+        raise ValueError(f"loss_weights keys {unknown} are not among {list(_OFFICIAL_LOSS_WEIGHTS)}")
+    return {**_OFFICIAL_LOSS_WEIGHTS, **{k: float(v) for k, v in (given or {}).items()}}
+
+
+def _focal_prior(detr: DETR) -> None:
+    """A fresh class head for the focal loss: bias log(p/(1-p)), so the loss does not start dominated by the
+    many background queries (each class's sigmoid would otherwise start at 0.5)."""
+    with torch.no_grad():
+        detr.class_embed.bias.fill_(-math.log((1 - FOCAL_PRIOR_PROB) / FOCAL_PRIOR_PROB))
+
+
 def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_dim: int = 256, nheads: int = 8,
                         enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048,
                         num_queries: int = 100, dropout: float = 0.1, aux_loss: bool = True,
                         pre_norm: bool = False, min_size: int | None = None, max_size: int | None = None,
                         weights: str = "none", category_ids: Sequence[int] | None = None,
-                        category_ids_are_coco: bool = False) -> DETRDetector:
+                        category_ids_are_coco: bool = False, class_loss: str = "ce", focal_alpha: float = 0.25,
+                        focal_gamma: float = 2.0, loss_weights: Mapping[str, float] | None = None) -> DETRDetector:
     """DETR for `num_classes` contiguous labels with the official recipe: matcher costs 1/5/2, loss weights
-    1/5/2 (+ aux copies), eos_coef 0.1. `weights`: "none", "imagenet" (the backbone only, the official starting
+    1/5/2 (+ aux copies), eos_coef 0.1. `loss_weights` ({ce, bbox, giou}, default the official 1/5/2) weight the
+    losses and the matcher's costs alike, as the official defaults do. `class_loss="focal"`: Deformable DETR's
+    sigmoid focal loss (`focal_alpha`, `focal_gamma`), its matcher class cost and sigmoid scores; a fresh class
+    head then starts from its prior (bias -log((1-0.01)/0.01)), and the "no object" logit goes unused. `weights`: "none", "imagenet" (the backbone only, the official starting
     point), "coco" or a checkpoint path (see `load_detr_weights`); the backbone parts frozen follow from it
     (`backbone.frozen_layers_for`: the official stem + layer1 when pretrained, nothing from random init);
     `category_ids`: original category id of each label, sorted; with `category_ids_are_coco` (the dataset is
@@ -194,10 +217,16 @@ def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_
                                 category_ids_are_coco=category_ids_are_coco)
     # Pretrained starts keep the official frozen stem + layer1; from random init everything trains.
     freeze_layers(detr.backbone[0], frozen_layers_for(weights))
-    matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
-    criterion = SetCriterion(num_classes, matcher, detr_weight_dict(dec_layers, aux_loss), eos_coef=0.1,
-                             losses=["labels", "boxes", "cardinality"])
-    detector = DETRDetector(detr, criterion, PostProcess(), min_size=min_size, max_size=max_size,
+    w = _loss_weights(loss_weights)
+    focal = class_loss == "focal"
+    if focal and summary.get("class_embed", "reinitialised") == "reinitialised":
+        _focal_prior(detr)
+    matcher = HungarianMatcher(cost_class=w["ce"], cost_bbox=w["bbox"], cost_giou=w["giou"], focal=focal,
+                               focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+    criterion = SetCriterion(num_classes, matcher, detr_weight_dict(dec_layers, aux_loss, **w), eos_coef=0.1,
+                             losses=["labels", "boxes", "cardinality"], class_loss=class_loss,
+                             focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+    detector = DETRDetector(detr, criterion, PostProcess(sigmoid=focal), min_size=min_size, max_size=max_size,
                             category_ids=category_ids)
     detector.weights_summary = summary
     return detector

@@ -16,12 +16,16 @@ class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising cost_class*(-p[class]) + cost_bbox*L1 + cost_giou*(-GIoU).
 
     Defaults are the official recipe's (1, 5, 2). Predictions left unmatched are "no object".
+    With `focal=True` the class cost is Deformable DETR's, matching its sigmoid focal loss: with p = sigmoid(logit)
+    of the target class, alpha·(1-p)^gamma·(-log p) - (1-alpha)·p^gamma·(-log(1-p)).
     Outputs are {"pred_logits": [B, Q, K+1], "pred_boxes": [B, Q, 4] cxcywh norm}; targets
     [{"labels": [N_i] int64, "boxes": [N_i, 4] cxcywh norm}].
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, *,
+                 focal: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
         super().__init__()
+        self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher needs at least one non-zero cost, got cost_class=cost_bbox=cost_giou=0")
         self.cost_class = cost_class
@@ -37,19 +41,30 @@ class HungarianMatcher(nn.Module):
         bs, num_queries = outputs["pred_logits"].shape[:2]
         # Batched over all images at once (one big matrix, then split): cheaper than a loop over images.
         # float32 costs even under autocast: near-ties in bf16 would make the assignment arbitrary.
-        out_prob = outputs["pred_logits"].flatten(0, 1).float().softmax(-1)
+        logits = outputs["pred_logits"].flatten(0, 1).float()
         out_bbox = outputs["pred_boxes"].flatten(0, 1).float()
         tgt_ids = torch.cat([t["labels"] for t in targets])
         tgt_bbox = torch.cat([t["boxes"] for t in targets]).float()
         tgt_xyxy = box_cxcywh_to_xyxy(tgt_bbox)
-        # -p[target class] approximates the NLL; the constant 1 of (1 - p) does not change the assignment.
-        cost_class = -out_prob[:, tgt_ids]
+        if self.focal:
+            cost_class = self._focal_class_cost(logits[:, tgt_ids])
+        else:
+            # -p[target class] approximates the NLL; the constant 1 of (1 - p) does not change the assignment.
+            cost_class = -logits.softmax(-1)[:, tgt_ids]
         cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
         # Unchecked: GIoU's own check would be a host-device sync per call; `match_layers` checks once on the CPU.
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), tgt_xyxy, check=False)
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         degenerate = (tgt_xyxy[:, 2:] < tgt_xyxy[:, :2]).any(dim=1)
         return cost.masked_fill(degenerate, float("nan")).view(bs, num_queries, len(tgt_ids))
+
+    def _focal_class_cost(self, logits: Tensor) -> Tensor:
+        """Deformable DETR's matcher class cost on the target classes' logits [Q', N] (1e-8 as there)."""
+        prob = logits.sigmoid()
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        neg = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
+        pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+        return pos - neg
 
     def cost_matrices(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:
         """Per-image cost matrices [Q, N_i] on the CPU (see the class docstring for the layout)."""

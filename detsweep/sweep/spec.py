@@ -49,6 +49,15 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+@dataclass(frozen=True)
+class LossWeights:
+    """DETR's loss weights, also its matcher's costs (the official defaults are 1/5/2 for both)."""
+
+    ce: float = 1.0  # the class loss (cross-entropy, or focal with class_loss: focal)
+    bbox: float = 5.0  # L1 on cxcywh-normalised boxes
+    giou: float = 2.0  # 1 - GIoU
+
+
 class DetrConfig:
     backbone: Backbone = "resnet50"
     weights: str = "none"  # none | imagenet | coco | /path/to/checkpoint.pth
@@ -64,6 +73,12 @@ class DetrConfig:
     max_size: int | None = None
     regimes: tuple[Regime, ...] = registry.FAMILY_REGIMES["detr"]
 
+    # ce: the official softmax cross-entropy over K+1; focal: Deformable DETR's sigmoid focal loss (and its
+    # matcher cost, sigmoid scores)
+    class_loss: Literal["ce", "focal"] = "ce"
+    focal_alpha: float = 0.25  # Deformable DETR's defaults
+    focal_gamma: float = 2.0
+    loss_weights: LossWeights = field(default_factory=LossWeights)
 
 @dataclass(frozen=True)
 class FasterRCNNConfig:
