@@ -926,10 +926,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         print(RESULT_TAG + json.dumps(CHILDREN[a.child](ctx, json.loads(a.child_args)), default=str), flush=True)
         return 0
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    sha = None
+    with contextlib.suppress(OSError):  # a copied tree may have no .git, a GPU machine no git
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     ctx.report["meta"] = {"argv": sys.argv[1:], "smoke": a.smoke, "device": str(ctx.dev), "host": socket.gethostname(),
                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": a.budget_s,
-                          "git_sha": git.stdout.strip() or None, "planned": only or list(SECTIONS)}
+                          "git_sha": sha or None, "planned": only or list(SECTIONS)}
     for name, (fn, optional, needs_s) in SECTIONS.items():
         if only and name not in only:
             continue
