@@ -202,6 +202,9 @@ def predict(
         fresh = 0
         for image, target, out in zip(images, targets, outputs):
             boxes_xyxy = out["boxes"].float().cpu()
+            (h, w), (oh, ow) = image.shape[-2:], target.get("orig_size", image.shape[-2:])
+            if (h, w) != (oh, ow):  # an eval transform resized the image: boxes back to the file's pixels
+                boxes_xyxy = boxes_xyxy * torch.tensor([ow / w, oh / h, ow / w, oh / h])
             boxes_xywh = torch.cat([boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]], dim=1)
             image_id = int(target["image_id"])
             if image_id in seen:

@@ -115,6 +115,7 @@ def build_data(trial: TrialConfig, world: int, rank: int, device: Any) -> TrialD
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
     from detsweep.data.coco import build_dataset_splits, collate_fn
+    from detsweep.data.transforms import EVAL_SIZE, eval_transform, train_transform
 
     d, t = trial.data, trial.train
     # coco: checked again here (annotations: seconds; image headers once per node, cached), so every
@@ -132,6 +133,10 @@ def build_data(trial: TrialConfig, world: int, rank: int, device: Any) -> TrialD
         train_sampler, val_sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(t.seed)), None
     on_cuda = device.type == "cuda"  # the engine moves CPU batches itself
     train_ds.uint8 = val_ds.uint8 = on_cuda  # a quarter of the bytes to copy; scaled to 0..1 on the device
+    # data.augment, in the official recipe's pixels scaled to synthetic images; Faster R-CNN resizes itself.
+    scale, resize = (d.image_size / EVAL_SIZE if d.kind == "synthetic" else 1.0), trial.family == "detr"
+    train_ds.transform = train_transform(d.augment, scale=scale, resize=resize)
+    val_ds.transform = eval_transform(d.augment, scale=scale, resize=resize)
     workers = loader_workers(trial)
     loader_kw = dict(batch_size=t.batch_size_per_worker, collate_fn=collate_fn, num_workers=workers,
                      pin_memory=on_cuda, **({"persistent_workers": True, "prefetch_factor": 4} if workers else {}))

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from detsweep.data.images import load_rgb
+from detsweep.data.transforms import apply, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class CocoDetection(Dataset):
         self.label_map = label_map if label_map is not None else LabelMap.from_coco(coco)
         self.train = train
         self.hflip_prob = hflip_prob
+        # data.augment (data/transforms.py): today's random flip by default; the worker sets its trial's recipe.
+        self.transform = train_transform("hflip", flip_p=hflip_prob) if train and hflip_prob > 0 else None
 
         files = {int(im["id"]): im["file_name"] for im in coco["images"]}
         # The JSON's sizes decide whether an EXIF-turned image is turned when loaded (images.load_rgb).
@@ -211,9 +214,7 @@ class CocoDetection(Dataset):
         # ImageReadError names the file: an image unreadable mid-run (a network filesystem) fails the
         # trial with that one line, never a bare OSError.
         pixels = load_rgb(self.image_dir / self._file_names[index], self._json_sizes[index])
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-        if not self.uint8:
-            image = image.float().div_(255.0)
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
         h, w = pixels.shape[:2]
 
         start, end = self._offsets[index], self._offsets[index + 1]
@@ -225,12 +226,11 @@ class CocoDetection(Dataset):
         boxes_xyxy = boxes_xyxy[keep]
         labels = torch.from_numpy(self._labels[start:end].copy())[keep]
 
-        # torch's global RNG: DataLoader seeds it per loader worker, so flips differ across workers.
-        if self.train and self.hflip_prob > 0 and float(torch.rand(())) < self.hflip_prob:
-            image = image.flip(-1)
-            boxes_xyxy = torch.stack(
-                [w - boxes_xyxy[:, 2], boxes_xyxy[:, 1], w - boxes_xyxy[:, 0], boxes_xyxy[:, 3]], dim=1
-            )
+        # torch's global RNG: DataLoader seeds it per loader worker, so augmentations differ across workers.
+        image, boxes_xyxy, labels = apply(self.transform, image, boxes_xyxy, labels)
+        if self.uint8:  # a GPU trial's loader: a quarter of the bytes to copy, scaled back on the device
+            image = image.mul(255.0).round_().to(torch.uint8)
+        # orig_size: the image's own size, for boxes predicted on a resized eval image (engine.predict).
         target = {"boxes": boxes_xyxy, "labels": labels, "image_id": int(image_id), "orig_size": (h, w)}
         return image, target
 

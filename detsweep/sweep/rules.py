@@ -28,7 +28,7 @@ from detsweep.sweep.typed import SweepError
 # Keys whose rules span other keys (see `combination_violation`): checked on every combination of their
 # grid values, since each value alone says nothing about the trials it lands in.
 COMBINATION_KEYS = ("train.epochs", "train.lr_drop_epoch", "data.kind", "data.num_classes", "data.classes",
-                    "data.domain", "eval.every")
+                    "data.domain", "eval.every", "data.augment")
 COMBINATION_PREFIXES = ("model.detr.",)
 # Metrics a scheduler may watch: what every epoch reports.
 SCHEDULER_METRICS = ("ap", "ap50", "ap75", "ar100", "loss", "ece", "nll", "brier")
@@ -223,6 +223,12 @@ def combination_violation(sweep: Sweep, grid_keys: Collection[str] = ()) -> tupl
                                           f"of data.classes {classes}; the order is {every}"),
                      ("data.kind", f"'synthetic' makes {made} (data.num_classes {d.num_classes}), which lack some "
                                    f"of data.classes {classes}"))
+    if d.augment in ("detr", "photometric") and sweep.model.detr.min_size is not None:
+        # The recipe resizes (multi-scale in training, 800 / 1333 in eval); a model resize on top would be a second.
+        return named(("model.detr.min_size", f"{sweep.model.detr.min_size!r} must be null with data.augment "
+                                             f"{d.augment!r}: the recipe resizes the images already"),
+                     ("data.augment", f"{d.augment!r} resizes the images itself, so model.detr.min_size must be "
+                                      f"null (it is {sweep.model.detr.min_size})"))
     violation = detr_coco_violation(sweep.model.detr)
     if violation is not None:
         return f"model.detr.{violation[0]}", violation[1]
@@ -323,12 +329,15 @@ def check_search_and_cost(sweep: Sweep) -> None:
     """The `search:` section's own rules (its space is checked by sweep/search.py, which knows the grid)
     and the `cost:` section's prices (sweep/cost.py)."""
     src, search = sweep.source, sweep.search
-    pricing(sweep.cost, src)
+    prices = pricing(sweep.cost, src)
     if search is None:
         return
     if search.num_samples < 1:
         raise SweepError(f"{src}: search.num_samples: {search.num_samples!r} must be >= 1")
     objectives = search_objectives(search, src)
+    if prices is None and "cost_usd" in (m for m, _ in objectives):
+        raise SweepError(f"{src}: search.objectives: cost_usd needs prices: cost.usd_per_gpu_hour and "
+                         f"cost.usd_per_cpu_hour, or cost.node_types")
     if sweep.scheduler.kind == "asha" and len(objectives) > 1:
         raise SweepError(f"{src}: scheduler: 'asha' cannot stop trials of a multi-objective search "
                          f"({len(objectives)} objectives): Optuna cannot prune multi-objective studies, and ASHA "

@@ -45,10 +45,10 @@ class DataConfig:
     classes: tuple[str, ...] | None = None  # a class subset by name (synthetic: among num_classes')
     seed: int = 0  # synthetic generation seed
     domain: Literal["source", "target"] = "source"  # synthetic only: the transfer task's two domains
+    augment: Literal["none", "hflip", "detr", "photometric"] = "hflip"  # training augmentation (data/transforms.py)
     loader_workers: int | None = None  # DataLoader processes per DDP worker; null: min(8, cpus_per_worker - 1) with a GPU, else 0
 
 
-@dataclass(frozen=True)
 @dataclass(frozen=True)
 class LossWeights:
     """DETR's loss weights, also its matcher's costs (the official defaults are 1/5/2 for both)."""
@@ -58,6 +58,7 @@ class LossWeights:
     giou: float = 2.0  # 1 - GIoU
 
 
+@dataclass(frozen=True)
 class DetrConfig:
     backbone: Backbone = "resnet50"
     weights: str = "none"  # none | imagenet | coco | /path/to/checkpoint.pth
@@ -72,13 +73,13 @@ class DetrConfig:
     min_size: int | None = None  # resize inside the model; None = feed images as they are
     max_size: int | None = None
     regimes: tuple[Regime, ...] = registry.FAMILY_REGIMES["detr"]
-
     # ce: the official softmax cross-entropy over K+1; focal: Deformable DETR's sigmoid focal loss (and its
     # matcher cost, sigmoid scores)
     class_loss: Literal["ce", "focal"] = "ce"
     focal_alpha: float = 0.25  # Deformable DETR's defaults
     focal_gamma: float = 2.0
     loss_weights: LossWeights = field(default_factory=LossWeights)
+
 
 @dataclass(frozen=True)
 class FasterRCNNConfig:
