@@ -26,8 +26,9 @@ Sections (the optional ones are skipped once --budget-s is spent; seed000 sizes 
             DETR full and DETR LoRA r4, in the time left (fewer steps when the budget demands; the JSON says
             so). For all 500 steps of each: --only env,seed000
 --smoke forces the CPU, tiny models (resnet18, 64x96 images, 1-2 steps); CUDA-only parts report SKIP and
-performance expectations are not judged. Imports only torch, torchvision, numpy, PIL and detsweep's engine,
-models, data and metrics: the GPU machine has no Ray, no pycocotools, and nothing can be installed there.
+performance expectations are not judged. Imports only torch, torchvision, numpy, PIL, detsweep's engine,
+models and data, and the config sections of detsweep.sweep.spec (pyyaml, pyarrow): the lent GPU machine has
+no Ray, no pycocotools, and nothing can be installed there (tests/bench/test_gpu_check.py blocks them).
 """
 from __future__ import annotations
 
@@ -60,6 +61,10 @@ from detsweep import engine  # noqa: E402
 from detsweep.models import build_model  # noqa: E402
 from detsweep.models.lora import apply_lora  # noqa: E402
 from detsweep.models.regimes import apply_regime  # noqa: E402
+# The sweep file's own sections, so the builders get every field they read (a stand-in broke as soon as
+# DetrConfig grew one). detsweep.sweep is torch- and Ray-free (tests/test_architecture.py); it needs pyyaml
+# and pyarrow, which the lent GPU machine's image has.
+from detsweep.sweep.spec import DetrConfig, FasterRCNNConfig, TrainConfig  # noqa: E402
 
 T0 = time.time()
 RESULT_TAG = "GC_RESULT "  # a child's answer on stdout, apart from anything else it prints
@@ -85,10 +90,9 @@ TINY = SimpleNamespace(
                rpn_post_nms_top_n_test=100, trainable_backbone_layers=None),
     warm=0, steps=1, max_update_steps=1, jpegs=8, loader_workers=2, loader_steps=1, trial_steps=1,
     seed000_steps=1)
-# sweeps/full.yaml's train section, duck-typed: detsweep.sweep imports yaml and storage, which the engine
-# does not need. Configs stop at the builders, so a stand-in with the same fields is all they see.
-TRAIN = SimpleNamespace(epochs=12, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, grad_clip=0.1, warmup_steps=0,
-                        lr_schedule="constant", lr_drop_epoch=None)
+# sweeps/full.yaml's train section (its x0.1 drop at epoch 8 of 12 is never reached in these few steps).
+TRAIN = TrainConfig(epochs=12, batch_size_per_worker=4, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, grad_clip=0.1,
+                    lr_schedule="step", lr_drop_epoch=8, amp="auto", seed=0)
 
 
 class Ctx:
@@ -163,7 +167,7 @@ def frcnn_weights(ctx: Ctx) -> str:
     layout (FrozenBatchNorm2d, 3 trainable backbone layers) without a download."""
     if ctx.frcnn_path is None:
         torch.manual_seed(0)
-        cfg = SimpleNamespace(**{**ctx.sizes.frcnn, "weights": "none", "trainable_backbone_layers": None})
+        cfg = FasterRCNNConfig(**{**ctx.sizes.frcnn, "weights": "none", "trainable_backbone_layers": None})
         model = build_model("fasterrcnn_r50_fpn", cfg, num_classes=ctx.sizes.num_classes)
         ctx.frcnn_path = os.path.join(ctx.tmp, "frcnn_random.pth")
         torch.save(model.state_dict(), ctx.frcnn_path)
@@ -176,10 +180,9 @@ def build(ctx: Ctx, kind: str, regime: str = "full", placement: str = "attention
     torch.manual_seed(0)
     s = ctx.sizes
     if kind == "detr":
-        cfg = SimpleNamespace(weights="none", dropout=0.1, aux_loss=True, **s.detr)
-        model = build_model("detr_r50", cfg, num_classes=s.num_classes)
+        model = build_model("detr_r50", DetrConfig(**s.detr), num_classes=s.num_classes)
     else:
-        cfg = SimpleNamespace(weights=frcnn_weights(ctx), **s.frcnn)
+        cfg = FasterRCNNConfig(**{**s.frcnn, "weights": frcnn_weights(ctx)})
         model = build_model("fasterrcnn_r50_fpn", cfg, num_classes=s.num_classes)
     if regime == "lora_only":
         apply_lora(model, rank=rank, alpha=16.0, placement=placement)
