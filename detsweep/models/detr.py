@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detsweep.models.backbone import Backbone, Joiner, PositionEmbeddingSine, pad_images
+from detsweep.models.backbone import RESNET_CHANNELS, Backbone, Joiner, PositionEmbeddingSine, pad_images
 from detsweep.models.transformer import Transformer
+from detsweep.models.vit import VITS, ViTBackbone
 
 
 class MLP(nn.Module):
@@ -67,11 +68,15 @@ class DETR(nn.Module):
             images, mask = pad_images(list(images))
         elif mask is None:
             mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool, device=images.device)
-        # A fully frozen backbone (lora_only regime) needs no autograd graph: saves its activations' memory.
+        # A fully frozen backbone (lora_only regime) needs no autograd graph: saves its activations' memory. When
+        # the transformer side is frozen too (two_stage's heads-only first stage), only the heads build one.
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
+        body_frozen = frozen and not any(p.requires_grad for m in (self.input_proj, self.transformer, self.query_embed)
+                                         for p in m.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             features, feature_mask, pos = self.backbone(images, mask)
-        hs = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)[0]
+        with torch.no_grad() if body_frozen else contextlib.nullcontext():
+            hs = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)[0]
         outputs_class, outputs_coord = self.heads(hs)
         out: dict[str, Any] = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
@@ -94,7 +99,8 @@ class DETR(nn.Module):
 def build_detr(*, backbone: str, hidden_dim: int, nheads: int, enc_layers: int, dec_layers: int,
                dim_feedforward: int, num_queries: int, num_classes: int, dropout: float, aux_loss: bool,
                pre_norm: bool = False, dilation: bool = False) -> DETR:
-    """Build DETR with the official builder's argument names (backbone: resnet18/34/50/101, weights random;
+    """Build DETR with the official builder's argument names (backbone: resnet18/34/50/101 or a ViT of
+    `vit.VITS`, weights random;
     `weights.load_detr_weights` loads pretrained ones). An official-style config dict, with its extra keys
     (`position_embedding`, loss weights, ...), goes through `build_detr_from_official_config` instead."""
     for name, value in (("hidden_dim", hidden_dim), ("nheads", nheads), ("enc_layers", enc_layers),
@@ -108,7 +114,15 @@ def build_detr(*, backbone: str, hidden_dim: int, nheads: int, enc_layers: int, 
         raise ValueError(f"hidden_dim must be even (half of it encodes y, half x), got {hidden_dim}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    joiner = Joiner(Backbone(backbone, dilation=dilation), PositionEmbeddingSine(hidden_dim // 2, normalize=True))
+    if backbone in VITS:
+        if dilation:
+            raise ValueError(f"dilation=True (DC5) needs a bottleneck ResNet, not the ViT {backbone!r}")
+        body: nn.Module = ViTBackbone(backbone)
+    elif backbone in RESNET_CHANNELS:
+        body = Backbone(backbone, dilation=dilation)
+    else:
+        raise ValueError(f"backbone {backbone!r} is not one of {sorted(RESNET_CHANNELS) + sorted(VITS)}")
+    joiner = Joiner(body, PositionEmbeddingSine(hidden_dim // 2, normalize=True))
     transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
                               num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
                               normalize_before=pre_norm)

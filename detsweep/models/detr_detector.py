@@ -19,6 +19,8 @@ from detsweep.models.boxes import box_xyxy_to_cxcywh
 from detsweep.models.criterion import PostProcess, SetCriterion
 from detsweep.models.detr import DETR, build_detr
 from detsweep.models.matcher import HungarianMatcher
+from detsweep.models.vit import ViTBackbone
+from detsweep.models.vit_weights import BACKBONE_PREFIX, load_vit_weights
 from detsweep.models.weights import load_detr_weights
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,8 @@ class DETRDetector(nn.Module):
         for name, value in (("lr", lr), ("lr_backbone", lr_backbone), ("weight_decay", weight_decay)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        backbone_ids = {id(p) for p in self.detr.backbone.parameters()}
+        # The backbone's body (ResNet, ViT); a ViT's fresh neck trains at lr with input_proj.
+        backbone_ids = {id(p) for p in self.detr.backbone[0].body.parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"name": "transformer_and_heads", "params": [p for p in trainable if id(p) not in backbone_ids],
@@ -201,9 +204,11 @@ def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_
     1/5/2 (+ aux copies), eos_coef 0.1. `loss_weights` ({ce, bbox, giou}, default the official 1/5/2) weight the
     losses and the matcher's costs alike, as the official defaults do. `class_loss="focal"`: Deformable DETR's
     sigmoid focal loss (`focal_alpha`, `focal_gamma`), its matcher class cost and sigmoid scores; a fresh class
-    head then starts from its prior (bias -log((1-0.01)/0.01)), and the "no object" logit goes unused. `weights`: "none", "imagenet" (the backbone only, the official starting
-    point), "coco" or a checkpoint path (see `load_detr_weights`); the backbone parts frozen follow from it
-    (`backbone.frozen_layers_for`: the official stem + layer1 when pretrained, nothing from random init);
+    head then starts from its prior (bias -log((1-0.01)/0.01)), and the "no object" logit goes unused.
+    `weights`: "none", "imagenet" (the backbone only, the official starting point; a ViT's: `vit_weights`),
+    "lvd142m" (DINOv2), "backbone:PATH", "coco" or a DETR checkpoint path (see `load_detr_weights`); a ResNet's
+    parts frozen follow from it (`backbone.frozen_layers_for`: the official stem + layer1 when pretrained, nothing
+    from random init);
     `category_ids`: original category id of each label, sorted; with `category_ids_are_coco` (the dataset is
     COCO) they keep a COCO checkpoint's class rows, else a checkpoint of other classes gets a fresh class head.
     """
@@ -213,10 +218,14 @@ def build_detr_detector(*, num_classes: int, backbone: str = "resnet50", hidden_
     detr = build_detr(backbone=backbone, hidden_dim=hidden_dim, nheads=nheads, enc_layers=enc_layers,
                       dec_layers=dec_layers, dim_feedforward=dim_feedforward, num_queries=num_queries,
                       num_classes=num_classes, dropout=dropout, aux_loss=aux_loss, pre_norm=pre_norm)
-    summary = load_detr_weights(detr, weights, category_ids=list(category_ids) if category_ids is not None else None,
-                                category_ids_are_coco=category_ids_are_coco)
-    # Pretrained starts keep the official frozen stem + layer1; from random init everything trains.
-    freeze_layers(detr.backbone[0], frozen_layers_for(weights))
+    vit = isinstance(detr.backbone[0], ViTBackbone)
+    if vit and (weights in ("imagenet", "lvd142m") or weights.startswith(BACKBONE_PREFIX)):
+        summary = load_vit_weights(detr.backbone[0], weights)  # the backbone only, as `imagenet` for a ResNet
+    else:
+        summary = load_detr_weights(detr, weights, category_ids=None if category_ids is None else list(category_ids),
+                                    category_ids_are_coco=category_ids_are_coco)
+    if not vit:  # pretrained starts keep the official frozen stem + layer1; from random init everything trains
+        freeze_layers(detr.backbone[0], frozen_layers_for(weights))
     w = _loss_weights(loss_weights)
     focal = class_loss == "focal"
     if focal and summary.get("class_embed", "reinitialised") == "reinitialised":

@@ -97,6 +97,9 @@ def weights_enum(backbone: str, weights: str) -> WeightsEnum | None:
     """
     _check_choice("backbone", backbone, BACKBONES)
     _check_choice("weights", weights, WEIGHTS)
+    if weights == "lvd142m":
+        raise ValueError("weights='lvd142m' are DINOv2's, for DETR's ViT backbones; Faster R-CNN takes 'none', "
+                         "'coco', 'imagenet' or a checkpoint path")
     if weights == "coco":
         if backbone != "resnet50":
             raise ValueError(

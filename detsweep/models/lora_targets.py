@@ -28,7 +28,7 @@ _VIT_ATTN = (
     # torchvision's VisionTransformer: one fused nn.MultiheadAttention per encoder block (qkv + out_proj)
     r"backbone\.0\.body\.encoder\.layers\.encoder_layer_\d+\.self_attention",
     # timm's VisionTransformer (DINOv2): Linear qkv [3E, E] and Linear proj per block
-    r"backbone\.0\.body\.blocks\.\d+\.attn\.(?:qkv|proj)",
+    r"backbone\.0\.body\.vit\.blocks\.\d+\.attn\.(?:qkv|proj)",
 )
 PRESETS: dict[str, tuple[str, ...]] = {
     # encoder self-attn, decoder self-attn and decoder cross-attn: q, k, v, out

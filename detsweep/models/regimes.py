@@ -27,9 +27,9 @@ REGIMES: tuple[str, ...] = STAGE2_REGIMES + ("heads",)
 _DETR_MARKERS = (r"transformer\.", r"query_embed\.")
 _FRCNN_MARKERS = (r"rpn\.", r"roi_heads\.")
 _DETR_HEADS = (r"class_embed\.", r"bbox_embed\.", r"query_embed\.")
-# The last block of a ViT backbone (torchvision: encoder_layer_<last>, timm: blocks.<last>) and its final norm
+# The last block of a ViT backbone (torchvision: encoder_layer_<last>, timm: vit.blocks.<last>) and its final norm
 # play ResNet layer4's part in `partial`; `vit_last_block` names them (the block index depends on the depth).
-_VIT_TAIL = (r"backbone\.0\.body\.(?:encoder\.ln|norm)\.", r"backbone\.0\.neck\.")
+_VIT_TAIL = (r"backbone\.0\.body\.(?:encoder\.ln|vit\.norm)\.", r"backbone\.0\.neck\.")
 _TRAINABLE = {
     ("detr", "lora_only"): _DETR_HEADS,
     ("detr", "partial"): (r"backbone\.0\.body\.layer4\.",) + _VIT_TAIL + _DETR_HEADS,
@@ -64,8 +64,8 @@ def _model_kind(names: list[str], model: nn.Module) -> str:
 
 def _vit_last_block(named: list[tuple[str, nn.Parameter]]) -> tuple[str, ...]:
     """The pattern of a ViT backbone's last block, or () for a ResNet."""
-    found = [(m.group(1), int(m.group(2))) for n, _ in named
-             if (m := re.search(r"(?:^|\.)backbone\.0\.body\.(encoder\.layers\.encoder_layer_|blocks\.)(\d+)\.", n))]
+    block = re.compile(r"(?:^|\.)backbone\.0\.body\.(encoder\.layers\.encoder_layer_|vit\.blocks\.)(\d+)\.")
+    found = [(m.group(1), int(m.group(2))) for n, _ in named if (m := block.search(n))]
     if not found:
         return ()
     prefix, last = max(found, key=lambda f: f[1])

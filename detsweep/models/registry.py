@@ -17,7 +17,7 @@ LORA_PLACEMENTS: tuple[str, ...] = ("attention_only", "attention_ffn", "decoder_
                                     "backbone_attention", "backbone_attention+transformer", "box_head")
 RESNET_BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
 # Vision transformers (DETR only): torchvision's ViT-B/16, DINOv2 ViT-S/14 and ViT-B/14 (through timm).
-VIT_BACKBONES: tuple[str, ...] = ()
+VIT_BACKBONES: tuple[str, ...] = ("vit_b_16", "dinov2_vits14", "dinov2_vitb14")
 BACKBONES: tuple[str, ...] = RESNET_BACKBONES + VIT_BACKBONES  # DETR's
 FASTER_RCNN_BACKBONES: tuple[str, ...] = RESNET_BACKBONES  # torchvision's ResNet-FPN
 # What each placement's patterns need in the model: DETR's transformer, a ViT backbone, Faster R-CNN's box
@@ -29,8 +29,15 @@ PLACEMENT_NEEDS: dict[str, frozenset[str]] = {
     "backbone_attention+transformer": frozenset({"vit_backbone", "detr_transformer"}),
     "box_head": frozenset({"box_head"}),
 }
-# Named weights (anything else is a checkpoint file's path).
-NAMED_WEIGHTS: tuple[str, ...] = ("none", "coco", "imagenet")
+# Named weights (anything else is a checkpoint file's path; `backbone:PATH` a ViT backbone's own file).
+NAMED_WEIGHTS: tuple[str, ...] = ("none", "coco", "imagenet", "lvd142m")
+# The named weights each backbone has: coco is the official DETR-R50 / torchvision's Faster R-CNN R50, imagenet
+# the ImageNet-1k classifier (ResNets, ViT-B/16), lvd142m DINOv2's own pretraining (through timm).
+BACKBONE_WEIGHTS: dict[str, tuple[str, ...]] = {
+    **{name: ("none", "imagenet") for name in ("resnet18", "resnet34", "resnet101", "vit_b_16")},
+    "resnet50": ("none", "coco", "imagenet"),
+    "dinov2_vits14": ("none", "lvd142m"), "dinov2_vitb14": ("none", "lvd142m"),
+}
 
 
 def family_of(model: str) -> str:

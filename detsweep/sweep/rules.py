@@ -39,6 +39,7 @@ _NOT_REPORTED = ({c.name for c in CONFIG_COLUMNS} | DRIVER_COLUMNS
 SEARCH_METRICS = tuple(f.name for f in RESULTS_SCHEMA if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
                        and f.name not in _NOT_REPORTED) + ("cost_usd",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+BACKBONE_PREFIX = "backbone:"  # as models/vit_weights.py (torch-free here)
 # `model.detr.weights: coco` is the official DETR-R50 (detr-r50-e632da11.pth, the official main.py
 # defaults): these settings must equal its own, and its queries and decoder layers can only be cut.
 DETR_COCO_ARCHITECTURE = {"backbone": "resnet50", "hidden_dim": 256, "nheads": 8, "enc_layers": 6,
@@ -132,9 +133,13 @@ def check_values(sweep: Sweep, check_paths: bool = True, grid_key: str | None = 
     for fam in ("detr", "faster_rcnn"):
         w = getattr(m, fam).weights
         named = registry.NAMED_WEIGHTS
-        if w not in named and base_name(w) is None and check_paths and not Path(w).expanduser().is_file():
+        file = w.removeprefix(BACKBONE_PREFIX)  # `backbone:PATH`: a ViT backbone's own checkpoint file
+        if w not in named and base_name(w) is None and check_paths and not Path(file).expanduser().is_file():
             raise fail(f"model.{fam}.weights", f"{w!r} is neither one of {list(named)} nor an existing "
                        f"checkpoint file")
+    if m.faster_rcnn.weights == "lvd142m" or m.faster_rcnn.weights.startswith(BACKBONE_PREFIX):
+        raise fail("model.faster_rcnn.weights", f"{m.faster_rcnn.weights!r} is for DETR's ViT backbones; Faster "
+                   f"R-CNN takes one of ['none', 'coco', 'imagenet'] or a checkpoint file")
     if m.faster_rcnn.weights == "coco" and m.faster_rcnn.backbone != "resnet50":
         raise fail("model.faster_rcnn.weights", f"'coco' needs backbone 'resnet50', not {m.faster_rcnn.backbone!r}")
     violation = data_violation(d, check_paths)
@@ -229,9 +234,20 @@ def combination_violation(sweep: Sweep, grid_keys: Collection[str] = ()) -> tupl
                                              f"{d.augment!r}: the recipe resizes the images already"),
                      ("data.augment", f"{d.augment!r} resizes the images itself, so model.detr.min_size must be "
                                       f"null (it is {sweep.model.detr.min_size})"))
-    violation = detr_coco_violation(sweep.model.detr)
+    violation = detr_coco_violation(sweep.model.detr) or detr_backbone_weights_violation(sweep.model.detr)
     if violation is not None:
         return f"model.detr.{violation[0]}", violation[1]
+    return None
+
+
+def detr_backbone_weights_violation(detr: DetrConfig) -> tuple[str, str] | None:
+    """(field, message) when `model.detr.weights` names weights its backbone does not have, or None."""
+    w, bb = detr.weights, detr.backbone
+    if w.startswith(BACKBONE_PREFIX) and bb not in registry.VIT_BACKBONES:
+        return "weights", (f"{w!r}: backbone:PATH loads a ViT backbone's own file; {bb!r} takes 'imagenet' or a "
+                           f"DETR checkpoint")
+    if w in registry.NAMED_WEIGHTS and w not in registry.BACKBONE_WEIGHTS[bb]:
+        return "weights", f"{w!r} does not exist for backbone {bb!r}; it has {list(registry.BACKBONE_WEIGHTS[bb])}"
     return None
 
 
