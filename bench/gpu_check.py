@@ -106,7 +106,7 @@ class Ctx:
         atexit.register(shutil.rmtree, self.tmp, True)
         self.path = os.path.join(out, "gpu_check.json")
         self.deadline = T0 + budget_s
-        self.frcnn_path: str | None = None
+        self.weights: dict[str, str] = {}  # kind -> a random checkpoint file (weights_file)
         self.context_mb: float | None = None
         self.section = ""
         self.report: dict[str, Any] = {"sections": {}, "checks": []}
@@ -162,16 +162,22 @@ def peaks(ctx: Ctx) -> dict[str, float | None]:
             "peak_reserved_mb": mib(torch.cuda.max_memory_reserved())}
 
 
-def frcnn_weights(ctx: Ctx) -> str:
-    """A random Faster R-CNN saved as a checkpoint file. Built from a path, the model has `weights: coco`'s
-    layout (FrozenBatchNorm2d, 3 trainable backbone layers) without a download."""
-    if ctx.frcnn_path is None:
+def weights_file(ctx: Ctx, kind: str) -> str:
+    """A random detector saved as a checkpoint file, made once per process tree. Built from a path, a model
+    has `weights: coco`'s layout without a download, as sweeps/full.yaml's trials do: Faster R-CNN with
+    FrozenBatchNorm2d and 3 trainable backbone layers, DETR with its stem and layer1 frozen (`weights:
+    none` trains all of the ResNet)."""
+    if kind not in ctx.weights:
         torch.manual_seed(0)
-        cfg = FasterRCNNConfig(**{**ctx.sizes.frcnn, "weights": "none", "trainable_backbone_layers": None})
-        model = build_model("fasterrcnn_r50_fpn", cfg, num_classes=ctx.sizes.num_classes)
-        ctx.frcnn_path = os.path.join(ctx.tmp, "frcnn_random.pth")
-        torch.save(model.state_dict(), ctx.frcnn_path)
-    return ctx.frcnn_path
+        s = ctx.sizes
+        if kind == "detr":
+            model = build_model("detr_r50", DetrConfig(**s.detr), num_classes=s.num_classes)
+        else:
+            cfg = FasterRCNNConfig(**{**s.frcnn, "weights": "none", "trainable_backbone_layers": None})
+            model = build_model("fasterrcnn_r50_fpn", cfg, num_classes=s.num_classes)
+        ctx.weights[kind] = os.path.join(ctx.tmp, f"{kind}_random.pth")
+        torch.save(model.state_dict(), ctx.weights[kind])
+    return ctx.weights[kind]
 
 
 def build(ctx: Ctx, kind: str, regime: str = "full", placement: str = "attention_only",
@@ -180,9 +186,10 @@ def build(ctx: Ctx, kind: str, regime: str = "full", placement: str = "attention
     torch.manual_seed(0)
     s = ctx.sizes
     if kind == "detr":
-        model = build_model("detr_r50", DetrConfig(**s.detr), num_classes=s.num_classes)
+        cfg = DetrConfig(**{**s.detr, "weights": weights_file(ctx, kind)})
+        model = build_model("detr_r50", cfg, num_classes=s.num_classes)
     else:
-        cfg = FasterRCNNConfig(**{**s.frcnn, "weights": frcnn_weights(ctx)})
+        cfg = FasterRCNNConfig(**{**s.frcnn, "weights": weights_file(ctx, kind)})
         model = build_model("fasterrcnn_r50_fpn", cfg, num_classes=s.num_classes)
     if regime == "lora_only":
         apply_lora(model, rank=rank, alpha=16.0, placement=placement)
@@ -612,6 +619,7 @@ def child_trial(ctx: Ctx, a: dict[str, Any]) -> dict[str, Any]:
     """One LoRA trial's training steps in its own process, as a 0.5-GPU Ray worker runs it."""
     if a.get("fraction") and ctx.cuda:  # before the first allocation: the cap is the allocator's
         torch.cuda.set_per_process_memory_fraction(a["fraction"], ctx.dev)
+    ctx.weights = a["weights"]
     s = ctx.sizes
     m, counts = build(ctx, "detr", "lora_only", "attention_only", 8)
     dt = engine.amp_dtype_for("auto", ctx.dev)
@@ -643,12 +651,14 @@ def sec_fraction(ctx: Ctx) -> None:
     f = ctx.figures()
     free(ctx)
     timeout = 120 if ctx.smoke else 200
-    f["solo"] = solo = run_child(ctx, "trial", {}, timeout)
+    weights = {"detr": weights_file(ctx, "detr")}
+    f["solo"] = solo = run_child(ctx, "trial", {"weights": weights}, timeout)
     barrier = tempfile.mkdtemp(dir=ctx.tmp)
     pair: list[dict[str, Any]] = [{}, {}]
 
     def go(i: int) -> None:
-        pair[i] = run_child(ctx, "trial", {"fraction": FRACTION, "barrier": barrier, "n_procs": 2}, timeout)
+        pair[i] = run_child(ctx, "trial", {"weights": weights, "fraction": FRACTION, "barrier": barrier,
+                                           "n_procs": 2}, timeout)
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
     [t.start() for t in threads]
@@ -688,7 +698,7 @@ def child_ddp(ctx: Ctx, a: dict[str, Any]) -> dict[str, Any]:
 
     from detsweep import dist as ddist
 
-    ctx.frcnn_path = a["frcnn_weights"]
+    ctx.weights = a["weights"]
     backend = "nccl" if ctx.cuda else "gloo"
     if ctx.cuda:
         torch.cuda.set_device(ctx.dev)  # Ray's TorchConfig does this before the train function
@@ -723,7 +733,8 @@ def sec_ddp(ctx: Ctx) -> None:
     f = ctx.figures()
     free(ctx)
     cases = [c for c in regime_cases(ctx) if c[2] != "attention_ffn"]
-    r = run_child(ctx, "ddp", {"port": free_port(), "cases": cases, "frcnn_weights": frcnn_weights(ctx)},
+    weights = {kind: weights_file(ctx, kind) for kind in ("detr", "frcnn")}
+    r = run_child(ctx, "ddp", {"port": free_port(), "cases": cases, "weights": weights},
                   120 if ctx.smoke else 240)
     f.update(r)
     if "error" in r:
