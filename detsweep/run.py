@@ -19,7 +19,9 @@ from typing import NoReturn
 from detsweep.results import ResultsStore
 from detsweep.storage import TUNE_DIR, delete_dir, exists, join, sweep_root
 from detsweep.sweep import Sweep, SweepError, TrialConfig, expand, load_sweep
+from detsweep.sweep import search
 from detsweep.sweep.bases import base_trials, describe
+from detsweep.sweep.cost import check_trials, estimate_line, pricing
 from detsweep.sweep.grid import root_of
 from detsweep.sweep.plan import (concurrency_for, concurrency_line, configured_concurrency, resources_text,
                                  trial_resources, trial_table, unfit, unfit_warning)
@@ -146,12 +148,25 @@ def prepare_data(trials: list[TrialConfig]) -> None:
                 raise SweepError(f"{e.key}: {e}") from None
 
 
-def plan(sweep: Sweep, args: argparse.Namespace) -> tuple[list[TrialConfig], str]:
+def effective_sweep(sweep: Sweep, args: argparse.Namespace) -> Sweep:
+    """The sweep as the flags change it (--output-dir, --skip-image-check): a search builds its trials
+    from it as they are sampled."""
     if args.output_dir:
         sweep = dataclasses.replace(sweep, storage=args.output_dir)
     if getattr(args, "skip_image_check", False):  # in every trial: its workers check no image either
         sweep = dataclasses.replace(sweep, data=dataclasses.replace(sweep.data, image_check="none"))
-    trials = expand(sweep)
+    return sweep
+
+
+def plan(sweep: Sweep, args: argparse.Namespace) -> tuple[list[TrialConfig], str]:
+    """The grid's trials, or a search's cells (one trial per model and regime it can pick: what its
+    sampled trials hold), and the sweep's folder. The search space is checked here, before Ray."""
+    sweep = effective_sweep(sweep, args)
+    if sweep.search is None:
+        trials = expand(sweep)
+    else:
+        trials = search.cells(search.parse_space(sweep, check_paths=not getattr(args, "dry_run", False)))
+    check_trials(pricing(sweep.cost, sweep.source), trials, sweep.source)
     return trials, sweep_root(sweep.storage, sweep.name)
 
 
@@ -162,8 +177,15 @@ def dry_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse.N
     where = f"{resources_text(cluster)} ({'assumed' if assumed else 'this machine'})"
     print(f"sweep {sweep.name!r} from {args.sweep} -> {root}")
     print(f"cluster: {where}")
-    _print_plan(sweep, trials, cluster, args, concurrency_for(sweep, trials, cluster, args.max_concurrent),
-                concurrency_line(sweep, trials, cluster, args.max_concurrent), where)
+    n = concurrency_for(sweep, trials, cluster, args.max_concurrent)
+    if sweep.search is not None:
+        print(search.describe(search.parse_space(sweep, check_paths=False), n))
+        print("each sampled trial holds the resources of its model and regime:")
+    _print_plan(sweep, trials, cluster, args, n, concurrency_line(sweep, trials, cluster, args.max_concurrent), where)
+    estimate = estimate_line(pricing(sweep.cost, sweep.source), sweep.cost.expected_minutes, trials,
+                             sweep.search.num_samples if sweep.search is not None else None)
+    if estimate:
+        print(estimate)
     for base in base_trials(trials, sweep, root_of(root)):
         print(describe(base))
     return 0
@@ -173,7 +195,10 @@ def _print_plan(sweep: Sweep, trials: list[TrialConfig], cluster: dict[str, floa
                 n: int | None, line: str, where: str) -> None:
     """The trial table with `n` at once, the concurrency `line`, and a warning on stderr when some
     trial fits 0 times on `cluster` (described by `where`): the same for --dry-run and a run."""
-    print(trial_table(trials, n, cluster))
+    table = trial_table(trials, n, cluster)
+    if sweep.search is not None:  # the rows are its cells, not the trials it samples
+        table = table.replace(f"\n{len(trials)} trials", f"\n{len(trials)} cells (model and regime)")
+    print(table)
     print(line, flush=True)
     warning = unfit_warning(sweep, trials, cluster, args.max_concurrent, where)
     if warning:
@@ -191,6 +216,8 @@ def guard_earlier_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: 
         raise SweepError(f"--resume: no earlier run of sweep {sweep.name!r} in {root}")
     if args.fresh and exists(root):
         delete_dir(root)
+    if args.resume and sweep.search is not None:
+        search.check_search_resume(root, sweep)
     return check_resume(root, trials) if args.resume else None
 
 
@@ -200,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assumed = check_flags(args)
         sweep = load_sweep(args.sweep, check_paths=not args.dry_run)
+        sweep = effective_sweep(sweep, args)
         trials, root = plan(sweep, args)
         if args.dry_run:
             return dry_run(sweep, trials, root, args, assumed)
@@ -260,6 +288,8 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse
     _print_plan(sweep, trials, cluster, args, n, line, f"the cluster ({resources_text(cluster)})")
     if not args.resume or resumed is None:
         save_trials(root, trials, n)  # before the Tuner writes <root>/tune: every run has its trial list
+    if sweep.search is not None and not args.resume:
+        search.save_search(root, sweep)  # --resume checks it: the restored study must be this search's
     tuner.fit_sweep(sweep, trials, root=root, concurrency=n, resume=args.resume, quiet=args.quiet)
     return summarize(root)
 

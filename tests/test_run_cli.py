@@ -17,6 +17,7 @@ import yaml
 from detsweep import run
 from detsweep.sweep import SweepError, TrialConfig, expand, load_sweep, parse_sweep
 from detsweep.sweep.grid import id_value
+from detsweep.sweep.search import cells, parse_space
 from detsweep.sweep import resume
 from detsweep.sweep.resume import trials_change
 
@@ -242,6 +243,7 @@ SHIPPED_IDS = {  # `--dry-run` of each shipped sweep before ids were made safe a
                                  for p in ("attention_only", "attention_ffn")]
             + ["detr_r50-partial", "fasterrcnn_r50_fpn-full"],
     "learnable": ["fasterrcnn_r18_fpn-full"],
+    "search": ["detr_r18-full", "detr_r18-lora_only", "detr_r18-partial"],  # its cells; the trials are sampled
     "smoke": ["detr_r18-full"] + [f"detr_r18-lora_only-r{r}-{p}" for r in (4, 8)
                                   for p in ("attention_only", "attention_ffn", "decoder_only", "qv_only")]
              + ["detr_r18-partial", "fasterrcnn_r18_fpn-full"],
@@ -251,7 +253,9 @@ SHIPPED_IDS = {  # `--dry-run` of each shipped sweep before ids were made safe a
 def test_shipped_sweeps_keep_their_ids():
     assert sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml")) == sorted(SHIPPED_IDS)
     for name, ids in SHIPPED_IDS.items():
-        assert [t.trial_id for t in expand(load_sweep(REPO / "sweeps" / f"{name}.yaml", check_paths=False))] == ids
+        sweep = load_sweep(REPO / "sweeps" / f"{name}.yaml", check_paths=False)
+        trials = expand(sweep) if sweep.search is None else cells(parse_space(sweep, check_paths=False))
+        assert [t.trial_id for t in trials] == ids
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from detsweep.provenance import provenance
 from detsweep.results import (DRIVER_COLUMNS, KEYS_WITH_COLUMNS, RESULTS_SCHEMA, ResultsStore, column_name,
                               config_values, gpu_hours, infer_extra_columns)
 from detsweep.storage import join, train_run_name
+from detsweep.sweep.cost import Pricing, resources_of
+from detsweep.sweep.search import Space, sampled_trial
 from detsweep.sweep.spec import TrialConfig
 
 
@@ -50,10 +52,20 @@ class ResultsCallback(Callback):
     """Driver side: rows written as trials report and end, each write atomic."""
 
     def __init__(self, root: str, sweep_name: str, trials: dict[str, dict[str, Any]],
-                 extra_columns: dict[str, Any]):
+                 extra_columns: dict[str, Any], space: Space | None = None, prices: Pricing | None = None):
+        """`trials`: the grid's trial configs by id; with a search's `space`, a sampled trial's config is
+        built from its Tune config (the point). `prices`: the sweep's, for `cost_usd` (None: no column)."""
         self.root, self.sweep_name, self.trials, self.extra_columns = root, sweep_name, trials, extra_columns
+        self.space, self.prices = space, prices
         self._started: dict[str, dt.datetime] = {}
         self._prov: dict[str, Any] | None = None
+
+    def _config(self, trial: Any) -> dict[str, Any]:
+        """The trial's config dict (`TrialConfig.to_dict()`)."""
+        tid = trial.config["trial_id"]
+        if tid not in self.trials and self.space is not None:
+            self.trials[tid] = sampled_trial(self.space, trial.config).to_dict()
+        return self.trials[tid]
 
     @property
     def store(self) -> ResultsStore:
@@ -61,7 +73,7 @@ class ResultsCallback(Callback):
 
     def _row(self, trial: Any, status: str, error: str | None) -> dict[str, Any]:
         tid = trial.config["trial_id"]
-        cfg = self.trials[tid]
+        cfg = self._config(trial)
         started = self._started.get(tid) or _now()
         finished = _now()
         last = dict(trial.last_result or {})
@@ -78,6 +90,8 @@ class ResultsCallback(Callback):
             # last report, so a node booting or the downtime before a --resume costs nothing.
             held = last.get("worker_s")
             row["gpu_hours"] = None if held is None else gpu_hours(held, res["ddp_workers"] * res["gpus_per_worker"])
+            row["cost_usd"] = None if held is None or self.prices is None else self.prices.trial_usd(resources_of(cfg),
+                                                                                                     held)
             row["checkpoint_path"] = latest_checkpoint(join(cfg["storage"], train_run_name(tid)))
         row.update(self._prov)
         row["hostname"] = last.get("rank0_hostname") or self._prov["hostname"]
@@ -109,7 +123,7 @@ class ResultsCallback(Callback):
                                     "reported_at": _now(), **keep}])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cfg = self.trials[trial.config["trial_id"]]
+        cfg = self._config(trial)
         done = (trial.last_result or {}).get("epochs_completed", 0)
         status = "ok" if done >= cfg["train"]["epochs"] else "stopped"  # a scheduler or train.patience
         reason = (trial.last_result or {}).get("stop_reason")

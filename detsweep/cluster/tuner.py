@@ -1,6 +1,7 @@
-"""The Tune side: connect to Ray, and run one Tune trial per trial config. Each trial is a function
-trainable that builds and fits a Ray Train `TorchTrainer` (the Train V2 pattern); `ResultsCallback`
-(callback.py) writes the rows of history.parquet and results.parquet on the driver."""
+"""The Tune side: connect to Ray, and run one Tune trial per trial config: grid search over the expanded
+list, or with `search:` the trials Optuna samples (Ray Tune's OptunaSearch over a define-by-run space).
+Each trial is a function trainable that builds and fits a Ray Train `TorchTrainer` (the Train V2 pattern);
+`ResultsCallback` (callback.py) writes the rows of history.parquet and results.parquet on the driver."""
 from __future__ import annotations
 
 import os
@@ -10,12 +11,18 @@ import ray
 import ray.train
 import ray.tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from detsweep.cluster.callback import ResultsCallback, extra_axis_columns
 from detsweep.cluster.progress import ProgressCallback
 from detsweep.cluster.worker import train_fn_per_worker
+from detsweep.results import KEYS_WITH_COLUMNS, infer_extra_columns
 from detsweep.storage import TUNE_DIR, join, train_run_name
+from detsweep.sweep.cost import Pricing, pricing
 from detsweep.sweep.plan import placement_strategy, process_group_backend
+from detsweep.sweep.rules import search_objectives
+from detsweep.sweep.search import Space, axis_values, parse_space, sampled_trial
+from detsweep.results import KEYS_WITH_COLUMNS, infer_extra_columns
 from detsweep.sweep.spec import Sweep, TrialConfig
 
 
@@ -41,14 +48,15 @@ def connect(*, quiet: bool) -> tuple[dict[str, float], list[dict[str, float]]]:
     return cluster, nodes
 
 
-def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None:
+def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], space: Space | None = None) -> None:
     """Tune function trainable: fit one trial's TorchTrainer. Tune's config holds only the trial
     id (a readable progress table and TensorBoard hparams); the full trial configs come through
-    the object store (`tune.with_parameters`)."""
+    the object store (`tune.with_parameters`). A search's config is the sampled point, and the trial
+    is built from it with the sweep's `space`, as the driver builds it."""
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial = trials[config["trial_id"]]
+    trial = trials[config["trial_id"]] if space is None else sampled_trial(space, config).to_dict()
     res, ft = trial["resources"], trial["fault_tolerance"]
     gpus = res["gpus_per_worker"]
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})}
@@ -69,9 +77,67 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
     trainer.fit()
 
 
-def _trainable(trials: list[TrialConfig]) -> Any:
-    by_id = {t.trial_id: t.to_dict() for t in trials}
-    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, trials=by_id), TRIAL_ACTOR_RESOURCES)
+def _trainable(trials: list[TrialConfig], space: Space | None = None) -> Any:
+    by_id = {} if space is not None else {t.trial_id: t.to_dict() for t in trials}
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, trials=by_id, space=space),
+                                   TRIAL_ACTOR_RESOURCES)
+
+
+class SweepSearch(OptunaSearch):
+    """OptunaSearch that can also tell Optuna `cost_usd`, which no worker reports: the driver's number
+    from the trial's worker_s, its resources and the sweep's prices. Its state, the Optuna study
+    included, is pickled with Tune's experiment state, so `Tuner.restore` continues the same study."""
+
+    def __init__(self, *, prices: Pricing | None, **kwargs: Any) -> None:
+        self._prices, self._configs = prices, {}
+        super().__init__(**kwargs)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            self._configs[trial_id] = config
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        config = self._configs.get(trial_id)
+        if result and "cost_usd" in metrics and self._prices and config and result.get("worker_s") is not None:
+            cost = self._prices.trial_usd(sampled_trial(self._space, config).resources, result["worker_s"])
+            result = {**result, "cost_usd": cost}
+        super().on_trial_complete(trial_id, result, error)
+
+
+def searcher(sweep: Sweep, space: Space) -> SweepSearch:
+    """The search algorithm of a `search:` sweep: Optuna's sampler over the define-by-run `space`, one
+    objective or several (Optuna's multi-objective study; Tune's `metric` and `mode` as lists)."""
+    import optuna
+
+    s = sweep.search
+    assert s is not None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune's progress table says it already
+    objectives = search_objectives(s, sweep.source)
+    metric, mode = [m for m, _ in objectives], [d for _, d in objectives]
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, constant_liar=True),  # liar: parallel trials
+                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=s.seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=s.seed)}
+    return SweepSearch(space=space, metric=metric if len(metric) > 1 else metric[0],
+                       mode=mode if len(mode) > 1 else mode[0], sampler=samplers[s.sampler](),
+                       study_name=sweep.name, prices=pricing(sweep.cost, sweep.source))
+
+
+class _SampledEpochs(dict):
+    """The progress view's trial id -> epochs for a search, whose ids are made as it samples: every trial
+    the sweep's `train.epochs`; its length, the '[done/total]', is `num_samples`."""
+
+    def __init__(self, num_samples: int, epochs: int) -> None:
+        super().__init__()
+        self.num_samples, self.epochs = num_samples, epochs
+
+    def get(self, key: Any, default: Any = None) -> int:
+        return self.epochs
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def _trial_name(trial: Any) -> str:
@@ -80,7 +146,9 @@ def _trial_name(trial: Any) -> str:
 
 def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurrency: int,
                 quiet: bool = False) -> ray.tune.Tuner:
-    """A fresh Tuner over `trials`: grid search over the expanded list, one Tune trial each."""
+    """A fresh Tuner over `trials`: grid search over the expanded list, one Tune trial each; or, with
+    `search:` (`trials` its cells), `num_samples` trials sampled by Optuna."""
+    space = parse_space(sweep, check_paths=False) if sweep.search is not None else None
     scheduler = None
     if sweep.scheduler.kind == "asha":
         scheduler = ASHAScheduler(time_attr="epochs_completed", metric=sweep.scheduler.metric,
@@ -88,27 +156,36 @@ def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurren
                                   max_t=max(t.train.epochs for t in trials),
                                   grace_period=sweep.scheduler.grace_period,
                                   reduction_factor=sweep.scheduler.reduction_factor)
+    sampled = {} if space is None else {"search_alg": searcher(sweep, space), "num_samples": sweep.search.num_samples}
     return ray.tune.Tuner(
-        _trainable(trials),
-        param_space={"trial_id": ray.tune.grid_search([t.trial_id for t in trials])},
+        _trainable(trials, space),
+        param_space={"trial_id": ray.tune.grid_search([t.trial_id for t in trials])} if space is None else {},
         tune_config=ray.tune.TuneConfig(
-            max_concurrent_trials=concurrency, scheduler=scheduler,
+            max_concurrent_trials=concurrency, scheduler=scheduler, **sampled,
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=ray.tune.RunConfig(
             name=TUNE_DIR, storage_path=root,
-            callbacks=callbacks(sweep, trials, root, quiet=quiet),
+            callbacks=callbacks(sweep, trials, root, quiet=quiet, space=space),
             failure_config=ray.tune.FailureConfig(max_failures=0),  # Train retries; Tune records
             # -q: our one-line-per-event progress instead of Tune's tables and result boxes.
             verbose=0 if quiet else 1),
     )
 
 
-def callbacks(sweep: Sweep, trials: list[TrialConfig], root: str, *, quiet: bool) -> list[Any]:
+def callbacks(sweep: Sweep, trials: list[TrialConfig], root: str, *, quiet: bool,
+              space: Space | None = None) -> list[Any]:
     """The driver's callbacks: results rows always, the compact progress view with `quiet`."""
-    by_id = {t.trial_id: t.to_dict() for t in trials}
-    out: list[Any] = [ResultsCallback(root, sweep.name, by_id, extra_axis_columns(trials))]
+    prices = pricing(sweep.cost, sweep.source)
+    if space is None:
+        by_id, extra = {t.trial_id: t.to_dict() for t in trials}, extra_axis_columns(trials)
+        epochs: dict[str, int] = {t.trial_id: t.train.epochs for t in trials}
+    else:  # a search: the trials are sampled as it runs
+        by_id = {}
+        extra = infer_extra_columns({k: v for k, v in axis_values(space).items() if k not in KEYS_WITH_COLUMNS})
+        epochs = _SampledEpochs(sweep.search.num_samples, sweep.train.epochs)
+    out: list[Any] = [ResultsCallback(root, sweep.name, by_id, extra, space=space, prices=prices)]
     if quiet:
-        out.append(ProgressCallback({t.trial_id: t.train.epochs for t in trials}))
+        out.append(ProgressCallback(epochs))
     return out
 
 
@@ -116,8 +193,10 @@ def restore_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str) -> ray.
     """The interrupted sweep's Tuner: finished trials stay finished, unfinished ones continue
     from their Train checkpoints, errored ones as `fault_tolerance.on_resume_errored` says."""
     mode = sweep.fault_tolerance.on_resume_errored
+    space = parse_space(sweep, check_paths=False) if sweep.search is not None else None
+    # A search's searcher (its Optuna study) comes back with Tune's experiment state.
     return ray.tune.Tuner.restore(
-        join(root, TUNE_DIR), trainable=_trainable(trials),
+        join(root, TUNE_DIR), trainable=_trainable(trials, space),
         resume_unfinished=True, resume_errored=mode == "resume", restart_errored=mode == "restart")
 
 

@@ -69,7 +69,32 @@ def _sweep_lines(table: pa.Table) -> list[str]:
             f"ray {_values(table, 'ray_version')}",
             f"- time: {span}",
             f"- total wall time: {wall:,.0f} s ({wall / 3600:.2f} h); "
-            f"GPU-hours: {f'{sum(gpu_hours):.2f}' if gpu_hours else '-'}"]
+            f"GPU-hours: {f'{sum(gpu_hours):.2f}' if gpu_hours else '-'}"] + [
+        line for line in [_cost_line(table)] if line]
+
+
+def _usd(value: float) -> str:
+    """Dollars in cents, or to two significant digits below a cent."""
+    return f"${value:,.2f}" if value >= 0.005 or value == 0 else f"${value:.2g}"
+
+
+def _cost_line(table: pa.Table) -> str | None:
+    """The sweep's cost in dollars (`cost_usd`: the workers' time at the sweep file's prices), or None
+    when it gave no prices."""
+    costs = [v for v in column_list(table, "cost_usd") if v is not None and v == v]
+    if not costs:
+        return None
+    return (f"- cost: {_usd(sum(costs))} in total, {_usd(sum(costs) / len(costs))} per trial on average "
+            f"(min {_usd(min(costs))}, max {_usd(max(costs))}; {_plural(len(costs), 'priced trial')} of "
+            f"{len(table)}; the workers' time at the sweep file's prices)")
+
+
+def _cost_rows(table: pa.Table) -> tuple[list[str], list[list[object]]]:
+    """Each priced trial's cost, dearest first."""
+    cols = [c for c in ("trial_id", "regime", "status", "worker_s", "gpu_hours", "cost_usd") if c in table.column_names]
+    rows = [r for r in table.select(cols).to_pylist() if r.get("cost_usd") is not None]
+    rows.sort(key=lambda r: -r["cost_usd"])
+    return cols, [[_usd(r[c]) if c == "cost_usd" else r[c] for c in cols] for r in rows]
 
 
 def _nothing_ranked(fr: Frontier) -> str:
@@ -167,6 +192,10 @@ def render_markdown(fr: Frontier, images: list[str]) -> str:
                          markdown=True)]
         headers, rows = _best_per_regime(fr)
         parts += [f"## Best trial per regime (by {headers[2]})\n", _table(headers, rows, markdown=True)]
+    if _cost_line(fr.table):
+        headers, rows = _cost_rows(fr.table)
+        parts += ["## Cost per trial\n", "Total " + _cost_line(fr.table).removeprefix("- cost: ") + ".\n",
+                  _table(headers, rows, markdown=True)]
     parts.append("## Excluded trials\n")
     if fr.excluded:
         rows = [[e["trial_id"], e["status"], str(e["reason"]).replace("|", "\\|").replace("\n", " ")]

@@ -138,6 +138,11 @@ def check_trials(prices: Pricing | None, trials: list[TrialConfig], source: str)
             raise SweepError(f"{source}: cost.node_types: trial {t.trial_id!r}: {e}") from None
 
 
+def usd(value: float) -> str:
+    """Dollars as a reader wants them: in cents, or to two significant digits below a cent."""
+    return f"${value:,.2f}" if value >= 0.005 or value == 0 else f"${value:.2g}"
+
+
 def estimate_line(prices: Pricing | None, minutes: float | None, trials: list[TrialConfig],
                   num_samples: int | None = None) -> str | None:
     """--dry-run's cost estimate, or None without prices and `cost.expected_minutes`. For a grid, the sum
@@ -146,11 +151,11 @@ def estimate_line(prices: Pricing | None, minutes: float | None, trials: list[Tr
     if prices is None or minutes is None:
         return None
     each = {t.trial_id: prices.usd_per_hour(t.resources) * minutes / 60.0 for t in trials}
-    per = ", ".join(f"{tid} ${usd:.2f}" for tid, usd in each.items())
+    per = ", ".join(f"{tid} {usd(dollars)}" for tid, dollars in each.items())
     if num_samples is None:
-        return f"cost estimate: ${sum(each.values()):.2f} for {len(each)} trials of {minutes:g} min each ({per})"
+        return f"cost estimate: {usd(sum(each.values()))} for {len(each)} trials of {minutes:g} min each ({per})"
     low, high = min(each.values()) * num_samples, max(each.values()) * num_samples
-    span = f"${low:.2f}" if math.isclose(low, high) else f"${low:.2f} to ${high:.2f}"
+    span = usd(low) if math.isclose(low, high) else f"{usd(low)} to {usd(high)}"
     return f"cost estimate: {span} for {num_samples} trials of {minutes:g} min each (per trial: {per})"
 
 

@@ -178,13 +178,13 @@ def test_evaluate_detections_flat_row_and_extras():
     gt = make_gt()
     dets = noisy_detections(gt)
     row = evaluate_detections(gt, dets, match_iou=0.6, bins=5, error_score_threshold=0.2)
-    columns = [*STAT_NAMES, "ece", "nll", "brier", "n_detections",
+    columns = [*STAT_NAMES, "ece", "dece", "nll", "brier", "n_detections",
                "err_cls", "err_loc", "err_dup", "err_bkg", "err_missed"]
     assert sorted(row) == sorted([*columns, "per_class_ap", "reliability"])
     assert {k: row[k] for k in STAT_NAMES} == {k: v for k, v in coco_eval(gt, dets).items() if k in STAT_NAMES}
     calib = calibration_metrics(gt, dets, match_iou=0.6, bins=5)
-    assert (row["ece"], row["nll"], row["brier"], row["n_detections"]) == \
-        (calib["ece"], calib["nll"], calib["brier"], len(dets))
+    assert (row["ece"], row["dece"], row["nll"], row["brier"], row["n_detections"]) == \
+        (calib["ece"], calib["dece"], calib["nll"], calib["brier"], len(dets))
     assert len(row["reliability"]["count"]) == 5
     assert {k: row[k] for k in error_taxonomy(gt, dets)} == error_taxonomy(gt, dets, score_threshold=0.2)
     empty = evaluate_detections(gt, [])
