@@ -22,7 +22,6 @@ from detsweep.sweep.cost import Pricing, pricing
 from detsweep.sweep.plan import placement_strategy, process_group_backend
 from detsweep.sweep.rules import search_objectives
 from detsweep.sweep.search import Space, axis_values, parse_space, sampled_trial
-from detsweep.results import KEYS_WITH_COLUMNS, infer_extra_columns
 from detsweep.sweep.spec import Sweep, TrialConfig
 
 
