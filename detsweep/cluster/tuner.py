@@ -19,7 +19,7 @@ from detsweep.cluster.worker import train_fn_per_worker
 from detsweep.results import KEYS_WITH_COLUMNS, infer_extra_columns
 from detsweep.storage import TUNE_DIR, join, train_run_name
 from detsweep.sweep.cost import Pricing, pricing
-from detsweep.sweep.plan import placement_strategy, process_group_backend
+from detsweep.sweep.plan import HEAD_RESOURCE, placement_strategy, process_group_backend
 from detsweep.sweep.rules import search_objectives
 from detsweep.sweep.search import Space, axis_values, parse_space, sampled_trial
 from detsweep.sweep.spec import Sweep, TrialConfig
@@ -42,7 +42,7 @@ def connect(*, quiet: bool) -> tuple[dict[str, float], list[dict[str, float]]]:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     if not ray.is_initialized():
         ray.init(log_to_driver=not quiet)
-    cluster = {k: float(ray.cluster_resources().get(k, 0.0)) for k in ("CPU", "GPU")}
+    cluster = {k: float(ray.cluster_resources().get(k, 0.0)) for k in ("CPU", "GPU", HEAD_RESOURCE)}
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     return cluster, nodes
 
@@ -76,10 +76,17 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], space: 
     trainer.fit()
 
 
+def trial_actor_resources(cluster: dict[str, float]) -> dict[str, float]:
+    """What a trial's Tune actor asks for: almost nothing, plus one unit of the head's `detsweep_trial`
+    where the cluster has it (a laptop's local Ray has not: there it would wait forever)."""
+    return {**TRIAL_ACTOR_RESOURCES, **({HEAD_RESOURCE: 1} if cluster.get(HEAD_RESOURCE, 0) > 0 else {})}
+
+
 def _trainable(trials: list[TrialConfig], space: Space | None = None) -> Any:
     by_id = {} if space is not None else {t.trial_id: t.to_dict() for t in trials}
+    cluster = ray.cluster_resources() if ray.is_initialized() else {}
     return ray.tune.with_resources(ray.tune.with_parameters(run_trial, trials=by_id, space=space),
-                                   TRIAL_ACTOR_RESOURCES)
+                                   trial_actor_resources(cluster))
 
 
 class SweepSearch(OptunaSearch):

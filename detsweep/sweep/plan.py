@@ -29,11 +29,19 @@ def most_at_once(trials: list[TrialConfig], cluster: dict[str, float]) -> int:
     return min(max(fits(t, cluster) for t in trials), len(trials))
 
 
+# cluster.yaml gives the head node this custom resource, and only the head: a trial actor takes one unit,
+# which keeps it (and Ray Train's controller, placed beside it) off the GPU nodes (docs/cluster.md).
+HEAD_RESOURCE = "detsweep_trial"
+
+
 def max_concurrent(trials: list[TrialConfig], cluster: dict[str, float]) -> int:
-    """Tune's `max_concurrent_trials` computed from `cluster`: `most_at_once`, at least 1.
+    """Tune's `max_concurrent_trials` computed from `cluster`: `most_at_once`, at least 1, and at most
+    the head's `detsweep_trial` units where the cluster has them (each trial actor holds one).
     Ray's scheduler still keeps bigger trials waiting for their workers' resources, and the
-    trial actors hold almost nothing, so a mixed grid never over-subscribes."""
-    return max(1, most_at_once(trials, cluster))
+    trial actors hold almost nothing else, so a mixed grid never over-subscribes."""
+    n = max(1, most_at_once(trials, cluster))
+    head = int(cluster.get(HEAD_RESOURCE, 0))
+    return min(n, head) if head > 0 else n
 
 
 def unfit(trials: list[TrialConfig], cluster: dict[str, float],

@@ -54,3 +54,17 @@ def test_loader_workers_default_from_the_trials_cpus(tmp_path, resources, set_to
                          "resources": {"ddp_workers": 1, **resources}}, "f.yaml", check_paths=False)
     (trial,) = expand(sweep)
     assert loader_workers(trial) == expected
+
+
+def test_trial_actors_go_to_the_head_where_it_has_the_resource(tmp_path):
+    from detsweep.cluster.tuner import TRIAL_ACTOR_RESOURCES, trial_actor_resources
+    from detsweep.sweep import expand, parse_sweep
+    from detsweep.sweep.plan import HEAD_RESOURCE, max_concurrent
+
+    assert trial_actor_resources({"CPU": 8.0}) == TRIAL_ACTOR_RESOURCES  # a laptop: nothing to wait for
+    assert trial_actor_resources({"CPU": 8.0, HEAD_RESOURCE: 32.0}) == {**TRIAL_ACTOR_RESOURCES, HEAD_RESOURCE: 1}
+    sweep = parse_sweep({"name": "s", "storage": str(tmp_path), "grid": {"train.seed": list(range(6))},
+                         "resources": {"ddp_workers": 1, "cpus_per_worker": 1}}, "f.yaml")
+    trials = expand(sweep)
+    assert max_concurrent(trials, {"CPU": 48.0}) == 6
+    assert max_concurrent(trials, {"CPU": 48.0, HEAD_RESOURCE: 4.0}) == 4  # the head holds 4 trial actors
