@@ -34,6 +34,10 @@ TRIAL_ACTOR_RESOURCES = {"CPU": 0, "memory": 2**20}
 def connect(*, quiet: bool) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Join the cluster Ray finds (RAY_ADDRESS, else a running one on this node) or start a local
     one; return its total CPU/GPU and each live node's resources."""
+    if quiet:
+        # Tune's new console output prints its configuration box and a table whatever `verbose` says; the
+        # classic reporter at verbose 0 prints nothing, and ProgressCallback gives the compact view.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Save Tune's experiment state at every step (not every ~10 s): a driver killed right after a
     # trial ends must find that trial finished when it resumes.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")

@@ -70,7 +70,9 @@ def base_trial(trial: TrialConfig, base: BaseConfig, name: str, key: str, storag
     return TrialConfig(
         sweep=f"{BASES_DIR}/{name}", trial_id=f"base-{name}-{key}", model=trial.model, family=trial.family,
         regime="full", data=base.data, detector=dataclasses.replace(trial.detector, weights=base.weights),
-        lora=None, train=base.train, eval=EvalConfig(visuals=False), resources=base.resources,
+        # Evaluated four times (progress you can watch): the base is a means, its AP a log line.
+        lora=None, train=base.train, eval=EvalConfig(visuals=False, every=max(1, base.train.epochs // 4)),
+        resources=base.resources,
         fault_tolerance=FaultToleranceConfig(), storage=base_root(storage_root, name, key), axes={}, base_run=None)
 
 
