@@ -150,3 +150,19 @@ def save_best(trial: TrialConfig, model: Any, best: Best, label_map: Any) -> str
     write_bytes_atomic(json.dumps(meta).encode(), join(folder, META))
     log.info("best %s %.4f at epoch %d: kept in %s", trial.eval.best_metric, best.value, best.epoch, folder)
     return folder
+
+
+def track_best(trial: TrialConfig, run: Any, model: Any, epoch: int, metrics: dict[str, Any] | None,
+               label_map: Any) -> None:
+    """Rank 0: keep the best evaluation (its model in `best/`), add `best_*` and, when `train.patience`
+    has run out, `stop_reason` to the report."""
+    if metrics is None:
+        return
+    if run.best.offer(trial.eval.best_metric, epoch, metrics):
+        with run.ema.applied(model) if run.ema is not None else contextlib.nullcontext():  # the weights evaluated
+            save_best(trial, model, run.best, label_map)
+    metrics.update(run.best.columns())
+    reason = run.best.stop_reason(trial)
+    if reason is not None and epoch < trial.train.epochs - 1:  # the last epoch ends the trial anyway
+        metrics["stop_reason"] = reason
+    run.history[-1].update({k: v for k, v in run.best.columns().items() if isinstance(v, (int, float))})

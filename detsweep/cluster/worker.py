@@ -23,8 +23,8 @@ import time
 from typing import Any
 
 from detsweep.checkpoint import DETECTIONS, MODEL_STATE, TRAIN_STATE, write_meta
-from detsweep.cluster.evaluation import Best, Evaluator, evaluates, save_best
-from detsweep.models.trial import build_trial_model
+from detsweep.cluster.evaluation import Best, Evaluator, evaluates, track_best
+from detsweep.models.trial import build_trial_model, prepare_stage, stage_for
 from detsweep.sweep.plan import loader_workers
 from detsweep.sweep.spec import TrialConfig
 
@@ -53,6 +53,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)  # already on `device`
     evaluator = Evaluator(trial, model, data, device, run.amp_dtype)
     for epoch in range(run.start_epoch, trial.train.epochs):
+        if stage_for(trial, epoch) != run.stage:  # two_stage: the heads-only stage ends here
+            ddp_model = switch_stage(trial, model, data, run, device, epoch)
         run.pending.append(train_epoch(trial, ddp_model, data, run, device, epoch))
         if not evaluates(trial, epoch):  # reports, checkpoints and the scheduler follow the evaluations
             continue
@@ -162,6 +164,7 @@ class TrialRun:
     best: Best = dataclasses.field(default_factory=Best)
     pending: list = dataclasses.field(default_factory=list)  # (train stats, losses) of epochs not yet reported
     held_before: float = 0.0  # seconds earlier attempts' workers held their resources, to their last report
+    stage: int | None = None  # two_stage: the stage the model and optimizer are in (checkpointed)
 
 
 def restore(trial: TrialConfig, model: Any, data: TrialData, device: Any, checkpoint: Any) -> TrialRun:
@@ -174,25 +177,41 @@ def restore(trial: TrialConfig, model: Any, data: TrialData, device: Any, checkp
     amp_dtype = engine.amp_dtype_for(t.amp, device)
     steps = math.ceil(len(data.train_loader) / t.accumulate)  # the schedule counts optimizer steps
     if checkpoint is None:
-        opt = engine.prepare_training(model, t, steps_per_epoch=steps, to=device, amp_dtype=amp_dtype)
+        opt = prepare_stage(trial, model, stage_for(trial, 0), steps_per_epoch=steps, to=device, amp_dtype=amp_dtype)
         ema = engine.EMA(model, t.ema.decay, t.ema.warmup_steps) if t.ema else None  # after the move
-        return TrialRun(opt, amp_dtype, ema=ema)
+        return TrialRun(opt, amp_dtype, ema=ema, stage=stage_for(trial, 0))
     with checkpoint.as_directory() as ckpt_dir:
         engine.load_model_state(model, trial.regime, torch.load(os.path.join(ckpt_dir, MODEL_STATE),
                                                                  map_location="cpu", weights_only=True))
         state = torch.load(os.path.join(ckpt_dir, TRAIN_STATE), map_location="cpu", weights_only=False)
-    opt = engine.prepare_training(model, trial.train, steps_per_epoch=steps, to=device, amp_dtype=amp_dtype,
-                                  state=state)
+    # two_stage: back in the checkpoint's stage, with that stage's optimizer (the loop switches if it ended)
+    opt = prepare_stage(trial, model, state.get("stage"), steps_per_epoch=steps, to=device, amp_dtype=amp_dtype,
+                        state=state)
     log.info("resumed from the checkpoint of epoch %d", state["epoch"])
     run = TrialRun(opt, amp_dtype, start_epoch=state["epoch"] + 1, history=state["history"],
                    totals=state["totals"], resumed_from=state["epoch"], held_before=state["totals"].get("worker_s", 0.0),
-                   best=Best(**state.get("best", {})))
+                   best=Best(**state.get("best", {})), stage=state.get("stage"))
     if t.ema:
         run.ema = engine.EMA(model, t.ema.decay, t.ema.warmup_steps)
         run.ema.load_state_dict(state["ema"])
     if run.start_epoch >= trial.train.epochs:
         run.finished = state["metrics"]
     return run
+
+
+def switch_stage(trial: TrialConfig, model: Any, data: TrialData, run: TrialRun, device: Any, epoch: int) -> Any:
+    """two_stage at its switch epoch: stage 2's regime, a fresh optimizer, schedule and EMA, and a new DDP wrapper
+    (DDP registers only what trains when it wraps; the old wrapper's hooks go quiet without its forward)."""
+    import ray.train.torch
+
+    from detsweep import engine
+
+    run.stage, t = stage_for(trial, epoch), trial.train
+    steps = math.ceil(len(data.train_loader) / t.accumulate)
+    run.opt = prepare_stage(trial, model, run.stage, steps_per_epoch=steps, to=device, amp_dtype=run.amp_dtype)
+    run.ema = engine.EMA(model, t.ema.decay, t.ema.warmup_steps) if t.ema else None
+    log.info("two_stage: stage %d (%s) from epoch %d", run.stage, trial.two_stage.stage2.regime, epoch)
+    return ray.train.torch.prepare_model(model, move_to_device=False)
 
 
 def train_epoch(trial: TrialConfig, ddp_model: Any, data: TrialData, run: TrialRun, device: Any,
@@ -258,6 +277,8 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, quality: dict[s
         # Tune's TensorBoard logger takes its step from `timesteps_total` when present, else from
         # `training_iteration`, which restarts after a restore: curves stay on epochs.
         "timesteps_total": epoch + 1,
+        # two_stage: the stage of this epoch and the epoch stage 2 starts at (history, TensorBoard, plot)
+        **({"stage": run.stage, "stage_switch_epoch": trial.two_stage.stage1.epochs} if run.stage else {}),
         **losses,  # loss (their sum) and each weighted component, mean over ranks
         **{k: v for k, v in quality.items() if not k.startswith("_") and k not in ("per_class_ap", "reliability")},
         "per_class_ap": json.dumps(quality.get("per_class_ap", {})),
@@ -281,22 +302,6 @@ def epoch_metrics(trial: TrialConfig, run: TrialRun, epoch: int, quality: dict[s
         metrics["resumed_from_epoch"] = run.resumed_from
     run.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "worker_started_at"})
     return metrics
-
-
-def track_best(trial: TrialConfig, run: TrialRun, model: Any, epoch: int, metrics: dict[str, Any] | None,
-               label_map: Any) -> None:
-    """Rank 0: keep the best evaluation (its model in `best/`), add `best_*` and, when `train.patience`
-    has run out, `stop_reason` to the report."""
-    if metrics is None:
-        return
-    if run.best.offer(trial.eval.best_metric, epoch, metrics):
-        with run.ema.applied(model) if run.ema is not None else contextlib.nullcontext():  # the weights evaluated
-            save_best(trial, model, run.best, label_map)
-    metrics.update(run.best.columns())
-    reason = run.best.stop_reason(trial)
-    if reason is not None and epoch < trial.train.epochs - 1:  # the last epoch ends the trial anyway
-        metrics["stop_reason"] = reason
-    run.history[-1].update({k: v for k, v in run.best.columns().items() if isinstance(v, (int, float))})
 
 
 @contextlib.contextmanager
@@ -351,7 +356,7 @@ def save_checkpoint(trial: TrialConfig, model: Any, run: TrialRun, data: TrialDa
     ckpt_dir = tempfile.mkdtemp(prefix=f"ckpt-{trial.trial_id}-")
     torch.save(engine.model_state(model, trial.regime), os.path.join(ckpt_dir, MODEL_STATE))
     torch.save({**run.opt.state_dict(), "epoch": epoch, "history": run.history, "totals": run.totals,
-                "metrics": metrics, "best": dataclasses.asdict(run.best),
+                "metrics": metrics, "best": dataclasses.asdict(run.best), "stage": run.stage,
                 "ema": run.ema.state_dict() if run.ema is not None else None}, os.path.join(ckpt_dir, TRAIN_STATE))
     write_meta(ckpt_dir, trial_id=trial.trial_id, epoch=epoch, regime=trial.regime, model=trial.model,
                label_map=data.label_map.as_dict())
@@ -382,7 +387,8 @@ def _write_artefacts(out_dir: str, detections: list, history: list, kept: list, 
     # The total and each weighted component; DETR's per-decoder-layer copies (`loss_ce_0`, ...)
     # would bury them.
     keys = [k for k in history[-1] if re.fullmatch(r"loss(_[a-z]+)*", k)]
-    plot_loss_curves(history, os.path.join(out_dir, "loss_curves.png"), keys=keys)
+    switch = history[-1].get("stage_switch_epoch")  # two_stage: where its second stage starts
+    plot_loss_curves(history, os.path.join(out_dir, "loss_curves.png"), keys=keys, switch_epoch=switch)
     if quality.get("reliability"):
         plot_reliability(quality["reliability"], os.path.join(out_dir, "reliability.png"))
     if kept:

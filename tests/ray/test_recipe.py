@@ -15,7 +15,7 @@ from tests.ray.test_e2e import tiny_sweep, write_sweep
 pytestmark = pytest.mark.ray
 
 
-def test_eval_every_ema_best_checkpoint_profiler_and_patience(ray_cluster, tmp_path, synthetic_root):
+def test_eval_every_ema_best_checkpoint_profiler_and_patience(ray_cluster, tmp_path, synthetic_root, capfd):
     sweep = tiny_sweep(tmp_path, synthetic_root, name="recipe")
     sweep["resources"] = {"ddp_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}  # DDP is not under test
     sweep["train"] = {"epochs": 6, "batch_size_per_worker": 2, "accumulate": 2, "lr": 1.0e-4,
@@ -24,7 +24,12 @@ def test_eval_every_ema_best_checkpoint_profiler_and_patience(ray_cluster, tmp_p
     # Two epochs of a tiny model on 8 images leave AP at 0: with patience 1 the second evaluation
     # (epoch 4 of 6) is no better, and the trial stops there.
     sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.patience": [None, 1]}
-    assert run.main([str(write_sweep(tmp_path, sweep)), "--max-concurrent", "2"]) == 0
+    assert run.main([str(write_sweep(tmp_path, sweep)), "--max-concurrent", "2", "-q"]) == 0
+    # -q: one line per trial event with epoch, AP and ETA; none of Tune's boxes and tables.
+    out = capfd.readouterr().out
+    assert "Configuration for experiment" not in out and "Trial status" not in out
+    assert "detr_r18-full-patienceNone: epoch 2/6, loss " in out and ", AP " in out and "ETA " in out
+    assert "[2/2 done] detr_r18-full-patience" in out
 
     root = tmp_path / "results" / "recipe"
     rows = {r["trial_id"]: r for r in pq.read_table(root / "results.parquet").to_pylist()}
