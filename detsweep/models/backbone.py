@@ -112,9 +112,11 @@ OFFICIAL_FROZEN_LAYERS: tuple[str, ...] = ("conv1", "bn1", "layer1")
 def frozen_layers_for(weights: str) -> tuple[str, ...]:
     """The ResNet parts (of BODY_PARTS) frozen at build for DETR `weights` ("none", "imagenet", "coco", a path).
 
-    "none": nothing. Frozen at their random init, the stem and layer1 would be noise the rest has to work
-    around; bench/learn_probe.py measured it ("Learning from scratch" in bench/RESULTS.md).
-    Any pretrained start: OFFICIAL_FROZEN_LAYERS, as the official recipe.
+    "none": nothing. bench/learn_probe.py measured no consistent gain or loss from freezing the random stem
+    and layer1 (bench/RESULTS.md, "Learning from scratch"); what decides is what random init is for here:
+    pretraining a base detector, whose stem must learn before fine-tuning freezes it as the official recipe
+    freezes ImageNet's. torchvision also trains every layer from scratch (so does our Faster R-CNN).
+    Any pretrained start (imagenet, coco, a checkpoint such as a base): OFFICIAL_FROZEN_LAYERS.
     """
     return () if weights == "none" else OFFICIAL_FROZEN_LAYERS
 

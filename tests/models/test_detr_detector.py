@@ -110,7 +110,8 @@ def test_backward_reaches_trained_layers_only_and_param_groups_follow_requires_g
     assert set(losses) == set(detr_weight_dict(dec_layers=2, aux_loss=True))
     sum(losses.values()).backward()
     body = detector.detr.backbone[0].body
-    assert body.layer4[0].conv1.weight.grad is not None and body.layer1[0].conv1.weight.grad is None
+    # weights "none": the whole ResNet trains, stem and layer1 included (backbone.frozen_layers_for).
+    assert body.layer4[0].conv1.weight.grad is not None and body.layer1[0].conv1.weight.grad is not None
 
     groups = detector.param_groups(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4)
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
