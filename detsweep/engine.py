@@ -271,10 +271,18 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
+def _adapters_only(module: torch.nn.Module, regime: str) -> bool:
+    """Whether a checkpoint of `regime` keeps only the adapters and what trains: lora_only, and a two_stage
+    trial into lora_only (it carries adapters from the start)."""
+    from detsweep.models.lora import lora_parameters
+
+    return regime == "lora_only" or (regime == "two_stage" and bool(lora_parameters(module)))
+
+
 def model_state(module: torch.nn.Module, regime: str) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of the model, on the CPU: a LoRA trial only its adapters and heads
     (the base is rebuilt from its weights), other regimes the whole state dict."""
-    if regime == "lora_only":
+    if _adapters_only(module, regime):
         from detsweep.models.lora import lora_state_dict
 
         return to_cpu(lora_state_dict(module))
@@ -283,7 +291,7 @@ def model_state(module: torch.nn.Module, regime: str) -> dict[str, torch.Tensor]
 
 def load_model_state(module: torch.nn.Module, regime: str, state: dict[str, torch.Tensor]) -> None:
     """The inverse of `model_state`."""
-    if regime == "lora_only":
+    if _adapters_only(module, regime):
         from detsweep.models.lora import load_lora_state_dict
 
         load_lora_state_dict(module, state)

@@ -198,7 +198,7 @@ def export_trial(found: FoundTrial, out: Path, fmt: str = "state_dict") -> dict[
     meta = {"trial_id": trial.trial_id, "sweep": trial.sweep, "model": trial.model, "family": trial.family,
             "regime": trial.regime, "format": fmt, "file": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
             "layout": "facebookresearch/detr" if trial.family == "detr" else "torchvision FasterRCNN",
-            "lora_merged": trial.regime == "lora_only", "builder_args": builder_args(found),
+            "lora_merged": trial.lora is not None, "builder_args": builder_args(found),
             "label_map": {"category_ids": list(lm.category_ids), "names": list(lm.names)},
             "preprocessing": preprocessing(found), "checked": {"max_abs_diff": diff, "tolerance": TOLERANCE},
             "checkpoint": found.checkpoint, "epoch": found.meta.get("epoch"), "torch_version": torch.__version__,

@@ -179,7 +179,7 @@ def rebuild_model(found: FoundTrial) -> nn.Module:
     from detsweep.models.trial import build_trial_model  # the worker's own builder, Ray-free
 
     trial = found.trial
-    lora = trial.regime == "lora_only"
+    lora = trial.lora is not None  # lora_only, or a two_stage into lora_only: the checkpoint holds adapters
     if trial.family == "detr" and not lora:
         # The checkpoint holds every DETR weight, and DETR's layout does not depend on where it started, so the
         # base is not needed. (Faster R-CNN's is: pretrained weights switch its BatchNorm to FrozenBatchNorm.)
@@ -208,7 +208,7 @@ def rebuild_model(found: FoundTrial) -> nn.Module:
 def merged_model(found: FoundTrial, model: nn.Module) -> nn.Module:
     """`model` itself, or for a LoRA trial a plain copy of its architecture holding the merged weights
     (W + alpha/r·B·A): no adapter cost at inference, and the plain (official) state-dict keys."""
-    if found.trial.regime != "lora_only":
+    if found.trial.lora is None:
         return model
     from detsweep.models.lora import merged_state_dict
 

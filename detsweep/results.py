@@ -30,6 +30,13 @@ def _lora(key: str) -> Callable[[dict[str, Any]], Any]:
     return lambda t: t["lora"][key] if t["lora"] else None
 
 
+def _regime_detail(t: dict[str, Any]) -> str:
+    if t["regime"] != "two_stage" or not t.get("two_stage"):
+        return t["regime"]
+    s1, s2 = t["two_stage"]["stage1"], t["two_stage"]["stage2"]
+    return f"heads {s1['epochs']} ep lr {s1['lr']:g} -> {s2['regime']} lr {s2['lr']:g}"
+
+
 def _detr(key: str) -> Callable[[dict[str, Any]], Any]:
     return lambda t: t["detector"][key] if t["family"] == "detr" else None
 
@@ -63,6 +70,8 @@ class ConfigColumn:
 CONFIG_COLUMNS: tuple[ConfigColumn, ...] = (
     ConfigColumn("model", _STR, lambda t: t["model"], ("model",), own_line=True),
     ConfigColumn("regime", _STR, lambda t: t["regime"], ("regime",), own_line=True),
+    # the regime, and a two_stage trial's stages: "heads 3 ep lr 0.001 -> full lr 1e-05"
+    ConfigColumn("regime_detail", _STR, lambda t: _regime_detail(t)),
     ConfigColumn("lora_rank", _I32, _lora("rank"), ("lora.rank",)),
     ConfigColumn("lora_placement", _STR, _lora("placement"), ("lora.placement",)),
     ConfigColumn("lora_alpha", _F64, _lora("alpha"), ("lora.alpha",)),
@@ -113,6 +122,8 @@ RESULTS_SCHEMA: pa.Schema = pa.schema(
     + [(f"err_{kind}", _I64) for kind in ("cls", "loc", "dup", "bkg", "missed")]
     # cost (peak_vram_* null without CUDA)
     + [("total_params", _I64), ("trainable_params", _I64), ("trainable_frac", _F64), ("lora_params", _I64)]
+    # two_stage: each stage's trainable params (trainable_params is stage 2's, what the frontier reads)
+    + [("trainable_params_stage1", _I64), ("trainable_params_stage2", _I64)]
     + [(name, _F64) for name in ("peak_vram_train_mb", "peak_vram_eval_mb", "peak_vram_reserved_mb", "peak_rss_mb",
                                  "train_images_per_s", "eval_images_per_s", "train_s", "eval_s",
                                  "wall_s", "worker_s", "gpu_hours", "cost_usd")]

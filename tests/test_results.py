@@ -33,7 +33,7 @@ def _row(trial_id: str, **kw) -> dict:
 def test_schema_order_and_types():
     assert RESULTS_SCHEMA.names == [
         "sweep", "trial_id", "status", "error",
-        "model", "regime", "lora_rank", "lora_placement", "lora_alpha", "lora_targets", "backbone", "num_queries",
+        "model", "regime", "regime_detail", "lora_rank", "lora_placement", "lora_alpha", "lora_targets", "backbone", "num_queries",
         "dec_layers", "epochs", "lr", "seed", "ddp_workers", "gpus_per_worker", "data",
         "ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
         "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large",
@@ -42,7 +42,8 @@ def test_schema_order_and_types():
         "best_val_loss", "val_loss",
         "ece", "nll", "brier", "n_detections", "dece",
         "err_cls", "err_loc", "err_dup", "err_bkg", "err_missed",
-        "total_params", "trainable_params", "trainable_frac", "lora_params",
+        "total_params", "trainable_params", "trainable_frac", "lora_params", "trainable_params_stage1",
+        "trainable_params_stage2",
         "peak_vram_train_mb", "peak_vram_eval_mb", "peak_vram_reserved_mb", "peak_rss_mb", "train_images_per_s", "eval_images_per_s",
         "train_s", "eval_s", "wall_s", "worker_s", "gpu_hours", "cost_usd", "device", "amp_dtype",
         "epochs_completed", "checkpoint_path", "per_class_ap", "reliability", "n_skipped_images", "n_skipped_boxes",

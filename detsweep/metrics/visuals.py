@@ -30,8 +30,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_loss_curves(history: list[dict[str, Any]], path: str | Path, *, keys: list[str] | None = None) -> Path:
+def plot_loss_curves(history: list[dict[str, Any]], path: str | Path, *, keys: list[str] | None = None,
+                     switch_epoch: int | None = None) -> Path:
     """Plot loss values of `history` (one dict per epoch, each with `epoch`) against epoch; 800x500 PNG.
+    `switch_epoch`: a two_stage trial's first epoch of stage 2, drawn as a dashed line.
 
     `keys` defaults to every key whose name contains "loss": history rows usually carry other
     metrics too (ap, images/s, parameter counts) that do not belong on a loss axis. Entries that
@@ -55,6 +57,8 @@ def plot_loss_curves(history: list[dict[str, Any]], path: str | Path, *, keys: l
             ax.plot(xs, ys, marker="o", label=name)
     if not ax.lines:
         logger.warning("plot_loss_curves: none of %s has a numeric value; writing empty axes", keys)
+    if switch_epoch is not None:
+        ax.axvline(switch_epoch - 0.5, color="0.4", linestyle="--", label=f"stage 2 from epoch {switch_epoch}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     if ax.lines:

@@ -7,7 +7,7 @@ from __future__ import annotations
 MODELS: dict[str, str] = {"detr_r50": "detr", "fasterrcnn_r50_fpn": "faster_rcnn"}
 FAMILIES: tuple[str, ...] = ("detr", "faster_rcnn")
 # two_stage: heads first (backbone and transformer frozen), then `two_stage.stage2.regime` (DETR only).
-REGIMES: tuple[str, ...] = ("full", "lora_only", "partial")
+REGIMES: tuple[str, ...] = ("full", "lora_only", "partial", "two_stage")
 # What a `two_stage` trial may switch to after its heads-only first stage.
 STAGE2_REGIMES: tuple[str, ...] = ("full", "lora_only", "partial")
 # Regimes each family can run (Faster R-CNN's LoRA lives in its box head; its two-stage is not defined).

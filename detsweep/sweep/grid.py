@@ -13,7 +13,7 @@ from detsweep.storage import sweep_root
 from detsweep.sweep.bases import base_key, base_name, base_trial, find_base, train_run
 from detsweep.sweep.load import apply_axis
 from detsweep.sweep.rules import check_resources, lora_targets_violation
-from detsweep.sweep.spec import Sweep, TrialConfig, resources_for
+from detsweep.sweep.spec import Sweep, TrialConfig, has_adapters, resources_for
 from detsweep.sweep.typed import SweepError
 
 # Axes that only mean something for one model family or one regime.
@@ -22,9 +22,13 @@ _ALWAYS_IN_ID = ("lora.rank", "lora.placement")  # a LoRA trial's id always name
 _NOT_IN_ID = re.compile(r"[^A-Za-z0-9._=-]+")  # trial ids name folders: these runs become `_`
 
 
-def _relevant(key: str, family: str, regime: str) -> bool:
+def _relevant(key: str, family: str, regime: str, adapters: bool | None = None) -> bool:
+    """Whether axis `key` means something for a trial; `adapters`: the trial has LoRA adapters (None: it is
+    lora_only)."""
     if key.startswith("lora."):
-        return regime == "lora_only"
+        return regime == "lora_only" if adapters is None else adapters
+    if key.startswith("two_stage."):
+        return regime == "two_stage"
     for prefix, fam in _FAMILY_PREFIX.items():
         if key.startswith(prefix):
             return family == fam
@@ -68,7 +72,8 @@ def _collision(source: str, trial_id: str, first: dict[str, Any], second: dict[s
 def expand(sweep: Sweep) -> list[TrialConfig]:
     """Every complete trial of the sweep, in grid order, deduplicated by trial id.
 
-    Pruned: LoRA keys outside `lora_only`; model keys of the other family; regimes a model
+    Pruned: LoRA keys outside `lora_only` (and a two_stage into it); `two_stage.*` outside two_stage;
+    model keys of the other family; regimes a model
     family does not list in `model.<family>.regimes`; LoRA placements that adapt nothing in the
     trial's model (`registry.placement_fits`: `box_head` is Faster R-CNN's, `backbone_attention`
     needs a ViT backbone). `lora.targets` patterns are checked on each trial's real model.
@@ -90,26 +95,32 @@ def expand(sweep: Sweep) -> list[TrialConfig]:
         cfg = sweep
         extra: dict[str, str] = {}  # dotted key -> id part, for the varying axes
         chosen: dict[str, Any] = {}
-        for (key, _), value in zip(axes, values):
-            if not _relevant(key, family, regime):
+        # LoRA axes last: whether a two_stage trial has adapters depends on its two_stage.stage2.regime axis
+        for (key, _), value in sorted(zip(axes, values), key=lambda kv: kv[0][0].startswith("lora.")):
+            if not _relevant(key, family, regime, has_adapters(regime, cfg.two_stage)):
                 continue
             cfg = apply_axis(cfg, key, value, where=f"grid.{key}")
             chosen[key] = value
             if key in varying and key not in _ALWAYS_IN_ID:
                 extra[key] = f"{key.rsplit('.', 1)[-1]}{id_value(value)}"
         backbone = getattr(cfg.model, family).backbone
-        if regime == "lora_only" and not (cfg.lora.targets or registry.placement_fits(cfg.lora.placement, family,
-                                                                                      backbone)):
+        adapters = has_adapters(regime, cfg.two_stage)
+        if adapters and not (cfg.lora.targets or registry.placement_fits(cfg.lora.placement, family, backbone)):
             continue  # e.g. box_head on DETR, backbone_attention on a ResNet: the placement adapts nothing there
         id_parts = [model_label(model, backbone), regime]
-        if regime == "lora_only":
+        if adapters:
             id_parts += [f"r{cfg.lora.rank}", "targets" if cfg.lora.targets else cfg.lora.placement]
         trial_id = "-".join(id_parts + [extra[k] for k in sorted(extra)])
         if trial_id in trials:
             if any(trials[trial_id].axes.get(k) != v for k, v in chosen.items()):
                 raise _collision(sweep.source, trial_id, trials[trial_id].axes, chosen)
             continue  # the same trial again: an axis that does not apply here
-        if regime == "lora_only" and cfg.lora.targets:
+        if regime == "two_stage" and cfg.two_stage.stage1.epochs >= cfg.train.epochs:
+            key = "two_stage.stage1.epochs"
+            raise SweepError(f"{sweep.source}: {'grid.' + key if key in sweep.grid else key}: "
+                             f"{cfg.two_stage.stage1.epochs!r} must be < train.epochs ({cfg.train.epochs}): the "
+                             f"second stage needs an epoch (trial {trial_id})")
+        if adapters and cfg.lora.targets:
             why = lora_targets_violation(model, getattr(cfg.model, family), cfg.lora.targets)
             if why is not None:
                 key = "grid.lora.targets" if "lora.targets" in sweep.grid else "lora.targets"
@@ -120,8 +131,9 @@ def expand(sweep: Sweep) -> list[TrialConfig]:
         trials[trial_id] = TrialConfig(
             sweep=sweep.name, trial_id=trial_id, model=model, family=family, regime=regime,
             data=cfg.data, detector=getattr(cfg.model, family),
-            lora=cfg.lora if regime == "lora_only" else None, train=cfg.train, eval=cfg.eval,
+            lora=cfg.lora if adapters else None, train=cfg.train, eval=cfg.eval,
             resources=resources, fault_tolerance=cfg.fault_tolerance, storage=root, axes=chosen,
+            two_stage=cfg.two_stage if regime == "two_stage" else None,
         )
     if not trials:
         raise SweepError(f"{sweep.source}: grid: no trial is left after pruning; check grid.regime "

@@ -96,7 +96,7 @@ def _check_combinations(sweep: Sweep, grid: dict[str, tuple[Any, ...]]) -> None:
 def apply_axis(sweep: Sweep, key: str, value: Any, *, where: str) -> Sweep:
     """Return `sweep` with the dotted `key` set to `value`, type-checked."""
     parts = key.split(".")
-    settable = ("data", "model", "lora", "train", "eval", "resources", "fault_tolerance")
+    settable = ("data", "model", "lora", "two_stage", "train", "eval", "resources", "fault_tolerance")
     if parts[0] not in settable or len(parts) < 2:
         raise SweepError(f"{sweep.source}: {where}: unknown grid key; use 'model', 'regime' or a "
                          f"dotted key under one of {list(settable)}")

@@ -50,6 +50,7 @@ DETR_COCO_AT_MOST = {"num_queries": 100, "dec_layers": 6}
 def _value_rules(sweep: Sweep) -> list[tuple[str, object, bool, str]]:
     """(dotted key, value, whether the rule holds, what is allowed) for every one-key value rule."""
     d, m, t, ft = sweep.data, sweep.model, sweep.train, sweep.fault_tolerance
+    ts = sweep.two_stage
     return [
         ("data.train_images", d.train_images, d.train_images > 0 or d.kind == "coco" and d.train_images == 0, "> 0 (coco: 0 = all)"),
         ("data.val_images", d.val_images, d.val_images > 0 or d.kind == "coco" and d.val_images == 0, "> 0 (coco: 0 = all)"),
@@ -69,6 +70,11 @@ def _value_rules(sweep: Sweep) -> list[tuple[str, object, bool, str]]:
         ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
         ("train.lr_drop_epoch", t.lr_drop_epoch, t.lr_drop_epoch is None or t.lr_drop_epoch > 0, "> 0"),
         ("lora.rank", sweep.lora.rank, sweep.lora.rank > 0, "> 0"),
+        ("two_stage.stage1.epochs", ts.stage1.epochs, ts.stage1.epochs >= 1, ">= 1"),
+        ("two_stage.stage1.lr", ts.stage1.lr, ts.stage1.lr > 0, "> 0"),
+        ("two_stage.stage2.lr", ts.stage2.lr, ts.stage2.lr > 0, "> 0"),
+        ("two_stage.stage2.lr_backbone", ts.stage2.lr_backbone, ts.stage2.lr_backbone is None
+         or ts.stage2.lr_backbone >= 0, ">= 0, or null (train.lr_backbone / train.lr times two_stage.stage2.lr)"),
         ("lora.alpha", sweep.lora.alpha, sweep.lora.alpha > 0, "> 0"),
         ("lora.dropout", sweep.lora.dropout, 0.0 <= sweep.lora.dropout < 1.0, "in [0, 1)"),
         ("model.detr.num_queries", m.detr.num_queries, m.detr.num_queries > 0, "> 0"),

@@ -23,7 +23,7 @@ from detsweep.storage import join, read_text, sweep_root, write_bytes_atomic
 from detsweep.sweep.grid import _relevant, _with_base, id_value, model_label
 from detsweep.sweep.load import apply_axis
 from detsweep.sweep.rules import check_resources, check_values, combination_violation, in_combination_rules
-from detsweep.sweep.spec import Sweep, TrialConfig, resources_for
+from detsweep.sweep.spec import Sweep, TrialConfig, has_adapters, resources_for
 from detsweep.sweep.typed import SweepError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
@@ -224,8 +224,9 @@ class Space:
         root = sweep_root(cfg.storage, cfg.name)
         trial = TrialConfig(
             sweep=cfg.name, trial_id=trial_id, model=model, family=family, regime=regime, data=cfg.data,
-            detector=getattr(cfg.model, family), lora=cfg.lora if regime == "lora_only" else None, train=cfg.train,
-            eval=cfg.eval, resources=resources, fault_tolerance=cfg.fault_tolerance, storage=root, axes=axes)
+            detector=getattr(cfg.model, family), lora=cfg.lora if has_adapters(regime, cfg.two_stage) else None,
+            train=cfg.train, eval=cfg.eval, resources=resources, fault_tolerance=cfg.fault_tolerance, storage=root,
+            axes=axes, two_stage=cfg.two_stage if regime == "two_stage" else None)
         return _with_base(trial, cfg, root)
 
 

@@ -129,6 +129,33 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class Stage1Config:
+    """two_stage's first stage: the heads only (class and box heads; backbone, transformer and queries frozen and
+    run under no_grad), for `epochs` of `train.epochs`, at `lr`."""
+
+    epochs: int = 1
+    lr: float = 1.0e-3
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """two_stage's second stage: `regime` for the remaining epochs, with a fresh optimizer and schedule at `lr`
+    (`lr_backbone` null: `train.lr_backbone / train.lr` times `lr`, the official 1:10)."""
+
+    regime: Literal[registry.STAGE2_REGIMES] = "full"
+    lr: float = 1.0e-5
+    lr_backbone: float | None = None
+
+
+@dataclass(frozen=True)
+class TwoStageConfig:
+    """`two_stage:` of a `regime: two_stage` trial (linear probe, then fine-tune; seed 003's recipe)."""
+
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # The official DETR recipe: AdamW, lr 1e-4 / backbone 1e-5, wd 1e-4, clip 0.1.
     epochs: int = 2
@@ -233,6 +260,7 @@ class Sweep:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)  # used by `regime: two_stage` only
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -263,7 +291,7 @@ class TrialConfig:
     regime: str
     data: DataConfig
     detector: DetrConfig | FasterRCNNConfig  # model.<family>
-    lora: LoraConfig | None  # None unless regime == "lora_only"
+    lora: LoraConfig | None  # None unless the trial has adapters (lora_only, or two_stage into lora_only)
     train: TrainConfig
     eval: EvalConfig
     resources: ResourcesConfig
@@ -271,6 +299,7 @@ class TrialConfig:
     storage: str  # <storage>/<sweep name>, expanded
     axes: dict[str, Any]  # the grid values of this trial, by dotted key
     base_run: str | None = None  # weights `base:NAME`: the base's Ray Train run, whose latest checkpoint it loads
+    two_stage: TwoStageConfig | None = None  # None unless regime == "two_stage"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,6 +312,8 @@ class TrialConfig:
             kwargs[name] = build(typ, d[name], name, "<trial>")
         kwargs["detector"] = build(FAMILY_SECTIONS[d["family"]], d["detector"], "detector", "<trial>")
         kwargs["lora"] = None if d["lora"] is None else build(LoraConfig, d["lora"], "lora", "<trial>")
+        if d.get("two_stage") is not None:
+            kwargs["two_stage"] = build(TwoStageConfig, d["two_stage"], "two_stage", "<trial>")
         return cls(**kwargs)
 
 
@@ -295,6 +326,11 @@ def data_defaults(d: DataConfig) -> DataConfig:
     fallback = (64, 16) if d.kind == "synthetic" else (0, 0)
     return dataclasses.replace(d, train_images=fallback[0] if d.train_images is None else d.train_images,
                                val_images=fallback[1] if d.val_images is None else d.val_images)
+
+
+def has_adapters(regime: str, two_stage: TwoStageConfig) -> bool:
+    """Whether a trial of `regime` carries LoRA adapters: lora_only, or a two_stage whose second stage is."""
+    return regime == "lora_only" or (regime == "two_stage" and two_stage.stage2.regime == "lora_only")
 
 
 def resources_for(sweep: Sweep, regime: str) -> ResourcesConfig:

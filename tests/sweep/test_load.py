@@ -25,20 +25,21 @@ BAD = [
     ({"name": "x", "grid": {"model": ["yolo"]}},
      "f.yaml: grid.model: 'yolo' is not one of ['detr_r50', 'fasterrcnn_r50_fpn']"),
     ({"name": "x", "grid": {"regime": ["half"]}},
-     "f.yaml: grid.regime: 'half' is not one of ['full', 'lora_only', 'partial']"),
+     "f.yaml: grid.regime: 'half' is not one of ['full', 'lora_only', 'partial', 'two_stage']"),
     ({"name": "x", "train": {"lr": "fast"}}, "f.yaml: train.lr: 'fast' must be of type float"),
     ({"name": "x", "train": {"epochs": 1.5}}, "f.yaml: train.epochs: 1.5 must be of type int"),
     ({"name": "x", "train": {"epochs": 0}}, "f.yaml: train.epochs: 0 must be > 0"),
     ({"name": "x", "trian": {}},
-     "f.yaml: trian: unknown key; allowed keys are ['name', 'data', 'model', 'lora', 'train', 'eval', "
+     "f.yaml: trian: unknown key; allowed keys are ['name', 'data', 'model', 'lora', 'two_stage', 'train', 'eval', "
      "'resources', 'resources_by_regime', 'fault_tolerance', 'grid', 'scheduler', 'bases', 'search', 'cost', "
      "'storage', 'max_concurrent_trials']"),
     ({"name": "x", "model": {"detr": {"layers": 3}}},
      "f.yaml: model.detr.layers: unknown key; allowed keys are ['backbone', 'weights', 'num_queries', "
      "'hidden_dim', 'nheads', 'enc_layers', 'dec_layers', 'dim_feedforward', 'dropout', 'aux_loss', "
-     "'min_size', 'max_size', 'regimes']"),
+     "'min_size', 'max_size', 'regimes', 'class_loss', 'focal_alpha', 'focal_gamma', 'loss_weights']"),
     ({"name": "x", "model": {"detr": {"backbone": "vit"}}},
-     "f.yaml: model.detr.backbone: 'vit' is not one of ['resnet18', 'resnet34', 'resnet50', 'resnet101']"),
+     "f.yaml: model.detr.backbone: 'vit' is not one of ['resnet18', 'resnet34', 'resnet50', 'resnet101', "
+     "'vit_b_16', 'dinov2_vits14', 'dinov2_vitb14']"),
     ({"name": "x", "resources": {"ddp_workers": 2, "gpus_per_worker": 0.5}},
      "f.yaml: resources.gpus_per_worker: 0.5 is fractional, which needs ddp_workers: 1 (got 2); NCCL "
      "cannot run two ranks of one trial on one GPU"),
@@ -53,8 +54,8 @@ BAD = [
     ({"name": "x", "grid": {"train.lr": 0.1}}, "f.yaml: grid.train.lr: 0.1 must be a non-empty list"),
     ({"name": "x", "grid": {"train.seed": [0, "one"]}}, "f.yaml: grid.train.seed: 'one' must be of type int"),
     ({"name": "x", "model": {"detr": {"weights": "/nonexistent/detr.pth"}}},
-     "f.yaml: model.detr.weights: '/nonexistent/detr.pth' is neither one of ['none', 'coco', 'imagenet'] nor an "
-     "existing "
+     "f.yaml: model.detr.weights: '/nonexistent/detr.pth' is neither one of ['none', 'coco', 'imagenet', 'lvd142m'] "
+     "nor an existing "
      "checkpoint file"),
     ({"name": "x", "data": {"kind": "coco", "root": "/nonexistent/coco"}},
      "f.yaml: data.root: '/nonexistent/coco' is not a directory (run `python -m detsweep.data coco2017 "
@@ -66,7 +67,8 @@ BAD = [
     ({"name": "x", "grid": {"eval.calibration.match_iou": [2.0]}},
      "f.yaml: grid.eval.calibration.match_iou: 2.0 must be in (0, 1]"),
     ({"name": "x", "grid": {"model.detr.weights": ["/nonexistent/a.pth"]}},
-     "f.yaml: grid.model.detr.weights: '/nonexistent/a.pth' is neither one of ['none', 'coco', 'imagenet'] nor an "
+     "f.yaml: grid.model.detr.weights: '/nonexistent/a.pth' is neither one of ['none', 'coco', 'imagenet', "
+     "'lvd142m'] nor an "
      "existing "
      "checkpoint file"),
     ({"name": "a/b"}, "f.yaml: name: 'a/b' must be letters, digits, '_', '-' or '.' (it names a folder)"),
@@ -86,7 +88,7 @@ BAD = [
      "f.yaml: resources_by_regime.lora_only.gpus: unknown key; allowed keys are ['ddp_workers', 'cpus_per_worker', "
      "'gpus_per_worker', 'backend']"),
     ({"name": "x", "resources_by_regime": {"half": {}}},
-     "f.yaml: resources_by_regime.half: unknown regime; allowed are ['full', 'lora_only', 'partial']"),
+     "f.yaml: resources_by_regime.half: unknown regime; allowed are ['full', 'lora_only', 'partial', 'two_stage']"),
     ({"name": "x", "grid": {"resources.gpus_per_worker": [1, 0.5]}},
      "f.yaml: grid.resources.gpus_per_worker: 0.5 is fractional, which needs ddp_workers: 1 (got 2); NCCL cannot "
      "run two ranks of one trial on one GPU"),

@@ -62,7 +62,7 @@ BAD_SPACES = [
     ({"lora.dropout": {"uniform": [0.0, 1.0]}, "regime": {"choice": ["lora_only"]}},
      "f.yaml: search.space.lora.dropout: 1.0 must be in [0, 1)"),
     ({"regime": {"choice": ["full", "lora"]}}, "f.yaml: search.space.regime.choice: 'lora' is not one of ['full', "
-                                               "'lora_only', 'partial']"),
+                                               "'lora_only', 'partial', 'two_stage']"),
     ({"model": {"choice": ["detr_r51"]}}, "f.yaml: search.space.model.choice: 'detr_r51' is not one of ["),
     ({"regime": {"uniform": [0, 1]}}, "f.yaml: search.space.regime.uniform: regime takes only {choice: [...]}"),
     ({"train.lr": {"choice": [[1e-4]]}}, "f.yaml: search.space.train.lr.choice: [0.0001] must be a number, a string, "
