@@ -19,7 +19,7 @@ from typing import NoReturn
 from detsweep.results import ResultsStore
 from detsweep.storage import TUNE_DIR, delete_dir, exists, join, sweep_root
 from detsweep.sweep import Sweep, SweepError, TrialConfig, expand, load_sweep
-from detsweep.sweep import search
+from detsweep.sweep import search, study
 from detsweep.sweep.bases import base_trials, describe
 from detsweep.sweep.cost import check_trials, estimate_line, pricing
 from detsweep.sweep.grid import root_of
@@ -217,7 +217,7 @@ def guard_earlier_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: 
     if args.fresh and exists(root):
         delete_dir(root)
     if args.resume and sweep.search is not None:
-        search.check_search_resume(root, sweep)
+        study.check_search_resume(root, sweep)
     return check_resume(root, trials) if args.resume else None
 
 
@@ -289,7 +289,7 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], root: str, args: argparse
     if not args.resume or resumed is None:
         save_trials(root, trials, n)  # before the Tuner writes <root>/tune: every run has its trial list
     if sweep.search is not None and not args.resume:
-        search.save_search(root, sweep)  # --resume checks it: the restored study must be this search's
+        study.save_search(root, sweep)  # --resume checks it: the restored study must be this search's
     tuner.fit_sweep(sweep, trials, root=root, concurrency=n, resume=args.resume, quiet=args.quiet)
     return summarize(root)
 

@@ -80,9 +80,12 @@ class ResultsCallback(Callback):
         if self._prov is None:
             self._prov = provenance()
         row: dict[str, Any] = {"sweep": self.sweep_name, "trial_id": tid, "status": status, "error": error}
-        row.update(config_values(cfg))
+        config = config_values(cfg)
+        row.update(config)
         row.update({column_name(k): v for k, v in cfg["axes"].items() if column_name(k) in self.extra_columns})
-        row.update({k: v for k, v in last.items() if k in RESULTS_SCHEMA.names and k not in DRIVER_COLUMNS})
+        # A report's `lr` is the schedule's rate at its epoch; the `lr` column is the trial's configured one.
+        row.update({k: v for k, v in last.items()
+                    if k in RESULTS_SCHEMA.names and k not in DRIVER_COLUMNS and k not in config})
         row["wall_s"] = (finished - started).total_seconds() if status != "running" else None
         res = cfg["resources"]
         if row["wall_s"] is not None:

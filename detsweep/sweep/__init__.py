@@ -1,9 +1,9 @@
 """The sweep file and its trials; imports neither torch nor ray, so a sweep loads, expands and plans
 on a laptop without either. One way through its modules:
 
-typed (YAML values → frozen dataclasses) → spec (the sections, TrialConfig) → rules (value rules)
-→ load (`load_sweep`) → grid (`expand`) → {plan (resources, concurrency, the plan table),
-resume (trials.json)}.
+typed (YAML values → frozen dataclasses) → spec (the sections, TrialConfig) → cost (prices) → rules
+(value rules) → load (`load_sweep`) → grid (`expand`) → search (a `search:` space, its sampled trials)
+→ {plan (resources, concurrency, the plan table), resume (trials.json), study (search.json)}.
 """
 from __future__ import annotations
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 from detsweep.models import registry
-from detsweep.storage import join, read_text, sweep_root, write_bytes_atomic
+from detsweep.storage import sweep_root
 from detsweep.sweep.grid import _relevant, _with_base, id_value, model_label
 from detsweep.sweep.load import apply_axis
 from detsweep.sweep.rules import check_resources, check_values, combination_violation, in_combination_rules
@@ -34,7 +33,6 @@ NOT_SEARCHABLE = ("model.detr.weights", "model.faster_rcnn.weights", "model.detr
                   "model.faster_rcnn.regimes", "train.seed")
 _ID_NAMES = {"lora.rank": "r", "lora.alpha": "a", "lora.dropout": "do", "lora.placement": ""}
 _ID_FIRST = ("lora.rank", "lora.alpha", "lora.placement")  # after model and regime, as grid ids read
-SEARCH_FILE = "search.json"  # <root>/search.json: the search a run started with, for --resume
 
 
 @dataclass(frozen=True)
@@ -254,7 +252,6 @@ def parse_space(sweep: Sweep, *, check_paths: bool = True) -> Space:
     """`sweep.search.space`, checked: one SweepError line for the first bad entry (unknown key, bad
     distribution, low >= high, a choice the key does not allow, a key the search never samples)."""
     search, src = sweep.search, sweep.source
-    assert search is not None
     if not isinstance(search.space, dict) or not search.space:
         raise SweepError(f"{src}: search.space: must map at least one key to a distribution, e.g. "
                          f"train.lr: {{loguniform: [1.0e-5, 3.0e-4]}}")
@@ -339,7 +336,6 @@ class _Example:
 def describe(space: Space, concurrency: int | None = None) -> str:
     """The space for `--dry-run`: how many trials are sampled, by what, each entry and an example id."""
     s = space.sweep.search
-    assert s is not None
     lines = [f"{s.num_samples} trials sampled from this space (Optuna {s.sampler} sampler, seed {s.seed}), "
              f"objectives {', '.join(s.objectives)}" + (f", up to {concurrency} at once" if concurrency else "") + ":"]
     rows = [(k, f"fixed {v[0]} (grid)") for k, v in space.sweep.grid.items()]
@@ -356,31 +352,3 @@ def describe(space: Space, concurrency: int | None = None) -> str:
     example = _Example()
     lines.append(f"trial ids read like {space.trial_id(example.number, space.sample(example))}")
     return "\n".join(lines)
-
-
-def _plain_search(sweep: Sweep) -> dict[str, Any]:
-    assert sweep.search is not None
-    return json.loads(json.dumps({"search": dataclasses.asdict(sweep.search), "grid": sweep.grid}))
-
-
-def save_search(root: str, sweep: Sweep) -> None:
-    """`<root>/search.json`: the search a run starts with (the trials are sampled as it runs)."""
-    write_bytes_atomic(json.dumps(_plain_search(sweep), indent=1).encode(), join(root, SEARCH_FILE))
-
-
-def check_search_resume(root: str, sweep: Sweep) -> None:
-    """Refuse a --resume whose search differs from the one the run started with: the restored searcher
-    continues the study it saved, which a changed space, sampler or objective would not match."""
-    uri = join(root, SEARCH_FILE)
-    text = read_text(uri)
-    if text is None:
-        raise SweepError(f"--resume: {uri} is missing, so the search this run started with is unknown (a grid run, "
-                         f"or an older detsweep); pass --fresh to start over, or --output-dir for another folder")
-    saved, now = json.loads(text), _plain_search(sweep)
-    for section in ("search", "grid"):
-        for key in sorted({*saved.get(section, {}), *now[section]}):
-            was, new = saved.get(section, {}).get(key), now[section].get(key)
-            if was != new:
-                raise SweepError(f"--resume: the search changed since the run in {root} started: {section}.{key} "
-                                 f"was {was!r}, is now {new!r}; pass --fresh to start over, or --output-dir for "
-                                 f"another folder")

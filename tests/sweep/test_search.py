@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from detsweep.sweep import SweepError, parse_sweep
-from detsweep.sweep.search import cells, check_search_resume, describe, parse_space, sampled_trial, save_search
+from detsweep.sweep.search import cells, describe, parse_space, sampled_trial
+from detsweep.sweep.study import check_search_resume, save_search
 
 SPACE = {"regime": {"choice": ["full", "lora_only", "partial"]}, "lora.rank": {"choice": [2, 4, 8, 16, 32]},
          "lora.alpha": {"choice": [8, 16, 32]}, "train.lr": {"loguniform": [1.0e-5, 3.0e-4]}}
@@ -235,3 +236,8 @@ def test_resume_refuses_a_changed_search(tmp_path):
     with pytest.raises(SweepError, match=r"^--resume: the search changed since the run in .* started: search.space "
                                          r"was .*; pass --fresh"):
         check_search_resume(root, changed)
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "searcher-state-2026-01-01_00-00-00.pkl").write_bytes(b"")
+    with pytest.raises(SweepError, match=r"searcher-state-2026-01-01_00-00-00.pkl is empty: the driver stopped while "
+                                         r"Tune was rewriting its state"):
+        check_search_resume(root, sweep_with())
