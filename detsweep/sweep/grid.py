@@ -70,75 +70,105 @@ def _collision(source: str, trial_id: str, first: dict[str, Any], second: dict[s
 
 
 def expand(sweep: Sweep) -> list[TrialConfig]:
-    """Every complete trial of the sweep, in grid order, deduplicated by trial id.
+    """Every complete trial of the sweep, in grid order and then `extra_trials`, deduplicated by trial id.
 
     Pruned: LoRA keys outside `lora_only` (and a two_stage into it); `two_stage.*` outside two_stage;
-    model keys of the other family; regimes a model
-    family does not list in `model.<family>.regimes`; LoRA placements that adapt nothing in the
-    trial's model (`registry.placement_fits`: `box_head` is Faster R-CNN's, `backbone_attention`
-    needs a ViT backbone). `lora.targets` patterns are checked on each trial's real model.
+    model keys of the other family; regimes a model family does not list in `model.<family>.regimes`;
+    LoRA placements that adapt nothing in the trial's model (`registry.placement_fits`: `box_head` is
+    Faster R-CNN's, `backbone_attention` needs a ViT backbone). `lora.targets` patterns are checked on
+    each trial's real model. An extra trial that would be pruned is an error.
     Trial id: `<model label>-<regime>[-r<rank>-<placement>]`, then one part per other varying
     axis, sorted by dotted key so that the YAML's key order never changes an id (`--resume`).
     """
-    models = sweep.grid.get("model", ("detr_r50",))
-    regimes = sweep.grid.get("regime", ("full",))
-    axes = [(k, v) for k, v in sweep.grid.items() if k not in ("model", "regime")]
-    varying = {k for k, v in axes if len(v) > 1}
     root = sweep_root(sweep.storage, sweep.name)
-
     trials: dict[str, TrialConfig] = {}
-    for model, regime, *values in itertools.product(models, regimes, *(v for _, v in axes)):
-        family = registry.MODELS[model]
-        fam_cfg = getattr(sweep.model, family)
-        if regime not in fam_cfg.regimes:
-            continue
-        cfg = sweep
-        extra: dict[str, str] = {}  # dotted key -> id part, for the varying axes
-        chosen: dict[str, Any] = {}
-        # LoRA axes last: whether a two_stage trial has adapters depends on its two_stage.stage2.regime axis
-        for (key, _), value in sorted(zip(axes, values), key=lambda kv: kv[0][0].startswith("lora.")):
-            if not _relevant(key, family, regime, has_adapters(regime, cfg.two_stage)):
-                continue
-            cfg = apply_axis(cfg, key, value, where=f"grid.{key}")
-            chosen[key] = value
-            if key in varying and key not in _ALWAYS_IN_ID:
-                extra[key] = f"{key.rsplit('.', 1)[-1]}{id_value(value)}"
-        backbone = getattr(cfg.model, family).backbone
-        adapters = has_adapters(regime, cfg.two_stage)
-        if adapters and not (cfg.lora.targets or registry.placement_fits(cfg.lora.placement, family, backbone)):
-            continue  # e.g. box_head on DETR, backbone_attention on a ResNet: the placement adapts nothing there
-        id_parts = [model_label(model, backbone), regime]
-        if adapters:
-            id_parts += [f"r{cfg.lora.rank}", "targets" if cfg.lora.targets else cfg.lora.placement]
-        trial_id = "-".join(id_parts + [extra[k] for k in sorted(extra)])
-        if trial_id in trials:
-            if any(trials[trial_id].axes.get(k) != v for k, v in chosen.items()):
-                raise _collision(sweep.source, trial_id, trials[trial_id].axes, chosen)
-            continue  # the same trial again: an axis that does not apply here
-        if regime == "two_stage" and cfg.two_stage.stage1.epochs >= cfg.train.epochs:
-            key = "two_stage.stage1.epochs"
-            raise SweepError(f"{sweep.source}: {'grid.' + key if key in sweep.grid else key}: "
-                             f"{cfg.two_stage.stage1.epochs!r} must be < train.epochs ({cfg.train.epochs}): the "
-                             f"second stage needs an epoch (trial {trial_id})")
-        if adapters and cfg.lora.targets:
-            why = lora_targets_violation(model, getattr(cfg.model, family), cfg.lora.targets)
-            if why is not None:
-                key = "grid.lora.targets" if "lora.targets" in sweep.grid else "lora.targets"
-                raise SweepError(f"{sweep.source}: {key}: {why} (trial {trial_id})")
-        resources = resources_for(cfg, regime) if regime in cfg.resources_by_regime else cfg.resources
-        check_resources(resources, f"resources (trial {trial_id})", sweep.source)
-        assert regime in registry.FAMILY_REGIMES[family], (family, regime)  # the loader's `regimes` rule
-        trials[trial_id] = TrialConfig(
-            sweep=sweep.name, trial_id=trial_id, model=model, family=family, regime=regime,
-            data=cfg.data, detector=getattr(cfg.model, family),
-            lora=cfg.lora if adapters else None, train=cfg.train, eval=cfg.eval,
-            resources=resources, fault_tolerance=cfg.fault_tolerance, storage=root, axes=chosen,
-            two_stage=cfg.two_stage if regime == "two_stage" else None,
-        )
+    _add_grid(sweep, sweep.grid, "grid", root, trials)
+    for i, point in enumerate(sweep.extra_trials):
+        where = f"extra_trials[{i}]"
+        if not _add_grid(sweep, {k: (v,) for k, v in point.items()}, where, root, trials):
+            raise SweepError(f"{sweep.source}: {where}: this trial is pruned: its regime is not in "
+                             f"model.<family>.regimes, or its lora.placement adapts nothing in its model")
     if not trials:
         raise SweepError(f"{sweep.source}: grid: no trial is left after pruning; check grid.regime "
                          f"against model.<family>.regimes")
     return [_with_base(t, sweep, root) for t in trials.values()]
+
+
+def _add_grid(sweep: Sweep, grid: dict[str, tuple[Any, ...]], where: str, root: str,
+              trials: dict[str, TrialConfig]) -> int:
+    """Add the trials of `grid`'s product to `trials` (by id); returns how many of its points made a trial."""
+    models = grid.get("model", ("detr_r50",))
+    regimes = grid.get("regime", ("full",))
+    axes = [(k, v) for k, v in grid.items() if k not in ("model", "regime")]
+    varying = {k for k, v in axes if len(v) > 1}
+    made = 0
+    for model, regime, *values in itertools.product(models, regimes, *(v for _, v in axes)):
+        if regime not in getattr(sweep.model, registry.MODELS[model]).regimes:
+            continue
+        # LoRA axes last: whether a two_stage trial has adapters depends on its two_stage.stage2.regime axis
+        point = sorted(zip((k for k, _ in axes), values), key=lambda kv: kv[0].startswith("lora."))
+        trial = _trial(sweep, model, regime, point, varying, where, root)
+        if trial is None:
+            continue
+        made += 1
+        if trial.trial_id in trials:
+            first = trials[trial.trial_id]
+            if any(first.axes.get(k) != v for k, v in trial.axes.items()):
+                raise _collision(sweep.source, trial.trial_id, first.axes, trial.axes)
+            continue  # the same trial again: an axis that does not apply here
+        trials[trial.trial_id] = trial
+    return made
+
+
+def _trial(sweep: Sweep, model: str, regime: str, point: list[tuple[str, Any]], varying: set[str], where: str,
+           root: str) -> TrialConfig | None:
+    """The trial of one grid point, or None when it is pruned; its rules between keys are checked."""
+    family = registry.MODELS[model]
+    cfg, chosen, extra = sweep, {}, {}  # extra: dotted key -> id part, for the varying axes
+    for key, value in point:
+        if not _relevant(key, family, regime, has_adapters(regime, cfg.two_stage)):
+            continue
+        cfg = apply_axis(cfg, key, value, where=f"{where}.{key}")
+        chosen[key] = value
+        if key in varying and key not in _ALWAYS_IN_ID:
+            extra[key] = f"{key.rsplit('.', 1)[-1]}{id_value(value)}"
+    backbone = getattr(cfg.model, family).backbone
+    adapters = has_adapters(regime, cfg.two_stage)
+    if adapters and not (cfg.lora.targets or registry.placement_fits(cfg.lora.placement, family, backbone)):
+        return None  # e.g. box_head on DETR, backbone_attention on a ResNet: the placement adapts nothing there
+    id_parts = [model_label(model, backbone), regime]
+    if adapters:
+        id_parts += [f"r{cfg.lora.rank}", "targets" if cfg.lora.targets else id_value(cfg.lora.placement)]
+    trial_id = "-".join(id_parts + [extra[k] for k in sorted(extra)])
+    _check_trial(sweep, cfg, model, regime, adapters, trial_id, where)
+    resources = resources_for(cfg, regime) if regime in cfg.resources_by_regime else cfg.resources
+    check_resources(resources, f"resources (trial {trial_id})", sweep.source)
+    assert regime in registry.FAMILY_REGIMES[family], (family, regime)  # the loader's `regimes` rule
+    return TrialConfig(
+        sweep=sweep.name, trial_id=trial_id, model=model, family=family, regime=regime,
+        data=cfg.data, detector=getattr(cfg.model, family),
+        lora=cfg.lora if adapters else None, train=cfg.train, eval=cfg.eval,
+        resources=resources, fault_tolerance=cfg.fault_tolerance, storage=root, axes=chosen,
+        two_stage=cfg.two_stage if regime == "two_stage" else None,
+    )
+
+
+def _check_trial(sweep: Sweep, cfg: Sweep, model: str, regime: str, adapters: bool, trial_id: str,
+                 where: str) -> None:
+    """Rules of one trial that need its regime: two_stage's epochs, `lora.targets` on its real model."""
+    grid_keys = sweep.grid if where == "grid" else ()
+
+    def key_of(key: str) -> str:
+        return f"grid.{key}" if key in grid_keys else key
+
+    if regime == "two_stage" and cfg.two_stage.stage1.epochs >= cfg.train.epochs:
+        raise SweepError(f"{sweep.source}: {key_of('two_stage.stage1.epochs')}: {cfg.two_stage.stage1.epochs!r} "
+                         f"must be < train.epochs ({cfg.train.epochs}): the second stage needs an epoch "
+                         f"(trial {trial_id})")
+    if adapters and cfg.lora.targets:
+        why = lora_targets_violation(model, getattr(cfg.model, registry.MODELS[model]), cfg.lora.targets)
+        if why is not None:
+            raise SweepError(f"{sweep.source}: {key_of('lora.targets')}: {why} (trial {trial_id})")
 
 
 def _with_base(trial: TrialConfig, sweep: Sweep, root: str) -> TrialConfig:

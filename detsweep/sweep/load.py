@@ -36,6 +36,12 @@ def parse_sweep(raw: Any, source: str = "<memory>", *, check_paths: bool = True)
     check_values(sweep, check_paths)
     check_search_and_cost(sweep)  # the search space itself: sweep/search.py, which sees the grid
     sweep = dataclasses.replace(sweep, grid=_check_grid(grid, sweep, check_paths))
+    for i, point in enumerate(sweep.extra_trials):  # each value checked where it lands, as a grid value is
+        try:
+            _check_grid({key: [value] for key, value in point.items()}, sweep, check_paths)
+        except SweepError as e:  # the rules name grid keys; here they are this extra trial's
+            raise SweepError(str(e).replace(f"{sweep.source}: grid.", f"{sweep.source}: extra_trials[{i}].", 1)
+                             ) from None
     _check_bases(sweep, check_paths)
     return sweep
 

@@ -267,6 +267,9 @@ class Sweep:
     resources_by_regime: dict[str, dict[str, Any]] = field(default_factory=dict)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Single trials beside the grid's product: each a mapping of `model`, `regime` and dotted keys to one value
+    # (the sweep's sections give the rest, not the grid), pruned and named like grid trials.
+    extra_trials: tuple[dict[str, Any], ...] = ()
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     bases: dict[str, BaseConfig] = field(default_factory=dict)  # base:NAME weights, see sweep/bases.py
     search: SearchConfig | None = None  # None: the grid's trials; else sampled (sweep/search.py)

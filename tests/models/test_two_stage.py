@@ -66,7 +66,8 @@ def test_each_stage_counts_and_what_freezes_and_unfreezes_at_the_switch(tmp_path
     assert counts["trainable_params_stage1"] == count_parameters(model)["trainable_params"]
     enter_stage(trial, model, 2)
     stage2_names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert counts["trainable_params"] == counts["trainable_params_stage2"] == count_parameters(model)["trainable_params"]
+    now = count_parameters(model)["trainable_params"]
+    assert counts["trainable_params"] == counts["trainable_params_stage2"] == now
     assert stage1 < stage2_names  # the heads keep training; more unfreezes
     if stage2 == "lora_only":
         assert {n for n in stage2_names if ".lora_" in n} and counts["lora_params"] > 0

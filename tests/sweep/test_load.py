@@ -31,8 +31,8 @@ BAD = [
     ({"name": "x", "train": {"epochs": 0}}, "f.yaml: train.epochs: 0 must be > 0"),
     ({"name": "x", "trian": {}},
      "f.yaml: trian: unknown key; allowed keys are ['name', 'data', 'model', 'lora', 'two_stage', 'train', 'eval', "
-     "'resources', 'resources_by_regime', 'fault_tolerance', 'grid', 'scheduler', 'bases', 'search', 'cost', "
-     "'storage', 'max_concurrent_trials']"),
+     "'resources', 'resources_by_regime', 'fault_tolerance', 'grid', 'extra_trials', 'scheduler', 'bases', "
+     "'search', 'cost', 'storage', 'max_concurrent_trials']"),
     ({"name": "x", "model": {"detr": {"layers": 3}}},
      "f.yaml: model.detr.layers: unknown key; allowed keys are ['backbone', 'weights', 'num_queries', "
      "'hidden_dim', 'nheads', 'enc_layers', 'dec_layers', 'dim_feedforward', 'dropout', 'aux_loss', "
@@ -307,10 +307,14 @@ def test_shipped_sweeps_load(tmp_path):
         sweep = load_sweep(path, check_paths=False)
         assert expand(sweep), path
     smoke = expand(load_sweep(REPO / "sweeps" / "smoke.yaml"))
-    assert {t.regime for t in smoke} == {"full", "lora_only", "partial"}
+    assert {t.regime for t in smoke} == {"full", "lora_only", "partial", "two_stage"}
     detr_placements = ("attention_only", "attention_ffn", "decoder_only", "qv_only")
     assert {(t.lora.rank, t.lora.placement) for t in smoke if t.lora and t.family == "detr"} >= {
         (r, p) for r in (4, 8) for p in detr_placements}  # every transformer placement trains in the demo
+    # and one trial per newer axis: a ViT backbone with LoRA in it, a two_stage trial, Faster R-CNN's LoRA
+    assert {(t.family, t.regime, t.detector.backbone, t.lora and t.lora.placement) for t in smoke[-3:]} == {
+        ("detr", "lora_only", "dinov2_vits14", "backbone_attention+transformer"),
+        ("detr", "two_stage", "resnet18", None), ("faster_rcnn", "lora_only", "resnet18", "box_head")}
     full = expand(load_sweep(REPO / "sweeps" / "full.yaml", check_paths=False))
     assert len(full) == 9
 
