@@ -14,11 +14,12 @@ from detsweep.data.coco import build_datasets, collate_fn
 from detsweep.models import build_model
 from detsweep.models.lora import apply_lora
 from detsweep.models.regimes import apply_regime
+from detsweep.sweep.spec import DetrConfig, FasterRCNNConfig
 
-DETR = SimpleNamespace(backbone="resnet18", weights="none", num_queries=5, hidden_dim=32, nheads=2, enc_layers=1,
-                       dec_layers=1, dim_feedforward=64, dropout=0.0, aux_loss=True, min_size=None, max_size=None)
-FRCNN = SimpleNamespace(backbone="resnet18", weights="none", min_size=64, max_size=64, trainable_backbone_layers=None,
-                        box_batch_size_per_image=32, rpn_post_nms_top_n_test=100)
+DETR = DetrConfig(backbone="resnet18", num_queries=5, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
+                  dim_feedforward=64, dropout=0.0)
+FRCNN = FasterRCNNConfig(backbone="resnet18", min_size=64, max_size=64, box_batch_size_per_image=32,
+                         rpn_post_nms_top_n_test=100)
 TRAIN = SimpleNamespace(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, epochs=1, warmup_steps=0, lr_schedule="constant",
                         lr_drop_epoch=None)
 CASES = [("detr_r50", DETR, "full"), ("detr_r50", DETR, "lora_only"), ("detr_r50", DETR, "partial"),
