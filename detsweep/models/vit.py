@@ -121,11 +121,11 @@ class _TimmBody(nn.Module):
     def blocks(self, x: Tensor, key_padding: Tensor) -> Tensor:
         v = self.vit
         x = v.norm_pre(v.patch_drop(v.pos_drop(x)))
-        # Additive mask [B, 1, 1, N] for every head and query: -inf on padded keys (SDPA's float-mask form).
-        bias = torch.zeros(key_padding.shape, dtype=x.dtype, device=x.device).masked_fill(key_padding, float("-inf"))
-        bias = bias[:, None, None, :]
+        # Boolean mask [B, 1, 1, N] for every head and query, SDPA's form (True = attend): a float one would have
+        # to match the query's dtype under autocast.
+        attend = ~key_padding[:, None, None, :]
         for block in v.blocks:
-            x = block(x, attn_mask=bias)
+            x = block(x, attn_mask=attend)
         return v.norm(x)
 
 
