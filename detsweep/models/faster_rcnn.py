@@ -19,11 +19,14 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_
 # torchvision's FrozenBatchNorm2d, but it keeps bf16/fp16 activations in their dtype (issue 13).
 from detsweep.models.backbone import FrozenBatchNorm2d
 from detsweep.models.registry import FASTER_RCNN_BACKBONES as BACKBONES
-from detsweep.models.registry import NAMED_WEIGHTS as WEIGHTS  # or a state dict path
+from detsweep.models.registry import BACKBONE_WEIGHTS
 from detsweep.models.weights import (IMAGENET_RESNETS, coco_rows_unusable, load_checkpoint_file, load_hub_checkpoint,
                                      load_imagenet_body)
 
 logger = logging.getLogger(__name__)
+
+# Named weights of a ResNet-FPN (anything else is a state dict's path); DINOv2's `lvd142m` is DETR's only.
+WEIGHTS: tuple[str, ...] = BACKBONE_WEIGHTS["resnet50"]
 
 # torchvision's COCO layout: 91 rows, row 0 background, row c = COCO category id c (ids 1..90).
 _COCO_ROWS = len(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
@@ -97,9 +100,6 @@ def weights_enum(backbone: str, weights: str) -> WeightsEnum | None:
     """
     _check_choice("backbone", backbone, BACKBONES)
     _check_choice("weights", weights, WEIGHTS)
-    if weights == "lvd142m":
-        raise ValueError("weights='lvd142m' are DINOv2's, for DETR's ViT backbones; Faster R-CNN takes 'none', "
-                         "'coco', 'imagenet' or a checkpoint path")
     if weights == "coco":
         if backbone != "resnet50":
             raise ValueError(
