@@ -95,3 +95,23 @@ def test_ema_state_round_trips():
     assert other.steps == 2
     for a, b in zip(ema.average.module.parameters(), other.average.module.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_best_evaluation_is_the_best_by_its_metric_and_survives_a_restore():
+    """`Best` picks the highest AP (the lowest val_loss), counts evaluations since, and round-trips through
+    the checkpoint's train_state (`dataclasses.asdict` there, `Best(**state["best"])` on restore)."""
+    import dataclasses
+
+    from detsweep.cluster.evaluation import Best
+
+    best = Best()
+    for epoch, ap in enumerate([0.10, 0.30, 0.20]):
+        best.offer("ap", epoch, {"ap": ap, "ap50": ap + 0.1})
+    assert (best.epoch, best.value, best.since, best.metrics["ap50"]) == (1, 0.30, 1, 0.4)
+    restored = Best(**dataclasses.asdict(best))
+    assert restored == best
+    assert restored.offer("ap", 3, {"ap": 0.25}) is False and restored.since == 2 and restored.epoch == 1
+    lowest = Best()
+    for epoch, loss in enumerate([3.0, 2.0, 2.5]):
+        lowest.offer("val_loss", epoch, {"val_loss": loss})
+    assert (lowest.epoch, lowest.value) == (1, 2.0)

@@ -85,7 +85,7 @@ def expand(sweep: Sweep) -> list[TrialConfig]:
     _add_grid(sweep, sweep.grid, "grid", root, trials)
     for i, point in enumerate(sweep.extra_trials):
         where = f"extra_trials[{i}]"
-        if not _add_grid(sweep, {k: (v,) for k, v in point.items()}, where, root, trials):
+        if not _add_grid(sweep, {k: (v,) for k, v in point.items()}, where, root, trials, name_every_key=True):
             raise SweepError(f"{sweep.source}: {where}: this trial is pruned: its regime is not in "
                              f"model.<family>.regimes, or its lora.placement adapts nothing in its model")
     if not trials:
@@ -95,12 +95,15 @@ def expand(sweep: Sweep) -> list[TrialConfig]:
 
 
 def _add_grid(sweep: Sweep, grid: dict[str, tuple[Any, ...]], where: str, root: str,
-              trials: dict[str, TrialConfig]) -> int:
-    """Add the trials of `grid`'s product to `trials` (by id); returns how many of its points made a trial."""
+              trials: dict[str, TrialConfig], name_every_key: bool = False) -> int:
+    """Add the trials of `grid`'s product to `trials` (by id); returns how many of its points made a trial.
+    `name_every_key`: an extra trial's id names every key it sets (its backbone is in the model label), so it
+    never takes the id of a grid trial it differs from."""
     models = grid.get("model", ("detr_r50",))
     regimes = grid.get("regime", ("full",))
     axes = [(k, v) for k, v in grid.items() if k not in ("model", "regime")]
-    varying = {k for k, v in axes if len(v) > 1}
+    varying = ({k for k, _ in axes if not k.endswith(".backbone")} if name_every_key
+               else {k for k, v in axes if len(v) > 1})
     made = 0
     for model, regime, *values in itertools.product(models, regimes, *(v for _, v in axes)):
         if regime not in getattr(sweep.model, registry.MODELS[model]).regimes:

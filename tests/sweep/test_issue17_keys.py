@@ -116,6 +116,5 @@ def test_extra_trials_beside_the_grid():
     assert error(extra_trials=[{"regime": "lora_only", "lora.placement": "box_head"}]) == (
         "f.yaml: extra_trials[0]: this trial is pruned: its regime is not in model.<family>.regimes, or its "
         "lora.placement adapts nothing in its model")
-    # the same id as a grid trial but another config: named, not silently merged
-    assert "two different trials would share the id 'detr_r18-full'" in error(
-        grid={"regime": ["full"]}, extra_trials=[{"train.lr": 0.5}])
+    # an extra trial names the keys it sets: it never takes the id of a grid trial it differs from
+    assert trials(grid={"regime": ["full"]}, extra_trials=[{"train.lr": 0.5}]) == ["detr_r18-full", "detr_r18-full-lr0.5"]
