@@ -151,11 +151,11 @@ def test_max_concurrent_flag_overrides_the_sweep_files_value(in_repo, capsys):
     assert err == []
 
 
-@pytest.mark.parametrize("cluster, computed", [("CPU=48,GPU=4", 11), ("CPU=5", 2)])
+@pytest.mark.parametrize("cluster, computed", [("CPU=48,GPU=4", 15), ("CPU=5", 2)])
 def test_a_sweep_without_a_set_value_uses_the_computed_one(in_repo, capsys, cluster, computed):
     out, err = _dry_run(capsys, "sweeps/smoke.yaml", "--assume-resources", cluster)
-    assert out[-2:] == [  # smoke: 11 trials of 2 workers x 1 CPU
-        f"11 trials, up to {computed} at once",
+    assert out[-2:] == [  # smoke: 15 trials of 2 workers x 1 CPU
+        f"15 trials, up to {computed} at once",
         f"concurrency: the cluster fits {computed} at once; max_concurrent_trials is not set; "
         f"Tune uses {computed} (the computed value)"]
     assert err == []
@@ -166,7 +166,7 @@ def test_a_sweep_without_a_set_value_where_no_trial_fits_says_a_run_would_stop(i
     assert out[-1] == ("concurrency: the cluster fits 0 at once; max_concurrent_trials is not set; "
                        "Tune uses 1 (at least 1)")
     assert err == [
-        "warning: 11 of 11 trials fit 0 times on CPU=1, GPU=0 (assumed), first 'detr_r18-full' (needs CPU=2, GPU=0); "
+        "warning: 15 of 15 trials fit 0 times on CPU=1, GPU=0 (assumed), first 'detr_r18-full' (needs CPU=2, GPU=0); "
         "a run on this cluster stops with an error; lower resources in sweeps/smoke.yaml, or set "
         "max_concurrent_trials (or --max-concurrent) for a cluster that autoscales"]
 
@@ -246,7 +246,18 @@ SHIPPED_IDS = {  # `--dry-run` of each shipped sweep before ids were made safe a
     "search": ["detr_r18-full", "detr_r18-lora_only", "detr_r18-partial"],  # its cells; the trials are sampled
     "smoke": ["detr_r18-full"] + [f"detr_r18-lora_only-r{r}-{p}" for r in (4, 8)
                                   for p in ("attention_only", "attention_ffn", "decoder_only", "qv_only")]
-             + ["detr_r18-partial", "fasterrcnn_r18_fpn-full"],
+             + ["detr_r18-partial", "fasterrcnn_r18_fpn-full",
+                # extra_trials: each names the keys it sets
+                "detr_dinov2_vits14-lora_only-r4-backbone_attention_transformer",
+                "detr_r18-two_stage-epochs1-regimefull", "fasterrcnn_r18_fpn-lora_only-r4-box_head",
+                "detr_r18-full-augmentphotometric"],
+    "demo": ["detr_r18-full", "detr_r18-lora_only-r4-attention_ffn", "detr_r18-lora_only-r16-attention_ffn",
+             "detr_r18-partial", "fasterrcnn_r18_fpn-full", "fasterrcnn_r18_fpn-lora_only-r4-box_head",
+             "fasterrcnn_r18_fpn-lora_only-r16-box_head", "fasterrcnn_r18_fpn-partial"],
+    "vit": ["detr_dinov2_vits14-full", "detr_dinov2_vits14-lora_only-r16-backbone_attention",
+            "detr_dinov2_vits14-lora_only-r16-attention_only",
+            "detr_dinov2_vits14-lora_only-r16-backbone_attention_transformer", "detr_dinov2_vits14-two_stage",
+            "detr_dinov2_vits14-two_stage-r16-backbone_attention_transformer-lr0.0001-regimelora_only"],
 }
 
 
@@ -295,7 +306,7 @@ def test_trials_change_names_the_first_difference_and_ignores_order(tmp_path):
     saved = json.loads(json.dumps([{"trial_id": t.trial_id, "config": t.to_dict()} for t in trials]))
     assert trials_change(saved, trials) is None
     assert trials_change(list(reversed(saved)), trials) is None
-    assert trials_change(saved[:-1], trials) == "trial 'fasterrcnn_r18_fpn-full' is new"
+    assert trials_change(saved[:-1], trials) == "trial 'detr_r18-full-augmentphotometric' is new"
     assert trials_change(saved, trials[1:]) == "trial 'detr_r18-full' is no longer in it"
     # How failures are handled may change between runs (e.g. on_resume_errored: restart after a fix).
     saved[0]["config"]["fault_tolerance"]["on_resume_errored"] = "skip"
@@ -311,15 +322,16 @@ def test_resume_ignores_keys_of_the_other_model_family(tmp_path):
     trials are all DETR does not refuse --resume (it once read `faster_rcnn.min_size was 800, is now
     600`); a key the trials really use still does."""
     detr_only = {"model": ("detr_r50",), "regime": ("full", "partial")}
-    trials = _smoke_trials(tmp_path, grid=detr_only)
+    trials = _smoke_trials(tmp_path, grid=detr_only, extra_trials=())
     root = _earlier_run(tmp_path, trials)
     sweep = load_sweep(REPO / "sweeps" / "smoke.yaml")
     other_family = dataclasses.replace(sweep.model, faster_rcnn=dataclasses.replace(sweep.model.faster_rcnn,
                                                                                     min_size=600))
-    assert resume.check_resume(str(root), _smoke_trials(tmp_path, grid=detr_only, model=other_family)) == 2
+    assert resume.check_resume(str(root), _smoke_trials(tmp_path, grid=detr_only, model=other_family,
+                                                        extra_trials=())) == 2
     own_family = dataclasses.replace(sweep.model, detr=dataclasses.replace(sweep.model.detr, num_queries=7))
     with pytest.raises(SweepError, match=r"trial 'detr_r18-full': model.detr.num_queries was \d+, is now 7"):
-        resume.check_resume(str(root), _smoke_trials(tmp_path, grid=detr_only, model=own_family))
+        resume.check_resume(str(root), _smoke_trials(tmp_path, grid=detr_only, model=own_family, extra_trials=()))
 
 
 def _refused_resume(tmp_path: Path) -> list[str]:

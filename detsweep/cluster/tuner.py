@@ -46,7 +46,10 @@ def connect(*, quiet: bool) -> tuple[dict[str, float], list[dict[str, float]]]:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     if not ray.is_initialized():
         ray.init(log_to_driver=not quiet)
-    cluster = {k: float(ray.cluster_resources().get(k, 0.0)) for k in ("CPU", "GPU", HEAD_RESOURCE)}
+    total = ray.cluster_resources()
+    cluster = {k: float(total.get(k, 0.0)) for k in ("CPU", "GPU")}
+    if total.get(HEAD_RESOURCE, 0) > 0:  # cluster.yaml's head: it caps the trials at once
+        cluster[HEAD_RESOURCE] = float(total[HEAD_RESOURCE])
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     return cluster, nodes
 

@@ -79,7 +79,8 @@ def test_a_search_samples_pruned_trials_with_stable_ids(ray_cluster, tmp_path, s
         assert (r["dece"] is None) == (max(d["score"] for d in dets) < 0.3)
         null_ok = {"error", "peak_vram_train_mb", "peak_vram_eval_mb", "peak_vram_reserved_mb", "gpu_name",
                    "gpu_uuid", "ap_medium", "ap_large", "ar_medium", "ar_large", "dece", "resumed_from_epoch",
-                   "n_skipped_images", "n_skipped_boxes", "lora_targets"} | {
+                   "n_skipped_images", "n_skipped_boxes", "lora_targets", "trainable_params_stage1",
+                   "trainable_params_stage2"} | {
             k for k in r if k.startswith("best_") or k == "val_loss"} | (
             {"lora_rank", "lora_placement", "lora_alpha"} if r["regime"] == "full" else set())
         assert [k for k, v in r.items() if v is None and k not in null_ok] == [], tid

@@ -311,10 +311,12 @@ def test_shipped_sweeps_load(tmp_path):
     detr_placements = ("attention_only", "attention_ffn", "decoder_only", "qv_only")
     assert {(t.lora.rank, t.lora.placement) for t in smoke if t.lora and t.family == "detr"} >= {
         (r, p) for r in (4, 8) for p in detr_placements}  # every transformer placement trains in the demo
-    # and one trial per newer axis: a ViT backbone with LoRA in it, a two_stage trial, Faster R-CNN's LoRA
-    assert {(t.family, t.regime, t.detector.backbone, t.lora and t.lora.placement) for t in smoke[-3:]} == {
+    # and one trial per newer axis: a ViT backbone with LoRA in it, a two_stage trial, Faster R-CNN's LoRA,
+    # a second augmentation recipe beside the grid's hflip
+    assert {(t.family, t.regime, t.detector.backbone, t.lora and t.lora.placement) for t in smoke[-4:-1]} == {
         ("detr", "lora_only", "dinov2_vits14", "backbone_attention+transformer"),
         ("detr", "two_stage", "resnet18", None), ("faster_rcnn", "lora_only", "resnet18", "box_head")}
+    assert {t.data.augment for t in smoke} == {"hflip", "photometric"}
     full = expand(load_sweep(REPO / "sweeps" / "full.yaml", check_paths=False))
     assert len(full) == 9
 
