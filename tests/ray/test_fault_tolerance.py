@@ -59,7 +59,7 @@ def test_fractional_gpu_trials_share_a_gpu(ray_cluster, tmp_path, synthetic_root
 
 def test_asha_stops_weak_trials_and_frees_their_workers(ray_cluster, tmp_path, synthetic_root):
     sweep = tiny_sweep(tmp_path, synthetic_root, name="asha")
-    sweep["data"]["train_images"] = 16
+    sweep["data"]["train_images"] = 8
     sweep["train"].update(epochs=3, lr_schedule="constant")
     sweep["scheduler"] = {"kind": "asha", "metric": "loss", "mode": "min", "grace_period": 1, "reduction_factor": 2}
     # The same init and data order: the trial that barely learns loses at the first rung.
@@ -175,7 +175,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, synt
 def test_a_trial_bigger_than_the_cluster_stops_before_any_trial_starts(ray_cluster, tmp_path, synthetic_root, capsys):
     """4 CPUs in the test cluster, a trial of 2 workers x 3 CPUs: Train would wait forever."""
     sweep = tiny_sweep(tmp_path, synthetic_root, name="toobig")
-    sweep["resources"]["cpus_per_worker"] = 3
+    sweep["resources"].update(ddp_workers=2, cpus_per_worker=3)
     path = write_sweep(tmp_path, sweep)
     assert run.main([str(path)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
