@@ -26,7 +26,8 @@ from detsweep.storage import HISTORY_FILE, filesystem, join, read_parquet, write
 MAX_IMAGES = 4  # prediction images embedded per trial (the worker draws the first 8 val images)
 MAX_TRIALS_WITH_IMAGES = 50  # the best-ranked ones: ~0.1 MB per image keeps a big sweep's page openable
 METRICS = ("ap", "ap50", "ap75", "ar100", "ece", "nll", "brier", "trainable_params", "total_params",
-           "peak_vram_train_mb", "peak_rss_mb", "train_images_per_s", "eval_images_per_s", "wall_s", "gpu_hours")
+           "peak_vram_train_mb", "peak_rss_mb", "train_images_per_s", "eval_images_per_s", "wall_s", "gpu_hours",
+           "cost_usd")
 # The learning curves drawn per trial: history columns by name (DETR's per-decoder-layer `loss_ce_0` left out).
 CURVES = {"losses": re.compile(r"loss(_[a-z]+)*"), "AP": re.compile(r"ap(50|75)?"), "learning rate": re.compile(r"lr")}
 
@@ -132,10 +133,13 @@ def report_data(fr: Frontier, history: pa.Table | None, images: dict[str, dict[s
     pairs = [(j, i) if j == y else (i, j) for i, j in itertools.combinations(range(len(objectives)), 2)]
     valid = [t for t, ok in zip(trials, fr.valid) if ok]
     best = max(valid, key=lambda t: t[objectives[y]] * (1 if fr.objectives[y].maximise else -1), default=None)
+    costs = [v for v in column_list(table, "cost_usd") if v is not None and v == v]
+    cost = {"total": sum(costs), "mean": sum(costs) / len(costs), "n": len(costs)} if costs else None
     return _plain({"sweep": fr.sweep, "objectives": [{"column": o.column, "direction": o.direction} for o in fr.objectives],
                    "pairs": [[objectives[a], objectives[b]] for a, b in pairs], "config": config, "metrics": metrics,
                    "trials": trials, "replicates": _replicates(fr), "history": history_curves(history),
                    "images": images, "curves": {k: p.pattern for k, p in CURVES.items()}, "notes": fr.notes,
+                   "cost": cost,
                    "selected": (best or trials[0])["trial_id"] if trials else None})
 
 
@@ -199,7 +203,9 @@ const CFG = {displaylogo: false, responsive: true}, SMALL = {...CFG, displayMode
 const plots = [];
 const ok = D.trials.filter(t => D.objectives.every(o => t[o.column] !== null) && t.pareto_rank !== null);
 document.getElementById('summary').textContent = `${D.trials.length} trials, ${ok.length} ranked; objectives: ` +
-  D.objectives.map(o => `${o.column} (${o.direction})`).join(', ') + (D.notes.length ? '. ' + D.notes.join('. ') : '');
+  D.objectives.map(o => `${o.column} (${o.direction})`).join(', ') + (D.notes.length ? '. ' + D.notes.join('. ') : '') +
+  (D.cost ? `. Cost: $${D.cost.total.toFixed(4)} in total, $${D.cost.mean.toFixed(4)} per priced trial ` +
+            `(${D.cost.n}; the workers' time at the sweep file's prices)` : '');
 
 function drawPlots() {
   const box = document.getElementById('plots');

@@ -250,3 +250,14 @@ def test_report_html_in_headless_chromium(sweep_dir, tmp_path):
     urls = [e["params"]["request"]["url"] for e in browser.events if e["method"] == "Network.requestWillBeSent"]
     assert [u for u in urls if not u.startswith(("file:", "data:"))] == [], "report.html made network requests"
     assert [e["params"] for e in browser.events if e["method"] == "Network.loadingFailed"] == []
+
+
+def test_report_html_carries_the_sweeps_cost(tmp_path):
+    """With prices in the sweep (a `cost_usd` per trial), the page's summary totals it and each trial shows it."""
+    rows = [_row("a", "full", 0.4, 41_000_000, 0.1, cost_usd=0.75), _row("b", "lora_only", 0.3, 200_000, 0.1,
+                                                                         cost_usd=0.25)]
+    write_parquet_atomic(rows_to_table(rows), str(tmp_path / "results.parquet"))
+    assert frontier.main([str(tmp_path / "results.parquet"), "--no-plots"]) == 0
+    data = _data((tmp_path / "report.html").read_text())
+    assert data["cost"] == {"total": 1.0, "mean": 0.5, "n": 2}
+    assert {t["trial_id"]: t["cost_usd"] for t in data["trials"]} == {"a": 0.75, "b": 0.25}

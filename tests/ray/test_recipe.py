@@ -1,6 +1,7 @@
 """The training recipe in real trials on a real local Ray: evaluation every N epochs (reports, history and
 checkpoints follow the evaluations), gradient accumulation, EMA weights evaluated and kept as the best
-checkpoint, the validation loss, a profiler trace beside the TensorBoard events, and train.patience
+checkpoint, the validation loss, the official DETR augmentation, a profiler trace beside the TensorBoard
+events, and train.patience
 stopping a trial that no longer improves, recorded as `stopped` with its reason."""
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def test_eval_every_ema_best_checkpoint_profiler_and_patience(ray_cluster, tmp_p
     sweep["train"] = {"epochs": 6, "batch_size_per_worker": 2, "accumulate": 2, "lr": 1.0e-4,
                       "ema": {"decay": 0.9, "warmup_steps": 0}, "profile": {"wait": 0, "warmup": 1, "active": 1}}
     sweep["eval"] = {"every": 2, "visuals": False}
+    sweep["data"]["augment"] = "detr"  # the official multi-scale + crop recipe, scaled to 64 px images
     # Two epochs of a tiny model on 8 images leave AP at 0: with patience 1 the second evaluation
     # (epoch 4 of 6) is no better, and the trial stops there.
     sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.patience": [None, 1]}
