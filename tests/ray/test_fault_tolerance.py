@@ -60,19 +60,21 @@ def test_fractional_gpu_trials_share_a_gpu(ray_cluster, tmp_path, synthetic_root
 def test_asha_stops_weak_trials_and_frees_their_workers(ray_cluster, tmp_path, synthetic_root):
     sweep = tiny_sweep(tmp_path, synthetic_root, name="asha")
     sweep["data"]["train_images"] = 8
-    sweep["train"].update(epochs=3, lr_schedule="constant")
-    sweep["scheduler"] = {"kind": "asha", "metric": "loss", "mode": "min", "grace_period": 1, "reduction_factor": 2}
+    sweep["train"].update(epochs=4, lr_schedule="constant")
+    # Evaluated (and reported) every 2 epochs: ASHA's rung at epoch 2 sees exactly those results.
+    sweep["eval"] = {"every": 2, "visuals": False}
+    sweep["scheduler"] = {"kind": "asha", "metric": "loss", "mode": "min", "grace_period": 2, "reduction_factor": 2}
     # The same init and data order: the trial that barely learns loses at the first rung.
     sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.lr": [1.0e-3, 1.0e-12, 1.0e-11]}
     sweep["max_concurrent_trials"] = 1
     assert run.main([str(write_sweep(tmp_path, sweep))]) == 0  # returns at all: stopped trials freed their workers
     rows = _rows(tmp_path / "results" / "asha")
     assert rows["detr_r18-full-lr0.001"]["status"] == "ok"
-    assert rows["detr_r18-full-lr0.001"]["epochs_completed"] == 3
+    assert rows["detr_r18-full-lr0.001"]["epochs_completed"] == 4
     stopped = [r for r in rows.values() if r["status"] == "stopped"]
     assert stopped, {k: (r["status"], r["epochs_completed"]) for k, r in rows.items()}
     for r in stopped:
-        assert r["epochs_completed"] < 3 and r["ap"] is not None and r["error"] == "stopped by the scheduler"
+        assert r["epochs_completed"] == 2 and r["ap"] is not None and r["error"] == "stopped by the scheduler"
     # Every worker's CPU came back to the cluster (a leaked placement group would hold 2).
     deadline = time.time() + 60
     while ray_cluster.available_resources().get("CPU", 0) < 4 and time.time() < deadline:
