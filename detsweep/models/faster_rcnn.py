@@ -138,9 +138,8 @@ def build_faster_rcnn(
     category_ids: the dataset's original category ids, sorted, one per contiguous label.
     category_ids_are_coco: the dataset is COCO; only then, with a COCO-layout checkpoint (91 rows),
     do the ids keep the pretrained class rows (see `load_detector_state_dict`).
-    box_batch_size_per_image, rpn_post_nms_top_n_test: torchvision's RoI sampling in training and
-    proposals kept in eval (defaults are torchvision's). The box head's cost scales with both:
-    small images with few objects need far fewer than 512 / 1000.
+    box_batch_size_per_image, rpn_post_nms_top_n_test: torchvision's RoIs sampled in training and
+    proposals kept in eval (its defaults); small images with few objects need far fewer.
     """
     _check_choice("backbone", backbone, BACKBONES)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
