@@ -136,8 +136,7 @@ def build_faster_rcnn(
     hub's cache, sha256-checked on every load; every file loads with weights_only=True.
     trainable_backbone_layers: 0..5 counted from layer4; None -> 3 when pretrained, 5 from scratch.
     category_ids: the dataset's original category ids, sorted, one per contiguous label.
-    category_ids_are_coco: the dataset is COCO; only then, with a COCO-layout checkpoint (91 rows),
-    do the ids keep the pretrained class rows (see `load_detector_state_dict`).
+    category_ids_are_coco: only for COCO data, with a COCO-layout checkpoint, are class rows kept by id.
     box_batch_size_per_image, rpn_post_nms_top_n_test: torchvision's RoIs sampled in training and
     proposals kept in eval (its defaults); small images with few objects need far fewer.
     """
