@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
 from typing import Any, Callable, Iterable
 
@@ -13,7 +12,6 @@ import torch
 from detsweep import dist
 from detsweep.models.boxes import NonFiniteBoxesError
 
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):

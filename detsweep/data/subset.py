@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from detsweep.storage import write_bytes_atomic
 from detsweep.data.coco import LabelMap, filter_coco, load_coco_json
 
 log = logging.getLogger(__name__)
@@ -71,9 +70,7 @@ def write_subset(
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_bytes_atomic(json.dumps(obj).encode(), str(path))
 
 
 def _link_images(ann_file: Path, out_dir: Path) -> None:

@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,18 +126,11 @@ def check_detections(gt: dict, dets: DetectionArrays) -> None:
 
 
 def write_detections_json(detections: list[dict], path: str | Path) -> Path:
-    """Write COCO results JSON atomically (temporary file in the same folder, then os.replace)."""
+    """Write COCO results JSON atomically (`storage.write_bytes_atomic`: a temporary file, then a rename)."""
+    from detsweep.storage import write_bytes_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump([_plain_detection(d) for d in detections], f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(json.dumps([_plain_detection(d) for d in detections]).encode(), str(path))
     return path
 
 

@@ -5,7 +5,6 @@ Train: `detector(images, targets) -> {loss name: weighted loss}`; eval: `detecto
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,7 +22,6 @@ from detsweep.models.vit import ViTBackbone
 from detsweep.models.vit_weights import BACKBONE_PREFIX, load_vit_weights
 from detsweep.models.weights import load_detr_weights
 
-log = logging.getLogger(__name__)
 
 # torchvision's ImageNet statistics, as in the official DETR transforms.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

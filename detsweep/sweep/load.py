@@ -88,15 +88,21 @@ def _check_combinations(sweep: Sweep, grid: dict[str, tuple[Any, ...]]) -> None:
     """Each grid value above was checked alone; rules between keys (`train.lr_drop_epoch` <=
     `train.epochs`, the official checkpoint's DETR shape, ...) must hold for every trial, so check
     every combination of the grid values of their keys (the sweep's own values without such axes)."""
-    keys = [k for k in grid if in_combination_rules(k)]
-    for values in itertools.product(*(grid[k] for k in keys)):
+    check_combinations(sweep, grid, "grid")
+
+
+def check_combinations(sweep: Sweep, values: dict[str, Any], where: str) -> None:
+    """Every combination of the candidate `values` (dotted key -> values; `where` is `grid` or
+    `search.space`) of the keys that take part in rules between keys must keep those rules."""
+    keys = [k for k in values if in_combination_rules(k)]
+    for combo in itertools.product(*(values[k] for k in keys)):
         combined = sweep
-        for key, value in zip(keys, values):
-            combined = apply_axis(combined, key, value, where=f"grid.{key}")
+        for key, value in zip(keys, combo):
+            combined = apply_axis(combined, key, value, where=f"{where}.{key}")
         violation = combination_violation(combined, keys)
         if violation is not None:
             key, message = violation
-            raise SweepError(f"{sweep.source}: {'grid.' + key if key in keys else key}: {message}")
+            raise SweepError(f"{sweep.source}: {where + '.' + key if key in keys else key}: {message}")
 
 
 def apply_axis(sweep: Sweep, key: str, value: Any, *, where: str) -> Sweep:

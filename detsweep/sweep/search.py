@@ -11,7 +11,6 @@ point into a trial with `sampled_trial`.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import typing
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from typing import Any
 from detsweep.models import registry
 from detsweep.storage import sweep_root
 from detsweep.sweep.grid import _relevant, _with_base, id_value, model_label
-from detsweep.sweep.load import apply_axis
-from detsweep.sweep.rules import check_resources, check_values, combination_violation, in_combination_rules
+from detsweep.sweep.load import apply_axis, check_combinations
+from detsweep.sweep.rules import check_resources, check_values
 from detsweep.sweep.spec import Sweep, TrialConfig, has_adapters, resources_for
 from detsweep.sweep.typed import SweepError
 
@@ -298,16 +297,7 @@ def _check_reachable(space: Space) -> None:
 
 def _check_combinations(space: Space) -> None:
     """Rules between keys (lr_drop_epoch <= epochs, ...) on every combination of the choices and bounds."""
-    keys = [d.key for d in space.dims if in_combination_rules(d.key)]
-    dims = space.by_key
-    for values in itertools.product(*(dims[k].values for k in keys)):
-        combined = space.sweep
-        for key, value in zip(keys, values):
-            combined = apply_axis(combined, key, value, where=f"search.space.{key}")
-        violation = combination_violation(combined, keys)
-        if violation is not None:
-            key, message = violation
-            raise SweepError(f"{space.sweep.source}: {'search.space.' + key if key in keys else key}: {message}")
+    check_combinations(space.sweep, {d.key: space.by_key[d.key].values for d in space.dims}, "search.space")
 
 
 def axis_values(space: Space) -> dict[str, list[Any]]:
