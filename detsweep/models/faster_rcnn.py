@@ -98,14 +98,10 @@ def weights_enum(backbone: str, weights: str) -> WeightsEnum | None:
     "coco" -> FasterRCNN_ResNet50_FPN_Weights.COCO_V1 (whole detector, resnet50 only);
     "imagenet" -> the backbone's IMAGENET1K_V1 classification weights.
     """
-    _check_choice("backbone", backbone, BACKBONES)
-    _check_choice("weights", weights, WEIGHTS)
+    # The sweep loader (sweep/rules.py) refuses these with the key, the value and the choices.
+    assert backbone in BACKBONES and weights in WEIGHTS, (backbone, weights)
     if weights == "coco":
-        if backbone != "resnet50":
-            raise ValueError(
-                f"weights='coco' exists only for backbone 'resnet50' (torchvision's COCO_V1), "
-                f"got backbone={backbone!r}; use weights='imagenet' or 'none' for it"
-            )
+        assert backbone == "resnet50", f"COCO_V1 is a resnet50 detector, not {backbone!r}"
         return FasterRCNN_ResNet50_FPN_Weights.COCO_V1
     if weights == "imagenet":
         return IMAGENET_RESNETS[backbone]  # also torchvision's detection recipe (`pretrained_backbone`)
@@ -140,12 +136,10 @@ def build_faster_rcnn(
     box_batch_size_per_image, rpn_post_nms_top_n_test: torchvision's RoIs sampled in training and
     proposals kept in eval (its defaults); small images with few objects need far fewer.
     """
-    _check_choice("backbone", backbone, BACKBONES)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    for name, value in (("min_size", min_size), ("max_size", max_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    # The sweep loader refuses a bad backbone, size or layer count with the key and the choices; the data
+    # layer gives num_classes >= 1. Internal asserts only.
+    assert backbone in BACKBONES, backbone
+    assert num_classes >= 1 and min_size >= 1 and max_size >= 1, (num_classes, min_size, max_size)
     if category_ids is not None:
         category_ids = _check_category_ids(category_ids, num_classes)
 
@@ -263,8 +257,7 @@ def load_detector_state_dict(
 
 
 def _trainable_layers(requested: int | None, pretrained: bool) -> int:
-    if requested is not None and (not isinstance(requested, int) or not 0 <= requested <= 5):
-        raise ValueError(f"trainable_backbone_layers must be an int in 0..5 or None, got {requested!r}")
+    assert requested is None or 0 <= requested <= 5, requested  # the loader's rule
     if not pretrained:
         # Freezing random weights makes no sense; torchvision's builder forces 5 here too.
         if requested not in (None, 5):
@@ -282,11 +275,6 @@ def _check_category_ids(category_ids: Sequence[int], num_classes: int) -> list[i
     if any(not isinstance(c, int) or isinstance(c, bool) for c in ids) or ids != sorted(set(ids)):
         raise ValueError(f"category_ids must be distinct ints in ascending order, got {ids}")
     return ids
-
-
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
 class _NoGradWhenFrozen(BackboneWithFPN):

@@ -88,6 +88,10 @@ def _value_rules(sweep: Sweep) -> list[tuple[str, object, bool, str]]:
         *((f"model.detr.loss_weights.{k}", v, v >= 0, ">= 0") for k, v in vars(m.detr.loss_weights).items()),
         ("model.detr.loss_weights", vars(m.detr.loss_weights), any(vars(m.detr.loss_weights).values()),
          "not all 0 (the matcher needs a cost)"),
+        *((f"model.detr.{k}", getattr(m.detr, k), getattr(m.detr, k) is None or getattr(m.detr, k) > 0, "> 0 or null")
+          for k in ("min_size", "max_size")),
+        *((f"model.faster_rcnn.{k}", getattr(m.faster_rcnn, k), getattr(m.faster_rcnn, k) > 0, "> 0")
+          for k in ("min_size", "max_size")),
         ("model.faster_rcnn.trainable_backbone_layers", m.faster_rcnn.trainable_backbone_layers,
          m.faster_rcnn.trainable_backbone_layers is None or 0 <= m.faster_rcnn.trainable_backbone_layers <= 5,
          "in [0, 5] or null"),
