@@ -1,20 +1,46 @@
-"""`weights: base:NAME` on a real local Ray: the base is pretrained first, as a trial through the same
-Tune function, Train worker and engine, then the sweep's trial fine-tunes from its checkpoint with a
-fresh class head; a second run (even with --fresh) reuses the cached base."""
+"""`weights: base:NAME` and your own dataset, on a real local Ray: a base is pretrained first on the
+synthetic source domain, as a trial through the same Tune function, Train worker and engine; then the
+sweep's trial fine-tunes it, with a fresh class head, on a Roboflow-layout export (root category 0,
+`valid/` as val) that holds one box outside its image under `data.on_invalid: skip`: the trial runs to
+`ok` and results.parquet counts the skipped box. A second run (even with --fresh) reuses the cached base.
+(One test, one Ray run of each kind: real-Ray trials cost ~20 s each, and the suite has a time budget.)"""
 from __future__ import annotations
+
+import json
 
 import pyarrow.parquet as pq
 import pytest
 
 from detsweep import run
+from tests.data.builders import dump, good_split
 from tests.ray.test_e2e import tiny_sweep, write_sweep
 
 pytestmark = pytest.mark.ray
 
+ROBOFLOW_CATEGORIES = [{"id": 0, "name": "shapes-abc", "supercategory": "none"},
+                       {"id": 1, "name": "square", "supercategory": "shapes-abc"},
+                       {"id": 2, "name": "disc", "supercategory": "shapes-abc"}]
 
-def test_a_base_is_pretrained_once_then_fine_tuned_and_reused(ray_cluster, tmp_path, synthetic_root, capfd, caplog):
+
+def _items(n: int, start: int) -> list:
+    return [(f"img{start + k}.jpg", 64, 48, [(1 + k % 2, [4.0 + k, 6.0, 20.0, 16.0])]) for k in range(n)]
+
+
+def roboflow_export(root):
+    """A Roboflow COCO export: train/ and valid/, each with _annotations.coco.json; one bad train box."""
+    for k, (folder, n) in enumerate((("train", 4), ("valid", 2))):
+        coco = good_split(root / folder, _items(n, 10 * k), 10 * k + 1, ROBOFLOW_CATEGORIES)
+        if folder == "train":  # one box wholly outside its 64x48 image: skipped and counted
+            coco["annotations"].append({"id": 999, "image_id": 1, "category_id": 1, "bbox": [70.0, 5.0, 4.0, 4.0],
+                                        "iscrowd": 0})
+        dump(coco, root / folder / "_annotations.coco.json")
+    return root
+
+
+def test_a_base_is_pretrained_once_then_fine_tuned_on_your_dataset_and_reused(ray_cluster, tmp_path, synthetic_root,
+                                                                              capfd, caplog):
     sweep = tiny_sweep(tmp_path, synthetic_root, name="transfer")
-    sweep["data"].update({"domain": "target", "train_images": 4, "val_images": 2})
+    sweep["data"] = {"kind": "coco", "root": str(roboflow_export(tmp_path / "roboflow")), "on_invalid": "skip"}
     sweep["model"]["detr"]["weights"] = "base:src"
     sweep["bases"] = {"src": {"data": {"kind": "synthetic", "root": str(synthetic_root), "domain": "source",
                                        "train_images": 4, "val_images": 2, "image_size": 64, "num_classes": 3},
@@ -31,9 +57,13 @@ def test_a_base_is_pretrained_once_then_fine_tuned_and_reused(ray_cluster, tmp_p
     (base_dir,) = (tmp_path / "results" / "_bases").iterdir()
     base_rows = pq.read_table(base_dir / "results.parquet").to_pylist()
     assert [r["status"] for r in base_rows] == ["ok"] and base_rows[0]["regime"] == "full"
+    assert set(json.loads(base_rows[0]["per_class_ap"])) == {"3", "7", "12"}  # the source domain's classes
     (row,) = pq.read_table(tmp_path / "results" / "transfer" / "results.parquet").to_pylist()
     assert row["status"] == "ok", row["error"]
-    assert row["data"].endswith(":target")  # fine-tuned on the target domain, from the source base
+    assert row["data"] == f"coco:{tmp_path / 'roboflow'}"  # fine-tuned on the export, from the source base
+    assert (row["n_skipped_images"], row["n_skipped_boxes"]) == (0, 1)
+    # A fresh class head for the export's classes; Roboflow's root category 0 is not a class.
+    assert sorted(json.loads(row["per_class_ap"])) == ["1", "2"]
 
     # The next run finds it built (the same check a run makes before it pretrains), and --fresh clears
     # the sweep's folder, not the bases.

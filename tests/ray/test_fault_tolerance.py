@@ -1,6 +1,6 @@
 """What a cluster day needs, on one machine with a real local Ray: fractional-GPU packing on
-logical GPUs, ASHA early stopping, resuming after the driver dies, and a trial surviving the loss
-of a worker."""
+logical GPUs, ASHA early stopping, a trial surviving the loss of a worker, resuming after the driver
+dies or after fixing an errored trial, and a trial too big for the cluster refused before it starts."""
 from __future__ import annotations
 
 import os
@@ -64,17 +64,17 @@ def test_asha_stops_weak_trials_and_frees_their_workers(ray_cluster, tmp_path, s
     # Evaluated (and reported) every 2 epochs: ASHA's rung at epoch 2 sees exactly those results.
     sweep["eval"] = {"every": 2, "visuals": False}
     sweep["scheduler"] = {"kind": "asha", "metric": "loss", "mode": "min", "grace_period": 2, "reduction_factor": 2}
-    # The same init and data order: the trial that barely learns loses at the first rung.
-    sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.lr": [1.0e-3, 1.0e-12, 1.0e-11]}
+    # The same init and data order: the trial that barely learns loses at the first rung (ASHA keeps the top
+    # 1/reduction_factor there: the better of the two).
+    sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.lr": [1.0e-3, 1.0e-12]}
     sweep["max_concurrent_trials"] = 1
     assert run.main([str(write_sweep(tmp_path, sweep))]) == 0  # returns at all: stopped trials freed their workers
     rows = _rows(tmp_path / "results" / "asha")
     assert rows["detr_r18-full-lr0.001"]["status"] == "ok"
     assert rows["detr_r18-full-lr0.001"]["epochs_completed"] == 4
-    stopped = [r for r in rows.values() if r["status"] == "stopped"]
-    assert stopped, {k: (r["status"], r["epochs_completed"]) for k, r in rows.items()}
-    for r in stopped:
-        assert r["epochs_completed"] == 2 and r["ap"] is not None and r["error"] == "stopped by the scheduler"
+    r = rows["detr_r18-full-lr1e-12"]
+    assert r["status"] == "stopped", {k: (r["status"], r["epochs_completed"]) for k, r in rows.items()}
+    assert r["epochs_completed"] == 2 and r["ap"] is not None and r["error"] == "stopped by the scheduler"
     # Every worker's CPU came back to the cluster (a leaked placement group would hold 2).
     deadline = time.time() + 60
     while ray_cluster.available_resources().get("CPU", 0) < 4 and time.time() < deadline:
@@ -100,8 +100,24 @@ def _output(proc: subprocess.Popen) -> str:
     return Path(proc.log_path).read_text()[-5000:]
 
 
-def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, synthetic_root):
+def _train_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd:
+            found.append(p)
+    return found
+
+
+def test_a_killed_worker_then_a_killed_driver_resume(ray_cluster, tmp_path, synthetic_root):
+    """Two trials, one at a time, in a driver of their own. A Train worker of the first is killed after its
+    first checkpoint: the trial restarts from that checkpoint (max_failures 1) and finishes. Then the driver is
+    killed before the second trial is done: --resume runs that one, and leaves the finished one as it was.
+    (One sweep for both kinds of death: real-Ray trials cost ~20 s each, and the suite has a time budget.)"""
     sweep = tiny_sweep(tmp_path, synthetic_root, name="resume")
+    sweep["data"]["train_images"] = 16
+    sweep["train"]["epochs"] = 4
+    sweep["fault_tolerance"] = {"max_failures": 1, "keep": 2}
     sweep["grid"] = {"model": ["detr_r50"], "regime": ["full", "partial"]}
     sweep["max_concurrent_trials"] = 1
     path = write_sweep(tmp_path, sweep)
@@ -109,6 +125,14 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, synthetic_root
 
     driver = _driver(path)
     deadline = time.time() + 300
+    # Wait until epoch 0's report, and so its checkpoint, has reached the driver.
+    while time.time() < deadline and not (root / "history.parquet").exists():
+        assert driver.poll() is None, _output(driver)
+        time.sleep(0.2)
+    workers = _train_workers()
+    assert workers, "no Ray Train worker process found"
+    workers[-1].send_signal(signal.SIGKILL)
+
     while time.time() < deadline:
         if (root / "results.parquet").exists() and any(
                 r["status"] == "ok" for r in _rows(root).values()):
@@ -121,6 +145,12 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, synthetic_root
     driver.wait()
     before = _rows(root)
     (first,) = [t for t, r in before.items() if r["status"] == "ok"]
+    assert first == "detr_r18-full" and before[first]["epochs_completed"] == 4, before[first]["error"]
+    history = pq.read_table(root / "history.parquet").to_pylist()
+    assert [h["epoch"] for h in history if h["trial_id"] == first] == [0, 1, 2, 3]  # each epoch once, none orphaned
+    resumed = [h for h in history if h.get("resumed_from_epoch") is not None]
+    assert resumed and resumed[0]["resumed_from_epoch"] >= 0  # restarted from a checkpoint, not scratch
+    assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
 
     resumed = _driver(path, "--resume")
     resumed.wait(timeout=400)
@@ -133,45 +163,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, synthetic_root
     assert by_id[first]["finished_at"] == before[first]["finished_at"]  # not re-run
     history = pq.read_table(root / "history.parquet").to_pylist()
     assert sorted((h["trial_id"], h["epoch"]) for h in history) == [
-        ("detr_r18-full", 0), ("detr_r18-full", 1), ("detr_r18-partial", 0), ("detr_r18-partial", 1)]
-
-
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            found.append(p)
-    return found
-
-
-def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, synthetic_root):
-    sweep = tiny_sweep(tmp_path, synthetic_root, name="workerkill")
-    sweep["data"]["train_images"] = 16
-    sweep["train"]["epochs"] = 4
-    sweep["fault_tolerance"] = {"max_failures": 1, "keep": 2}
-    path = write_sweep(tmp_path, sweep)
-    root = tmp_path / "results" / "workerkill"
-
-    driver = _driver(path)
-    deadline = time.time() + 300
-    # Wait until epoch 0's report, and so its checkpoint, has reached the driver.
-    while time.time() < deadline and not (root / "history.parquet").exists():
-        assert driver.poll() is None, _output(driver)
-        time.sleep(0.2)
-    workers = _train_workers()
-    assert workers, "no Ray Train worker process found"
-    workers[-1].send_signal(signal.SIGKILL)
-    driver.wait(timeout=400)
-    assert driver.returncode == 0, _output(driver)
-
-    (row,) = _rows(root).values()
-    assert row["status"] == "ok" and row["epochs_completed"] == 4, row["error"]
-    history = pq.read_table(root / "history.parquet").to_pylist()
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # each epoch once, none orphaned
-    resumed = [h for h in history if h.get("resumed_from_epoch") is not None]
-    assert resumed and resumed[0]["resumed_from_epoch"] >= 0  # restarted from a checkpoint, not scratch
-    assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+        ("detr_r18-full", e) for e in range(4)] + [("detr_r18-partial", e) for e in range(4)]
 
 
 def test_a_trial_bigger_than_the_cluster_stops_before_any_trial_starts(ray_cluster, tmp_path, synthetic_root, capsys):
@@ -186,10 +178,9 @@ def test_a_trial_bigger_than_the_cluster_stops_before_any_trial_starts(ray_clust
     assert not (tmp_path / "results" / "toobig" / "tune").exists()
 
 
-@pytest.mark.parametrize("mode", ["restart", "skip"])
-def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_root, mode):
+def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_root):
     """A trial failed on a bad weights file; the user fixes the file, sets on_resume_errored and
-    resumes. `restart` runs it again from scratch (now ok); `skip` leaves it as it was."""
+    resumes. `skip` leaves it as it was; `restart`, on the next resume, runs it again from scratch (now ok)."""
     import dataclasses
 
     import torch
@@ -199,20 +190,21 @@ def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_r
 
     weights = tmp_path / "detr.pth"
     weights.write_bytes(b"not written yet")
-    sweep = tiny_sweep(tmp_path, synthetic_root, name=f"errored-{mode}")
+    sweep = tiny_sweep(tmp_path, synthetic_root, name="errored")
     sweep["train"]["epochs"] = 1
     sweep["model"]["detr"]["weights"] = str(weights)
     path = write_sweep(tmp_path, sweep)
-    root = tmp_path / "results" / f"errored-{mode}"
+    root = tmp_path / "results" / "errored"
     assert run.main([str(path)]) == 1  # its only trial failed: a failed command
     assert _rows(root)["detr_r18-full"]["status"] == "error"
 
     (trial,) = expand(parse_sweep(sweep))
     model = build_model(trial.model, dataclasses.replace(trial.detector, weights="none"), num_classes=3)
     torch.save({"model": model.detr.state_dict()}, weights)  # the official checkpoint layout
-    sweep["fault_tolerance"] = {"on_resume_errored": mode}  # may change between runs
-    write_sweep(tmp_path, sweep)
-    assert run.main([str(path), "--resume"]) == (0 if mode == "restart" else 1)
-    (row,) = pq.read_table(root / "results.parquet").to_pylist()
-    assert row["status"] == ("ok" if mode == "restart" else "error"), row["error"]
-    assert (row["error"] is None) == (mode == "restart")
+    for mode, code, status in (("skip", 1, "error"), ("restart", 0, "ok")):
+        sweep["fault_tolerance"] = {"on_resume_errored": mode}  # may change between runs
+        write_sweep(tmp_path, sweep)
+        assert run.main([str(path), "--resume"]) == code, mode
+        (row,) = pq.read_table(root / "results.parquet").to_pylist()
+        assert row["status"] == status, (mode, row["error"])
+        assert (row["error"] is None) == (mode == "restart")

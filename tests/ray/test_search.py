@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from detsweep import run
 from detsweep.sweep import parse_sweep
 from detsweep.sweep.search import parse_space
 from tests.ray.test_e2e import tiny_sweep, write_sweep
@@ -48,19 +47,15 @@ def offline_ids(sweep: dict, n: int) -> list[str]:
     return [space(study.ask())["trial_id"] for _ in range(n)]
 
 
-def test_a_search_samples_pruned_trials_with_stable_ids(ray_cluster, tmp_path, synthetic_root):
-    sweep = search_sweep(tmp_path, synthetic_root, "search", num_samples=4)
-    expected = offline_ids(sweep, 4)
-    assert {i.split("-")[2] for i in expected} == {"full", "lora_only"}  # the seed draws both regimes
-    assert run.main([str(write_sweep(tmp_path, sweep)), "--max-concurrent", "2"]) == 0
-
-    root = tmp_path / "results" / "search"
+def _check_search(root: Path, expected: list[str]) -> None:
+    """A finished search's folder: each sampled trial once under its offline id, pruned configs, complete
+    rows with their cost, and a front in dollars."""
     rows = _rows(root)
     assert sorted(rows) == sorted(expected)  # each sampled trial once, under the id it had offline
     assert sorted(p.name for p in (root / "tune").iterdir() if p.is_dir()) == sorted(expected)
     cells = [t["trial_id"] for t in json.loads((root / "trials.json").read_text())["trials"]]
     assert cells == ["detr_r18-full", "detr_r18-lora_only"]  # what each sampled trial holds, by regime
-    assert json.loads((root / "search.json").read_text())["search"]["num_samples"] == 4
+    assert json.loads((root / "search.json").read_text())["search"]["num_samples"] == len(expected)
     configs = {}
     for path in (root / "tune").glob("*/params.json"):
         config = json.loads(path.read_text())
@@ -94,7 +89,7 @@ def test_a_search_samples_pruned_trials_with_stable_ids(ray_cluster, tmp_path, s
     assert frontier.main([str(root / "results.parquet"), "--objectives", "ap:max,cost_usd:min", "--no-plots",
                           "--no-html"]) == 0
     front = pq.read_table(root / "frontier.parquet").to_pylist()
-    assert min(r["pareto_rank"] for r in front) == 1 and len(front) == 4
+    assert min(r["pareto_rank"] for r in front) == 1 and len(front) == len(expected)
     assert "- cost: $" in (root / "report.md").read_text()
 
 
@@ -106,9 +101,12 @@ def _state_saved(tune: Path) -> bool:
 
 
 def test_a_killed_search_resumes_the_same_study(ray_cluster, tmp_path, synthetic_root):
+    """One search, killed after its first trial and resumed: the samples and their rows are checked on the
+    finished study (one run of Ray trials proves both, which keeps the suite short)."""
     sweep = search_sweep(tmp_path, synthetic_root, "search-resume", num_samples=3)
     sweep["max_concurrent_trials"] = 1
     expected = offline_ids(sweep, 3)
+    assert {i.split("-")[2] for i in expected} == {"full", "lora_only"}  # the seed draws both regimes
     path = write_sweep(tmp_path, sweep)
     root = tmp_path / "results" / "search-resume"
 
@@ -144,3 +142,4 @@ def test_a_killed_search_resumes_the_same_study(ray_cluster, tmp_path, synthetic
     assert {r["trial_id"]: r for r in after}[first]["finished_at"] == before[first]["finished_at"]  # not re-run
     history = pq.read_table(root / "history.parquet").to_pylist()
     assert sorted(h["trial_id"] for h in history) == sorted(expected)  # one epoch each, none twice
+    _check_search(root, expected)
