@@ -51,18 +51,20 @@ def test_sweep_end_to_end(ray_cluster, tmp_path, synthetic_root):
     # 5 val images on 2 ranks: the distributed sampler pads rank 1 with a repeat of image 0, which
     # the gathered predictions must score once.
     sweep["data"]["val_images"] = 5
-    sweep["resources"]["ddp_workers"] = 2  # DDP under test: padding, gathering, dedup
+    # DDP under test: padding, gathering, dedup. Half a CPU per worker: all 3 trials at once on the 4-CPU
+    # test cluster (one round of trial start-ups instead of two).
+    sweep["resources"].update(ddp_workers=2, cpus_per_worker=0.5)
     sweep["model"]["faster_rcnn"]["weights"] = str(corrupt)
     sweep["fault_tolerance"] = {"keep": 1}
     sweep["grid"] = {"model": ["detr_r50", "fasterrcnn_r50_fpn"], "regime": ["full", "lora_only"]}
     path = write_sweep(tmp_path, sweep)
 
-    assert run.main([str(path), "--max-concurrent", "2"]) == 0
+    assert run.main([str(path), "--max-concurrent", "3"]) == 0
 
     root = tmp_path / "results" / "e2e"
     # The trial list the run started with, for --resume to check the sweep file against.
     saved = json.loads((root / "trials.json").read_text())
-    assert saved["max_concurrent_trials"] == 2 and len(saved["trials"]) == 3
+    assert saved["max_concurrent_trials"] == 3 and len(saved["trials"]) == 3
     table = pq.read_table(root / "results.parquet")
     rows = {r["trial_id"]: r for r in table.to_pylist()}
     assert set(rows) == {"detr_r18-full", "detr_r18-lora_only-r4-attention_ffn", "fasterrcnn_r18_fpn-full"}
