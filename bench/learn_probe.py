@@ -3,12 +3,16 @@
 Run: .venv/bin/python bench/learn_probe.py [--train-images 128] [--epochs 12] [--variants frozen_stem,train_all]
      [--seeds 0] [--no-write]
      .venv/bin/python bench/learn_probe.py --fixed-batch 8 [--steps 300] ...
+     .venv/bin/python bench/learn_probe.py --demo-size [--budget-s 400] [--variants ...]
 A small DETR (resnet18, hidden 128, 2+2 layers, 20 queries) trains from random init on synthetic shapes
 (`--train-images` train images at 128 px, 32 val) through the project's own engine; each variant x seed in a
 fresh process, one torch thread, the same data, schedule and seed. Reports the train loss of the first and last
 epoch (and its parts), AP / AP50 on the val images and AP50 on up to 32 training images (fit vs generalisation).
 With --fixed-batch N instead: the overfit test's tiny DETR (tests/models/test_overfit.py) on N fixed images at
 96 px, no flip, constant lr, until AP50 >= 0.9 on them or --steps: can the variant fit at all, and is it stable.
+With --demo-size instead: the demo base's DETR (the overfit test's size, 10 queries) on the demo base's data (128
+source-domain images at 64 px), lr 1e-3, for --budget-s of training each, val AP every 2 epochs: does anything
+leave DETR's plateau within the minutes a laptop demo can spend?
 Writes the section "## Learning from scratch, ... (bench/learn_probe.py)" of bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -42,7 +46,16 @@ VARIANTS: dict[str, dict] = {
     "frozen_stem_lr1e-3": dict(frozen=STEM_AND_LAYER1, lr=1e-3),
     "train_all_bn_lr1e-3": dict(frozen=(), batchnorm=True, lr=1e-3),
     "train_all_q10": dict(frozen=(), num_queries=10),
+    # --demo-size: the demo's lr, and what else might speed the start: focal loss (Deformable DETR's class loss and
+    # weights) and a 3x larger input (6x6 instead of 2x2 feature cells at stride 32).
+    "demo_train_all": dict(frozen=(), lr=1e-3),
+    "demo_train_all_bn": dict(frozen=(), batchnorm=True, lr=1e-3),
+    "demo_train_all_bn_focal": dict(frozen=(), batchnorm=True, lr=1e-3,
+                                    model=dict(class_loss="focal", loss_weights={"ce": 2, "bbox": 5, "giou": 2})),
+    "demo_train_all_bn_up192": dict(frozen=(), batchnorm=True, lr=1e-3, model=dict(min_size=192, max_size=192)),
 }
+DEMO_VARIANTS = "demo_train_all,demo_train_all_bn,demo_train_all_bn_focal,demo_train_all_bn_up192"
+DEMO_IMAGE_SIZE, DEMO_TRAIN_IMAGES = 64, 128
 DEFAULT_VARIANTS = "frozen_stem,train_all,train_all_bn,frozen_stem_lr1e-3,train_all_lr1e-3"
 BATCH, LR, WARMUP_STEPS, GRAD_CLIP = 4, 2e-4, 20, 0.1  # grad clip 0.1: the official recipe
 
@@ -65,7 +78,7 @@ def _build(variant: dict, num_classes: int, model_kw: dict = MODEL, queries: int
     from detsweep.models.detr_detector import build_detr_detector
 
     model = build_detr_detector(num_classes=num_classes, weights="none",
-                                num_queries=variant.get("num_queries", queries), **model_kw)
+                                num_queries=variant.get("num_queries", queries), **{**model_kw, **variant.get("model", {})})
     backbone = model.detr.backbone[0]
     if variant.get("batchnorm"):
         _swap_batchnorm(backbone.body)
@@ -87,6 +100,8 @@ def _ap(model, dataset, gt: dict, category_ids: list[int]) -> dict:
 
 
 def _title(args) -> str:
+    if args.demo_size:
+        return f"Learning from scratch at the demo base's size, {args.budget_s:.0f} s each (bench/learn_probe.py)"
     if args.fixed_batch:
         return f"Learning from scratch, a fixed batch of {args.fixed_batch} images (bench/learn_probe.py)"
     return f"Learning from scratch, {args.train_images} images x {args.epochs} epochs (bench/learn_probe.py)"
@@ -132,6 +147,51 @@ def run_variant(name: str, seed: int, epochs: int, train_images: int, data_root:
     return {"variant": name, "seed": seed, "epochs": epochs, "losses": losses, "last_parts": parts, "ap": val["ap"],
             "ap50": val["ap50"], "train_ap50": fit["ap50"], "trainable_params": trainable,
             "train_wall_s": train_wall, "train_cpu_s": train_cpu}
+
+
+def run_demo_size(name: str, seed: int, budget_s: float, data_root: str) -> dict:
+    """Train variant `name` at the demo base's size for `budget_s` seconds of training; val AP every 2 epochs."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from detsweep import dist, engine
+    from detsweep.data.coco import build_datasets, collate_fn, load_coco_json
+
+    torch.set_num_threads(1)
+    dist.seed_everything(seed)
+    variant = VARIANTS[name]
+    train_set, val_set, label_map, val_ann = build_datasets(
+        kind="synthetic", root=data_root, classes=None, seed=0, train_images=DEMO_TRAIN_IMAGES,
+        **{**DATA, "image_size": DEMO_IMAGE_SIZE})
+    model = _build(variant, label_map.num_classes, TINY_MODEL, FIXED_QUERIES)
+    lr = variant.get("lr", LR)
+    optimizer = torch.optim.AdamW(model.param_groups(lr, lr, 1e-4), lr=lr, weight_decay=1e-4, fused=True)
+    loader = DataLoader(train_set, batch_size=BATCH, collate_fn=collate_fn,
+                        sampler=RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)))
+    gt, ids = load_coco_json(val_ann), list(label_map.category_ids)
+    curve, trained, epoch = [], 0.0, 0
+    while trained < budget_s:
+        t0 = time.perf_counter()
+        out = engine.train_one_epoch(model, loader, optimizer, torch.device("cpu"), epoch=epoch, grad_clip=GRAD_CLIP)
+        trained, epoch = trained + time.perf_counter() - t0, epoch + 1
+        if epoch % 2 == 0 or trained >= budget_s:
+            val = _ap(model, val_set, gt, ids)
+            curve.append({"epoch": epoch, "train_s": round(trained), "loss": out["loss"], "ap": val["ap"],
+                          "ap50": val["ap50"]})
+            print(f"{name} seed {seed} epoch {epoch}: loss {out['loss']:.3f} AP50 {val['ap50']:.3f}", file=sys.stderr,
+                  flush=True)
+    return {"variant": name, "seed": seed, "curve": curve, "epochs": epoch, "train_s": trained}
+
+
+def _demo_table(rows: list[dict]) -> str:
+    lines = ["| variant | seed | epochs in budget | loss, epoch 2 | loss, last | best val AP50 (epoch) | last val AP | "
+             "s / epoch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r["curve"]
+        best = max(c, key=lambda p: p["ap50"])
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['epochs']} | {c[0]['loss']:.2f} | {c[-1]['loss']:.2f} | "
+                     f"{best['ap50']:.3f} ({best['epoch']}) | {c[-1]['ap']:.3f} | {r['train_s'] / r['epochs']:.1f} |")
+    return "\n".join(lines)
 
 
 def run_fixed_batch(name: str, seed: int, steps: int, images: int, data_root: str) -> dict:
@@ -208,6 +268,16 @@ _LEGEND = ("`frozen_stem`: the official recipe, conv1 + layer1 frozen (at their 
 
 
 def _setting(args) -> str:
+    if args.demo_size:
+        m = TINY_MODEL
+        return (f"The demo base's DETR ({m['backbone']}, hidden {m['hidden_dim']}, {m['enc_layers']}+{m['dec_layers']} "
+                f"layers, FFN {m['dim_feedforward']}, dropout {m['dropout']}, {FIXED_QUERIES} queries) from random init, "
+                f"`weights: none`, nothing frozen, on the demo base's data ({DEMO_TRAIN_IMAGES} source-domain images at "
+                f"{DEMO_IMAGE_SIZE} px, {DATA['num_classes']} classes, h-flip 0.5; {DATA['val_images']} val), batch "
+                f"{BATCH}, AdamW (fused) lr 1e-3 everywhere, constant, weight decay 1e-4, grad clip {GRAD_CLIP}; "
+                f"{args.budget_s:.0f} s of training each (evaluation not counted), val AP every 2 epochs. `_focal`: "
+                "Deformable DETR's sigmoid focal loss with its weights 2/5/2. `_up192`: DETR's own resize to 192 px "
+                "(6x6 feature cells at stride 32 instead of 2x2).")
     if args.fixed_batch:
         m = TINY_MODEL
         return (f"The overfit test's tiny DETR ({m['backbone']}, hidden {m['hidden_dim']}, {m['enc_layers']}+"
@@ -238,11 +308,14 @@ def _report(rows: list[dict], args, load_before: float, elapsed: float) -> str:
         f"before, {os.getloadavg()[0]:.1f} after), torch {torch.__version__}, no GPU; "
         f"whole run {elapsed / 60:.0f} min.",
         _LEGEND, "",
-        _fixed_table(rows) if args.fixed_batch else _table(rows), "",
+        _demo_table(rows) if args.demo_size else _fixed_table(rows) if args.fixed_batch else _table(rows), "",
     ])
 
 
 def _summary(r: dict) -> str:
+    if "curve" in r:
+        return (f"{r['epochs']} epochs, loss {r['curve'][-1]['loss']:.2f}, best val AP50 "
+                f"{max(p['ap50'] for p in r['curve']):.3f}")
     if "fit_steps" in r:
         return f"loss {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}, AP50 {r['ap50']:.3f} after {r['steps']} steps"
     return (f"loss {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}, val AP {r['ap']:.3f} AP50 {r['ap50']:.3f}, "
@@ -255,7 +328,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--fixed-batch", type=int, default=0, help="train on this many fixed images instead")
     parser.add_argument("--steps", type=int, default=300, help="with --fixed-batch: the most optimizer steps")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {sorted(VARIANTS)}")
+    parser.add_argument("--demo-size", action="store_true", help="the demo base's DETR and data, time-boxed")
+    parser.add_argument("--budget-s", type=float, default=400, help="with --demo-size: training seconds per run")
+    parser.add_argument("--variants", help=f"comma-separated, of {sorted(VARIANTS)} (default: the mode's set)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--data-root", default=str(Path("~/.cache/detsweep/synthetic").expanduser()))
     parser.add_argument("--json", help="also write every run's result, per-epoch losses included, to this file")
@@ -264,12 +339,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         name, seed = args.worker.rsplit(":", 1)
-        result = (run_fixed_batch(name, int(seed), args.steps, args.fixed_batch, args.data_root) if args.fixed_batch
+        result = (run_demo_size(name, int(seed), args.budget_s, args.data_root) if args.demo_size
+                  else run_fixed_batch(name, int(seed), args.steps, args.fixed_batch, args.data_root) if args.fixed_batch
                   else run_variant(name, int(seed), args.epochs, args.train_images, args.data_root))
         print(json.dumps(result))
         return
 
-    names = args.variants.split(",")
+    names = (args.variants or (DEMO_VARIANTS if args.demo_size else DEFAULT_VARIANTS)).split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
@@ -281,7 +357,9 @@ def main() -> None:
         for name in names:  # interleaved by seed, so drifting load hits every variant alike
             cmd = [sys.executable, str(Path(__file__)), "--worker", f"{name}:{seed}", "--epochs", str(args.epochs),
                    "--train-images", str(args.train_images), "--fixed-batch", str(args.fixed_batch),
-                   "--steps", str(args.steps), "--data-root", args.data_root]
+                   "--steps", str(args.steps), "--data-root", args.data_root, "--budget-s", str(args.budget_s)]
+            if args.demo_size:
+                cmd.append("--demo-size")
             rows.append(child_json(cmd, f"{name} seed {seed}"))
             print(f"{name} seed {seed}: {_summary(rows[-1])}", flush=True)
     rows.sort(key=lambda r: names.index(r["variant"]))
