@@ -46,9 +46,6 @@ class DETRDetector(nn.Module):
     """Wraps `detr`, `criterion` and `postprocess` so the engine treats DETR like a torchvision detector.
 
     Attributes:
-        last_stats: after each train-mode forward, the unweighted diagnostics that are not losses
-            (`class_error`, `cardinality_error`, `cardinality_error_<i>`), detached scalar tensors. They are kept
-            out of the returned dict so `sum(loss_dict.values())` is exactly the official weighted total.
         category_ids: the original category id of each contiguous label (or None), for checkpoints.
         weights_summary: what `load_detr_weights` loaded, truncated or re-initialised.
     """
@@ -70,7 +67,6 @@ class DETRDetector(nn.Module):
         self.category_ids = list(category_ids) if category_ids is not None else None
         self.num_classes = detr.num_classes
         self.weights_summary: dict[str, Any] = {"source": "none"}
-        self.last_stats: dict[str, Tensor] = {}
         # Not persistent: constants, so checkpoints hold only DETR's own (official) keys under `detr.`.
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
@@ -127,8 +123,9 @@ class DETRDetector(nn.Module):
             target_sizes = torch.tensor(sizes_hw, dtype=torch.float32, device=outputs["pred_boxes"].device)
             return self.postprocess(outputs, target_sizes)
         losses = self.criterion(outputs, self._targets_to_official(targets, sizes_hw))
+        # The official criterion also logs class_error and cardinality_error, which are not losses: left out, so
+        # sum(loss_dict.values()) is exactly the official weighted total.
         weights = self.criterion.weight_dict
-        self.last_stats = {k: v.detach() for k, v in losses.items() if k not in weights}
         return {k: v * weights[k] for k, v in losses.items() if k in weights}
 
     def predict_with_loss(self, images: list[Tensor], targets: list[dict[str, Tensor]]

@@ -58,7 +58,13 @@ def test_train_mode_returns_weighted_official_losses(ref, fixture_detector):
     for key, weight in ref["weight_dict"].items():
         assert abs(losses[key].item() - weight * ref["loss_dict"][key].item()) <= 1e-5, key
     assert abs(sum(losses.values()).item() - ref["loss_total"].item()) <= 1e-5
-    stats = fixture_detector.last_stats
+    # The official criterion's diagnostics, which the detector leaves out of its losses.
+    images = _raw_images(ref)
+    sizes = [tuple(img.shape[-2:]) for img in images]
+    with torch.no_grad():
+        raw = fixture_detector.criterion(fixture_detector.detr(fixture_detector._prepare(images)),
+                                         fixture_detector._targets_to_official(_xyxy_abs_targets(ref), sizes))
+    stats = {k: v for k, v in raw.items() if k not in ref["weight_dict"]}
     assert set(stats) == {"class_error", "cardinality_error", "cardinality_error_0"}
     assert stats["class_error"].item() == pytest.approx(75.0) and stats["cardinality_error"].item() == 10.0
 
