@@ -103,25 +103,13 @@ def build_detr(*, backbone: str, hidden_dim: int, nheads: int, enc_layers: int, 
     `vit.VITS`, weights random;
     `weights.load_detr_weights` loads pretrained ones). An official-style config dict, with its extra keys
     (`position_embedding`, loss weights, ...), goes through `build_detr_from_official_config` instead."""
-    for name, value in (("hidden_dim", hidden_dim), ("nheads", nheads), ("enc_layers", enc_layers),
-                        ("dec_layers", dec_layers), ("dim_feedforward", dim_feedforward),
-                        ("num_queries", num_queries), ("num_classes", num_classes)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if hidden_dim % nheads != 0:
-        raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by nheads ({nheads})")
-    if hidden_dim % 2 != 0:
-        raise ValueError(f"hidden_dim must be even (half of it encodes y, half x), got {hidden_dim}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if backbone in VITS:
-        if dilation:
-            raise ValueError(f"dilation=True (DC5) needs a bottleneck ResNet, not the ViT {backbone!r}")
-        body: nn.Module = ViTBackbone(backbone)
-    elif backbone in RESNET_CHANNELS:
-        body = Backbone(backbone, dilation=dilation)
-    else:
-        raise ValueError(f"backbone {backbone!r} is not one of {sorted(RESNET_CHANNELS) + sorted(VITS)}")
+    # A sweep's values were checked by its loader (sweep/rules.py), an official config's by
+    # build_detr_from_official_config: internal asserts only.
+    assert min(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, num_queries, num_classes) >= 1
+    assert hidden_dim % nheads == 0 and hidden_dim % 2 == 0 and 0.0 <= dropout < 1.0, (hidden_dim, nheads, dropout)
+    assert backbone in VITS or backbone in RESNET_CHANNELS, backbone
+    assert not (dilation and backbone in VITS), "DC5 needs a bottleneck ResNet"
+    body: nn.Module = ViTBackbone(backbone) if backbone in VITS else Backbone(backbone, dilation=dilation)
     joiner = Joiner(body, PositionEmbeddingSine(hidden_dim // 2, normalize=True))
     transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
                               num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
@@ -150,4 +138,25 @@ def build_detr_from_official_config(cfg: Mapping[str, Any]) -> DETR:
     for key, supported in _FIXED_KEYS.items():
         if key in cfg and cfg[key] != supported:
             raise ValueError(f"DETR config {key}={cfg[key]!r} is not supported; only {supported!r} is")
-    return build_detr(**{k: cfg[k] for k in _MODEL_KEYS if k in cfg})
+    kw = {k: cfg[k] for k in _MODEL_KEYS if k in cfg}
+    _check_official_values(kw)
+    return build_detr(**kw)
+
+
+def _check_official_values(kw: Mapping[str, Any]) -> None:
+    """An official config comes from outside detsweep's sweep loader: its values are checked here, in its words."""
+    for name in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "num_classes"):
+        if name in kw and kw[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {kw[name]}")
+    hidden, heads = kw.get("hidden_dim", 2), kw.get("nheads", 1)
+    if hidden % heads != 0:
+        raise ValueError(f"hidden_dim ({hidden}) must be divisible by nheads ({heads})")
+    if hidden % 2 != 0:
+        raise ValueError(f"hidden_dim must be even (half of it encodes y, half x), got {hidden}")
+    if not 0.0 <= kw.get("dropout", 0.0) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {kw['dropout']}")
+    backbone = kw.get("backbone", "resnet50")
+    if backbone not in VITS and backbone not in RESNET_CHANNELS:
+        raise ValueError(f"backbone {backbone!r} is not one of {sorted(RESNET_CHANNELS) + sorted(VITS)}")
+    if kw.get("dilation") and backbone in VITS:
+        raise ValueError(f"dilation=True (DC5) needs a bottleneck ResNet, not the ViT {backbone!r}")
