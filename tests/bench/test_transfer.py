@@ -45,3 +45,5 @@ def test_table_means_intervals_plateau_and_share_of_full(tmp_path):
     assert lines[3].startswith("| fasterrcnn_r50_fpn lora_only r4 box_head | 2 | 0.100 ± 0.000 | 0.200 ± 0.000 | "
                                "1.050 ± 0.000 | 50% | 20 |")
     assert failed == ["lora-s2: error (boom)"]
+    assert lines[-1] == ("- fasterrcnn_r50_fpn, best LoRA (fasterrcnn_r50_fpn lora_only r4 box_head): 50% of full's "
+                         "AP, with 2.0% of full's trainable parameters.")
