@@ -33,19 +33,19 @@ def test_eval_every_ema_best_checkpoint_profiler_and_patience(ray_cluster, tmp_p
     sweep = tiny_sweep(tmp_path, synthetic_root, name="recipe")
     # DDP is not under test; 0.5 of a logical GPU each (the models stay on the CPU; gloo)
     sweep["resources"] = {"ddp_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0.5, "backend": "gloo"}
-    sweep["train"] = {"epochs": 6, "batch_size_per_worker": 2, "accumulate": 2, "lr": 1.0e-4,
+    sweep["train"] = {"epochs": 5, "batch_size_per_worker": 2, "accumulate": 2, "lr": 1.0e-4,
                       "ema": {"decay": 0.9, "warmup_steps": 0}, "profile": {"wait": 0, "warmup": 1, "active": 1}}
     sweep["eval"] = {"every": 2, "visuals": False}
     sweep["data"]["augment"] = "detr"  # the official multi-scale + crop recipe, scaled to 64 px images
     # Two epochs of a tiny model on 8 images leave AP at 0: with patience 1 the second evaluation
-    # (epoch 4 of 6) is no better, and the trial stops there; with patience 3 it never stops.
+    # (epoch 4 of 5) is no better, and the trial stops there; with patience 3 it never stops.
     sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.patience": [None, 1, 3]}
     # Tune may start all 3 at once: only the GPU shares can hold the third back.
     assert run.main([str(write_sweep(tmp_path, sweep)), "--max-concurrent", "3", "-q"]) == 0
     # -q: one line per trial event with epoch, AP and ETA; none of Tune's boxes and tables.
     out = capfd.readouterr().out
     assert "Configuration for experiment" not in out and "Trial status" not in out
-    assert "detr_r18-full-patienceNone: epoch 2/6, loss " in out and ", AP " in out and "ETA " in out
+    assert "detr_r18-full-patienceNone: epoch 2/5, loss " in out and ", AP " in out and "ETA " in out
     assert "[3/3 done] detr_r18-full-patience" in out
     assert "concurrency: the cluster fits 2 at once" in out  # 1 GPU / 0.5 per trial
 
@@ -53,11 +53,11 @@ def test_eval_every_ema_best_checkpoint_profiler_and_patience(ray_cluster, tmp_p
     rows = {r["trial_id"]: r for r in pq.read_table(root / "results.parquet").to_pylist()}
     history = pq.read_table(root / "history.parquet").to_pylist()
     learner = rows["detr_r18-full-patienceNone"]
-    assert learner["status"] == "ok" and learner["epochs_completed"] == 6 and learner["error"] is None
+    assert learner["status"] == "ok" and learner["epochs_completed"] == 5 and learner["error"] is None
     epochs = sorted(h["epoch"] for h in history if h["trial_id"] == learner["trial_id"])
-    assert epochs == [1, 3, 5]  # eval.every 2: epochs 2, 4 and 6 (0-based 1, 3, 5) are evaluated and reported
+    assert epochs == [1, 3, 4]  # eval.every 2 and always the last: epochs 2, 4 and 5 (0-based 1, 3, 4)
     assert all(h["val_loss"] > 0 and h["val_loss_ce"] > 0 for h in history if h["trial_id"] == learner["trial_id"])
-    assert learner["best_epoch"] in (1, 3, 5) and learner["best_ap"] == max(
+    assert learner["best_epoch"] in (1, 3, 4) and learner["best_ap"] == max(
         h["ap"] for h in history if h["trial_id"] == learner["trial_id"])
     best = root / f"train-{learner['trial_id']}" / "best"
     meta = json.loads((best / "meta.json").read_text())
@@ -65,7 +65,7 @@ def test_eval_every_ema_best_checkpoint_profiler_and_patience(ray_cluster, tmp_p
     assert list((root / "tune" / learner["trial_id"] / "profile").glob("*.pt.trace.json*"))  # the profiler trace
 
     patient = rows["detr_r18-full-patience3"]
-    assert patient["status"] == "ok" and patient["epochs_completed"] == 6, patient["error"]
+    assert patient["status"] == "ok" and patient["epochs_completed"] == 5, patient["error"]
     stuck = rows["detr_r18-full-patience1"]
     assert stuck["status"] == "stopped" and stuck["epochs_completed"] == 4 and stuck["ap"] == 0.0
     assert stuck["error"] == "patience: no better ap in 1 evaluations (best 0.0000 at epoch 1)"
