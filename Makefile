@@ -42,7 +42,7 @@ demo-plot: docs/demo_front.png
 TEST_JOBS ?= 2
 test: $(STAMP) browser
 	@status=0; \
-	$(PY) -m pytest -q -ra -m "not ray" -n $(TEST_JOBS) --dist worksteal tests || status=$$?; \
+	$(PY) -m pytest -q -ra -m "not ray" -n $(TEST_JOBS) tests || status=$$?; \
 	$(PY) -m pytest -q -ra -m ray tests || status=$$?; \
 	exit $$status
 
