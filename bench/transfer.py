@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
-from scipy import stats
+
+from detsweep.frontier.pareto import confidence_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "sweeps" / "demo.yaml"
@@ -48,12 +49,9 @@ def sweep_file(args, folder: Path) -> Path:
 
 
 def _mean_ci(values: list[float]) -> str:
-    """`mean ± half-width` of the 95 % Student-t interval (`mean` alone for one value)."""
-    m = statistics.mean(values)
-    if len(values) < 2:
-        return f"{m:.3f}"
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return f"{m:.3f} ± {half:.3f}"
+    """`mean ± half-width` of the frontier's 95 % Student-t interval (`mean` alone for one value)."""
+    mean, _, low, high = confidence_interval(values)
+    return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {(high - low) / 2:.3f}"
 
 
 def _label(r: dict) -> str:
