@@ -4,6 +4,8 @@ Run: .venv/bin/python bench/learn_probe.py [--train-images 128] [--epochs 12] [-
      [--seeds 0] [--no-write]
      .venv/bin/python bench/learn_probe.py --fixed-batch 8 [--steps 300] ...
      .venv/bin/python bench/learn_probe.py --demo-size [--budget-s 400] [--variants ...]
+     .venv/bin/python bench/learn_probe.py --demo-size --train-images 1024 --val-images 64 --budget-s 2400 \
+         --transplant <storage>/_bases/demo_frcnn-*/train-base-*/best/model.pt --variants demo_transplant,...
 A small DETR (resnet18, hidden 128, 2+2 layers, 20 queries) trains from random init on synthetic shapes
 (`--train-images` train images at 128 px, 32 val) through the project's own engine; each variant x seed in a
 fresh process, one torch thread, the same data, schedule and seed. Reports the train loss of the first and last
@@ -12,7 +14,8 @@ With --fixed-batch N instead: the overfit test's tiny DETR (tests/models/test_ov
 96 px, no flip, constant lr, until AP50 >= 0.9 on them or --steps: can the variant fit at all, and is it stable.
 With --demo-size instead: the demo base's DETR (the overfit test's size, 10 queries) on the demo base's data (128
 source-domain images at 64 px), lr 1e-3, for --budget-s of training each, val AP every 2 epochs: does anything
-leave DETR's plateau within the minutes a laptop demo can spend?
+leave DETR's plateau within the minutes a laptop demo can spend? `--transplant` (the `demo_transplant*` variants)
+starts DETR's ResNet from a trained Faster R-CNN's (e.g. the demo's cached base): is a pretrained backbone the gap?
 Writes the section "## Learning from scratch, ... (bench/learn_probe.py)" of bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -53,9 +56,14 @@ VARIANTS: dict[str, dict] = {
     "demo_train_all_bn_focal": dict(frozen=(), batchnorm=True, lr=1e-3,
                                     model=dict(class_loss="focal", loss_weights={"ce": 2, "bbox": 5, "giou": 2})),
     "demo_train_all_bn_up192": dict(frozen=(), batchnorm=True, lr=1e-3, model=dict(min_size=192, max_size=192)),
+    # --transplant: the ResNet body (and its BatchNorm statistics, frozen) of a trained Faster R-CNN, the official
+    # recipe for a pretrained backbone (stem + layer1 frozen, a 10x lower backbone lr).
+    "demo_transplant": dict(frozen=STEM_AND_LAYER1, transplant=True, lr=5e-4, lr_backbone=5e-5),
+    "demo_transplant_up128": dict(frozen=STEM_AND_LAYER1, transplant=True, lr=5e-4, lr_backbone=5e-5,
+                                  model=dict(min_size=128, max_size=128)),
 }
 DEMO_VARIANTS = "demo_train_all,demo_train_all_bn,demo_train_all_bn_focal,demo_train_all_bn_up192"
-DEMO_IMAGE_SIZE, DEMO_TRAIN_IMAGES = 64, 128
+DEMO_IMAGE_SIZE = 64
 DEFAULT_VARIANTS = "frozen_stem,train_all,train_all_bn,frozen_stem_lr1e-3,train_all_lr1e-3"
 BATCH, LR, WARMUP_STEPS, GRAD_CLIP = 4, 2e-4, 20, 0.1  # grad clip 0.1: the official recipe
 
@@ -73,7 +81,17 @@ def _swap_batchnorm(module) -> None:
             _swap_batchnorm(child)
 
 
-def _build(variant: dict, num_classes: int, model_kw: dict = MODEL, queries: int = 20):
+def _transplant(body, checkpoint: str) -> None:
+    """Load a Faster R-CNN trial checkpoint's ResNet body (`model.backbone.body.*`) into DETR's `body`, strictly."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    prefix = "model.backbone.body."
+    body.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                          if k.startswith(prefix) and not k.endswith("num_batches_tracked")})
+
+
+def _build(variant: dict, num_classes: int, model_kw: dict = MODEL, queries: int = 20, transplant: str | None = None):
     from detsweep.models.backbone import freeze_layers
     from detsweep.models.detr_detector import build_detr_detector
 
@@ -82,6 +100,10 @@ def _build(variant: dict, num_classes: int, model_kw: dict = MODEL, queries: int
     backbone = model.detr.backbone[0]
     if variant.get("batchnorm"):
         _swap_batchnorm(backbone.body)
+    if variant.get("transplant"):
+        if transplant is None:
+            sys.exit(f"variant {variant} needs --transplant CHECKPOINT (a Faster R-CNN trial's model.pt)")
+        _transplant(backbone.body, transplant)
     freeze_layers(backbone, variant["frozen"])
     return model
 
@@ -101,7 +123,9 @@ def _ap(model, dataset, gt: dict, category_ids: list[int]) -> dict:
 
 def _title(args) -> str:
     if args.demo_size:
-        return f"Learning from scratch at the demo base's size, {args.budget_s:.0f} s each (bench/learn_probe.py)"
+        data = "" if args.train_images == 128 else f", {args.train_images} images"
+        start = "a transplanted backbone" if args.transplant else "scratch"
+        return f"Learning from {start} at the demo base's size{data}, {args.budget_s:.0f} s each (bench/learn_probe.py)"
     if args.fixed_batch:
         return f"Learning from scratch, a fixed batch of {args.fixed_batch} images (bench/learn_probe.py)"
     return f"Learning from scratch, {args.train_images} images x {args.epochs} epochs (bench/learn_probe.py)"
@@ -149,8 +173,9 @@ def run_variant(name: str, seed: int, epochs: int, train_images: int, data_root:
             "train_wall_s": train_wall, "train_cpu_s": train_cpu}
 
 
-def run_demo_size(name: str, seed: int, budget_s: float, data_root: str) -> dict:
-    """Train variant `name` at the demo base's size for `budget_s` seconds of training; val AP every 2 epochs."""
+def run_demo_size(name: str, seed: int, args) -> dict:
+    """Train variant `name` at the demo base's size for `args.budget_s` seconds of training; val AP every
+    256 / train images epochs (every 2 for the demo base's 128)."""
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
@@ -161,20 +186,22 @@ def run_demo_size(name: str, seed: int, budget_s: float, data_root: str) -> dict
     dist.seed_everything(seed)
     variant = VARIANTS[name]
     train_set, val_set, label_map, val_ann = build_datasets(
-        kind="synthetic", root=data_root, classes=None, seed=0, train_images=DEMO_TRAIN_IMAGES,
-        **{**DATA, "image_size": DEMO_IMAGE_SIZE})
-    model = _build(variant, label_map.num_classes, TINY_MODEL, FIXED_QUERIES)
+        kind="synthetic", root=args.data_root, classes=None, seed=0, train_images=args.train_images,
+        **{**DATA, "image_size": DEMO_IMAGE_SIZE, "val_images": args.val_images})
+    model = _build(variant, label_map.num_classes, TINY_MODEL, FIXED_QUERIES, transplant=args.transplant)
     lr = variant.get("lr", LR)
-    optimizer = torch.optim.AdamW(model.param_groups(lr, lr, 1e-4), lr=lr, weight_decay=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.param_groups(lr, variant.get("lr_backbone", lr), 1e-4), lr=lr,
+                                  weight_decay=1e-4, fused=True)
     loader = DataLoader(train_set, batch_size=BATCH, collate_fn=collate_fn,
                         sampler=RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)))
     gt, ids = load_coco_json(val_ann), list(label_map.category_ids)
     curve, trained, epoch = [], 0.0, 0
+    every, budget_s = max(1, 256 // args.train_images), args.budget_s
     while trained < budget_s:
         t0 = time.perf_counter()
         out = engine.train_one_epoch(model, loader, optimizer, torch.device("cpu"), epoch=epoch, grad_clip=GRAD_CLIP)
         trained, epoch = trained + time.perf_counter() - t0, epoch + 1
-        if epoch % 2 == 0 or trained >= budget_s:
+        if epoch % every == 0 or trained >= budget_s:
             val = _ap(model, val_set, gt, ids)
             curve.append({"epoch": epoch, "train_s": round(trained), "loss": out["loss"], "ap": val["ap"],
                           "ap50": val["ap50"]})
@@ -272,12 +299,15 @@ def _setting(args) -> str:
         m = TINY_MODEL
         return (f"The demo base's DETR ({m['backbone']}, hidden {m['hidden_dim']}, {m['enc_layers']}+{m['dec_layers']} "
                 f"layers, FFN {m['dim_feedforward']}, dropout {m['dropout']}, {FIXED_QUERIES} queries) from random init, "
-                f"`weights: none`, nothing frozen, on the demo base's data ({DEMO_TRAIN_IMAGES} source-domain images at "
-                f"{DEMO_IMAGE_SIZE} px, {DATA['num_classes']} classes, h-flip 0.5; {DATA['val_images']} val), batch "
-                f"{BATCH}, AdamW (fused) lr 1e-3 everywhere, constant, weight decay 1e-4, grad clip {GRAD_CLIP}; "
-                f"{args.budget_s:.0f} s of training each (evaluation not counted), val AP every 2 epochs. `_focal`: "
-                "Deformable DETR's sigmoid focal loss with its weights 2/5/2. `_up192`: DETR's own resize to 192 px "
-                "(6x6 feature cells at stride 32 instead of 2x2).")
+                f"`weights: none`, nothing frozen unless named, on the demo base's data ({args.train_images} "
+                f"source-domain images at {DEMO_IMAGE_SIZE} px, {DATA['num_classes']} classes, h-flip 0.5; "
+                f"{args.val_images} val), batch {BATCH}, AdamW (fused) lr 1e-3 everywhere unless named, constant, weight "
+                f"decay 1e-4, grad clip {GRAD_CLIP}; {args.budget_s:.0f} s of training each (evaluation not counted), "
+                f"val AP every {max(1, 256 // args.train_images)} epochs. `_focal`: Deformable DETR's sigmoid focal loss "
+                "with its weights 2/5/2. `_up192`, `_up128`: DETR's own resize to 192 / 128 px (6x6 / 4x4 feature cells "
+                "at stride 32 instead of 2x2). `demo_transplant`: the ResNet-18 body and BatchNorm statistics of the "
+                "demo's trained Faster R-CNN base (`--transplant`), as frozen statistics, with the official pretrained "
+                "recipe: stem + layer1 frozen, lr 5e-4, backbone 5e-5.")
     if args.fixed_batch:
         m = TINY_MODEL
         return (f"The overfit test's tiny DETR ({m['backbone']}, hidden {m['hidden_dim']}, {m['enc_layers']}+"
@@ -330,6 +360,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="with --fixed-batch: the most optimizer steps")
     parser.add_argument("--demo-size", action="store_true", help="the demo base's DETR and data, time-boxed")
     parser.add_argument("--budget-s", type=float, default=400, help="with --demo-size: training seconds per run")
+    parser.add_argument("--val-images", type=int, default=32, help="with --demo-size: val images")
+    parser.add_argument("--transplant", help="with the demo_transplant variants: a Faster R-CNN trial's model.pt")
     parser.add_argument("--variants", help=f"comma-separated, of {sorted(VARIANTS)} (default: the mode's set)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--data-root", default=str(Path("~/.cache/detsweep/synthetic").expanduser()))
@@ -339,7 +371,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         name, seed = args.worker.rsplit(":", 1)
-        result = (run_demo_size(name, int(seed), args.budget_s, args.data_root) if args.demo_size
+        result = (run_demo_size(name, int(seed), args) if args.demo_size
                   else run_fixed_batch(name, int(seed), args.steps, args.fixed_batch, args.data_root) if args.fixed_batch
                   else run_variant(name, int(seed), args.epochs, args.train_images, args.data_root))
         print(json.dumps(result))
@@ -359,7 +391,9 @@ def main() -> None:
                    "--train-images", str(args.train_images), "--fixed-batch", str(args.fixed_batch),
                    "--steps", str(args.steps), "--data-root", args.data_root, "--budget-s", str(args.budget_s)]
             if args.demo_size:
-                cmd.append("--demo-size")
+                cmd += ["--demo-size", "--val-images", str(args.val_images)]
+            if args.transplant:
+                cmd += ["--transplant", args.transplant]
             rows.append(child_json(cmd, f"{name} seed {seed}"))
             print(f"{name} seed {seed}: {_summary(rows[-1])}", flush=True)
     rows.sort(key=lambda r: names.index(r["variant"]))
