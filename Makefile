@@ -38,12 +38,12 @@ $(DEMO_OUT)/demo/frontier_ap_vs_trainable_params.png:
 demo-plot: docs/demo_front.png
 
 # The full suite in two passes: the Ray-free tests in $(TEST_JOBS) processes (pytest-xdist), then the real-Ray
-# tests in one; both always run, and the target fails if either failed.
+# tests (exactly tests/ray/, see tests/conftest.py) in one; both always run, and the target fails if either failed.
 TEST_JOBS ?= 2
 test: $(STAMP) browser
 	@status=0; \
-	$(PY) -m pytest -q -ra -m "not ray" -n $(TEST_JOBS) tests || status=$$?; \
-	$(PY) -m pytest -q -ra -m ray tests || status=$$?; \
+	$(PY) -m pytest -q -ra -m "not ray" -n $(TEST_JOBS) tests --ignore=tests/ray || status=$$?; \
+	$(PY) -m pytest -q -ra tests/ray || status=$$?; \
 	exit $$status
 
 # Headless Chromium for the report.html browser test: Debian's package, installed when missing and this
@@ -56,7 +56,7 @@ browser: $(STAMP)
 	      > $(VENV)/apt.log 2>&1 || echo "chromium not installed: the report.html browser test will skip"; }
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not ray" -n $(TEST_JOBS) tests
+	$(PY) -m pytest -q -ra -m "not ray" -n $(TEST_JOBS) tests --ignore=tests/ray
 
 bench: $(STAMP)
 	$(PY) bench/frontier.py

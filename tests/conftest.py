@@ -8,6 +8,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
+RAY_TESTS = REPO / "tests" / "ray"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-Ray tests are exactly those under tests/ray/: marked `ray` there, refused elsewhere. So
+    `make test` runs them as `pytest tests/ray` and collects only those modules (collecting the whole
+    suite to deselect all but 8 tests costs ~15 s of imports)."""
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(RAY_TESTS):
+            item.add_marker(pytest.mark.ray)
+        elif "ray_cluster" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} starts a real Ray cluster (ray_cluster): move it to tests/ray/")
 
 
 @pytest.fixture(autouse=True, scope="session")

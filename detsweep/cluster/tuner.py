@@ -10,6 +10,8 @@ from typing import Any
 import ray
 import ray.train
 import ray.tune
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -59,7 +61,7 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], space: 
     id (a readable progress table and TensorBoard hparams); the full trial configs come through
     the object store (`tune.with_parameters`). A search's config is the sampled point, and the trial
     is built from it with the sweep's `space`, as the driver builds it."""
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = trials[config["trial_id"]] if space is None else sampled_trial(space, config).to_dict()
@@ -67,7 +69,7 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], space: 
     gpus = res["gpus_per_worker"]
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})}
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    trainer = TorchTrainer(
+    trainer = SweepTorchTrainer(
         train_fn_per_worker,
         train_loop_config={"trial": trial},
         torch_config=TorchConfig(backend=process_group_backend(trial)),
@@ -81,6 +83,16 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], space: 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft["keep"])),
     )
     trainer.fit()
+
+
+class SweepTorchTrainer(TorchTrainer):
+    """Ray Train's TorchTrainer, less the Ray Data actor it starts for every run. Our workers feed torch
+    DataLoaders and pass no `datasets`, yet Train 2.60 starts a DatasetManager actor per run anyway: one more
+    Python process importing ray.data in every trial, for nothing. With `datasets` given, nothing changes."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
 
 def trial_actor_resources(cluster: dict[str, float]) -> dict[str, float]:

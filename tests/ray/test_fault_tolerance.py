@@ -48,6 +48,10 @@ def test_asha_stops_weak_trials_and_frees_their_workers(ray_cluster, tmp_path, s
     while ray_cluster.available_resources().get("CPU", 0) < 4 and time.time() < deadline:
         time.sleep(1)
     assert ray_cluster.available_resources().get("CPU", 0) == 4
+    # SweepTorchTrainer: no Ray Data actor in any trial (the State API lists dead actors too).
+    from ray.util.state import list_actors
+
+    assert [a.class_name for a in list_actors(filters=[("class_name", "=", "DatasetManager")])] == []
 
 
 def _driver(sweep_path: Path, *extra: str) -> subprocess.Popen:
