@@ -298,7 +298,7 @@ def _setting(args) -> str:
     if args.demo_size:
         m = TINY_MODEL
         return (f"The demo base's DETR ({m['backbone']}, hidden {m['hidden_dim']}, {m['enc_layers']}+{m['dec_layers']} "
-                f"layers, FFN {m['dim_feedforward']}, dropout {m['dropout']}, {FIXED_QUERIES} queries) from random init, "
+                f"layers, FFN {m['dim_feedforward']}, dropout {m['dropout']}, {FIXED_QUERIES} queries) from random init unless named, "
                 f"`weights: none`, nothing frozen unless named, on the demo base's data ({args.train_images} "
                 f"source-domain images at {DEMO_IMAGE_SIZE} px, {DATA['num_classes']} classes, h-flip 0.5; "
                 f"{args.val_images} val), batch {BATCH}, AdamW (fused) lr 1e-3 everywhere unless named, constant, weight "
