@@ -297,15 +297,16 @@ _LEGEND = ("`frozen_stem`: the official recipe, conv1 + layer1 frozen (at their 
 def _setting(args) -> str:
     if args.demo_size:
         m = TINY_MODEL
-        return (f"The demo base's DETR ({m['backbone']}, hidden {m['hidden_dim']}, {m['enc_layers']}+{m['dec_layers']} "
-                f"layers, FFN {m['dim_feedforward']}, dropout {m['dropout']}, {FIXED_QUERIES} queries) from random init unless named, "
-                f"`weights: none`, nothing frozen unless named, on the demo base's data ({args.train_images} "
-                f"source-domain images at {DEMO_IMAGE_SIZE} px, {DATA['num_classes']} classes, h-flip 0.5; "
-                f"{args.val_images} val), batch {BATCH}, AdamW (fused) lr 1e-3 everywhere unless named, constant, weight "
-                f"decay 1e-4, grad clip {GRAD_CLIP}; {args.budget_s:.0f} s of training each (evaluation not counted), "
-                f"val AP every {max(1, 256 // args.train_images)} epochs. `_focal`: Deformable DETR's sigmoid focal loss "
-                "with its weights 2/5/2. `_up192`, `_up128`: DETR's own resize to 192 / 128 px (6x6 / 4x4 feature cells "
-                "at stride 32 instead of 2x2). `demo_transplant`: the ResNet-18 body and BatchNorm statistics of the "
+        return (f"The demo base's DETR ({m['backbone']}, hidden {m['hidden_dim']}, {m['enc_layers']}+"
+                f"{m['dec_layers']} layers, FFN {m['dim_feedforward']}, dropout {m['dropout']}, {FIXED_QUERIES} "
+                "queries) from random init unless named, `weights: none`, nothing frozen unless named, on the demo "
+                f"base's data ({args.train_images} source-domain images at {DEMO_IMAGE_SIZE} px, "
+                f"{DATA['num_classes']} classes, h-flip 0.5; {args.val_images} val), batch {BATCH}, AdamW (fused) "
+                f"lr 1e-3 everywhere unless named, constant, weight decay 1e-4, grad clip {GRAD_CLIP}; "
+                f"{args.budget_s:.0f} s of training each (evaluation not counted), val AP every "
+                f"{max(1, 256 // args.train_images)} epochs. `_focal`: Deformable DETR's sigmoid focal loss "
+                "with its weights 2/5/2. `_up192`, `_up128`: DETR's own resize to 192 / 128 px (6x6 / 4x4 feature "
+                "cells at stride 32 instead of 2x2). `demo_transplant`: the ResNet-18 body and BatchNorm statistics of the "
                 "demo's trained Faster R-CNN base (`--transplant`), as frozen statistics, with the official pretrained "
                 "recipe: stem + layer1 frozen, lr 5e-4, backbone 5e-5.")
     if args.fixed_batch:
