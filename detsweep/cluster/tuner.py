@@ -10,7 +10,7 @@ from typing import Any
 import ray
 import ray.train
 import ray.tune
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -61,7 +61,6 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], space: 
     id (a readable progress table and TensorBoard hparams); the full trial configs come through
     the object store (`tune.with_parameters`). A search's config is the sampled point, and the trial
     is built from it with the sweep's `space`, as the driver builds it."""
-    from ray.train.torch import TorchConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = trials[config["trial_id"]] if space is None else sampled_trial(space, config).to_dict()
