@@ -42,7 +42,7 @@ demo-plot: docs/demo_front.png
 TEST_JOBS ?= 2
 test: $(STAMP) browser
 	@status=0; \
-	$(PY) -m pytest -q -ra -m "not ray" -n $(TEST_JOBS) tests --ignore=tests/ray || status=$$?; \
+	$(PY) -m pytest -q -ra -n $(TEST_JOBS) tests --ignore=tests/ray || status=$$?; \
 	$(PY) -m pytest -q -ra tests/ray || status=$$?; \
 	exit $$status
 
@@ -56,7 +56,7 @@ browser: $(STAMP)
 	      > $(VENV)/apt.log 2>&1 || echo "chromium not installed: the report.html browser test will skip"; }
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not ray" -n $(TEST_JOBS) tests --ignore=tests/ray
+	$(PY) -m pytest -q -ra -n $(TEST_JOBS) tests --ignore=tests/ray
 
 bench: $(STAMP)
 	$(PY) bench/frontier.py

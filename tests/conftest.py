@@ -16,7 +16,7 @@ def pytest_collection_modifyitems(config, items):
     `make test` runs them as `pytest tests/ray` and collects only those modules (collecting the whole
     suite to deselect all but 8 tests costs ~15 s of imports)."""
     for item in items:
-        if Path(str(item.fspath)).is_relative_to(RAY_TESTS):
+        if item.path.is_relative_to(RAY_TESTS):
             item.add_marker(pytest.mark.ray)
         elif "ray_cluster" in getattr(item, "fixturenames", ()):
             raise pytest.UsageError(f"{item.nodeid} starts a real Ray cluster (ray_cluster): move it to tests/ray/")

@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from detsweep import run
 from tests.data.builders import dump, good_split
 from tests.ray.test_e2e import tiny_sweep, write_sweep
 
-pytestmark = pytest.mark.ray
 
 ROBOFLOW_CATEGORIES = [{"id": 0, "name": "shapes-abc", "supercategory": "none"},
                        {"id": 1, "name": "square", "supercategory": "shapes-abc"},

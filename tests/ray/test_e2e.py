@@ -8,12 +8,9 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from detsweep import run
-
-pytestmark = pytest.mark.ray
 
 
 def tiny_sweep(tmp: Path, synthetic_root: Path, **overrides) -> dict:

@@ -17,7 +17,6 @@ import pytest
 from detsweep import run
 from tests.ray.test_e2e import tiny_sweep, write_sweep
 
-pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,15 +53,15 @@ def test_asha_stops_weak_trials_and_frees_their_workers(ray_cluster, tmp_path, s
     assert [a.class_name for a in list_actors(filters=[("class_name", "=", "DatasetManager")])] == []
 
 
-def _driver(sweep_path: Path, *extra: str) -> subprocess.Popen:
+def _driver(sweep_path: Path) -> subprocess.Popen:
     """`python -m detsweep.run` in its own process, attached to the test's Ray cluster; its output
     goes to a file beside the sweep (a pipe nobody reads would block it)."""
     import ray
 
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, TUNE_GLOBAL_CHECKPOINT_S="0",
                PYTHONPATH=str(REPO))
-    log = open(sweep_path.with_suffix(f".{len(extra)}.log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "detsweep.run", str(sweep_path), *extra], env=env,
+    log = open(sweep_path.with_suffix(".log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "detsweep.run", str(sweep_path)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     proc.log_path = log.name
     return proc

@@ -11,12 +11,9 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from detsweep import run
 from tests.ray.test_e2e import tiny_sweep, write_sweep
-
-pytestmark = pytest.mark.ray
 
 
 def _max_overlap(windows: list[tuple[float, float]]) -> int:

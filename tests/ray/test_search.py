@@ -12,13 +12,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from detsweep import run
 from detsweep.sweep import parse_sweep
 from detsweep.sweep.search import parse_space
-from detsweep import run
 from tests.ray.test_e2e import tiny_sweep, write_sweep
 from tests.ray.test_fault_tolerance import _driver, _output, _rows
 
-pytestmark = pytest.mark.ray
 USD_PER_CPU_HOUR = 0.048
 
 
