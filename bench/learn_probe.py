@@ -16,7 +16,8 @@ With --demo-size instead: the demo base's DETR (the overfit test's size, 10 quer
 source-domain images at 64 px), lr 1e-3, for --budget-s of training each, val AP every 2 epochs: does anything
 leave DETR's plateau within the minutes a laptop demo can spend? `--transplant` (the `demo_transplant*` variants)
 starts DETR's ResNet from a trained Faster R-CNN's (e.g. the demo's cached base): is a pretrained backbone the gap?
-Writes the section "## Learning from scratch, ... (bench/learn_probe.py)" of bench/RESULTS.md.
+Writes the section "## Learning from scratch, ... (bench/learn_probe.py)" of bench/RESULTS.md ("## Learning from a
+transplanted backbone, ..." with --transplant).
 """
 from __future__ import annotations
 
@@ -82,13 +83,13 @@ def _swap_batchnorm(module) -> None:
 
 
 def _transplant(body, checkpoint: str) -> None:
-    """Load a Faster R-CNN trial checkpoint's ResNet body (`model.backbone.body.*`) into DETR's `body`, strictly."""
+    """Load a Faster R-CNN trial checkpoint's ResNet body (`model.backbone.body.*`) into DETR's `body`, strictly
+    (its FrozenBatchNorm2d drops BatchNorm's `num_batches_tracked`, as for ImageNet weights)."""
     import torch
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     prefix = "model.backbone.body."
-    body.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                          if k.startswith(prefix) and not k.endswith("num_batches_tracked")})
+    body.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def _build(variant: dict, num_classes: int, model_kw: dict = MODEL, queries: int = 20, transplant: str | None = None):
@@ -101,8 +102,6 @@ def _build(variant: dict, num_classes: int, model_kw: dict = MODEL, queries: int
     if variant.get("batchnorm"):
         _swap_batchnorm(backbone.body)
     if variant.get("transplant"):
-        if transplant is None:
-            sys.exit(f"variant {variant} needs --transplant CHECKPOINT (a Faster R-CNN trial's model.pt)")
         _transplant(backbone.body, transplant)
     freeze_layers(backbone, variant["frozen"])
     return model
@@ -173,9 +172,14 @@ def run_variant(name: str, seed: int, epochs: int, train_images: int, data_root:
             "train_wall_s": train_wall, "train_cpu_s": train_cpu}
 
 
+def _eval_every(train_images: int) -> int:
+    """--demo-size evaluates every this many epochs: about every 256 images seen (every 2 for 128 images)."""
+    return max(1, 256 // train_images)
+
+
 def run_demo_size(name: str, seed: int, args) -> dict:
     """Train variant `name` at the demo base's size for `args.budget_s` seconds of training; val AP every
-    256 / train images epochs (every 2 for the demo base's 128)."""
+    `_eval_every(args.train_images)` epochs."""
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
@@ -196,7 +200,7 @@ def run_demo_size(name: str, seed: int, args) -> dict:
                         sampler=RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)))
     gt, ids = load_coco_json(val_ann), list(label_map.category_ids)
     curve, trained, epoch = [], 0.0, 0
-    every, budget_s = max(1, 256 // args.train_images), args.budget_s
+    every, budget_s = _eval_every(args.train_images), args.budget_s
     while trained < budget_s:
         t0 = time.perf_counter()
         out = engine.train_one_epoch(model, loader, optimizer, torch.device("cpu"), epoch=epoch, grad_clip=GRAD_CLIP)
@@ -304,7 +308,7 @@ def _setting(args) -> str:
                 f"{DATA['num_classes']} classes, h-flip 0.5; {args.val_images} val), batch {BATCH}, AdamW (fused) "
                 f"lr 1e-3 everywhere unless named, constant, weight decay 1e-4, grad clip {GRAD_CLIP}; "
                 f"{args.budget_s:.0f} s of training each (evaluation not counted), val AP every "
-                f"{max(1, 256 // args.train_images)} epochs. `_focal`: Deformable DETR's sigmoid focal loss "
+                f"{_eval_every(args.train_images)} epochs. `_focal`: Deformable DETR's sigmoid focal loss "
                 "with its weights 2/5/2. `_up192`, `_up128`: DETR's own resize to 192 / 128 px (6x6 / 4x4 feature "
                 "cells at stride 32 instead of 2x2). `demo_transplant`: the ResNet-18 body and BatchNorm statistics of the "
                 "demo's trained Faster R-CNN base (`--transplant`), as frozen statistics, with the official pretrained "
@@ -382,6 +386,8 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    if not args.transplant and any(VARIANTS[n].get("transplant") for n in names):
+        sys.exit("the demo_transplant variants need --transplant CHECKPOINT (a Faster R-CNN trial's model.pt)")
     sys.path.insert(0, str(Path(__file__).parent))
     from results_md import child_json
 
