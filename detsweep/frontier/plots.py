@@ -39,7 +39,8 @@ def _plot_points(fr: Frontier) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
 
         means = stat("mean")
         below, above = ci_error_bars(means, stat("ci_low"), stat("ci_high"), fr.norms)
-        return rep.column("config_id").to_pylist(), means, below, above, rep.column("pareto_rank").to_numpy()
+        labels = [config_label(ids) for ids in rep.column("trial_ids").to_pylist()]
+        return labels, means, below, above, rep.column("pareto_rank").to_numpy()
     idx = np.flatnonzero(fr.valid)
     labels = [str(t) for t in fr.table.column("trial_id").take(idx).to_pylist()]
     ranks = np.array(fr.ranks, dtype=object)[idx].astype(np.int64)
@@ -47,20 +48,46 @@ def _plot_points(fr: Frontier) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
     return labels, fr.values[idx], zeros, zeros, ranks
 
 
-def _label_places(xy: np.ndarray, *, log_x: bool) -> list[tuple[int, bool]]:
-    """Per point: how many label rows to lift its label by, so that labels of nearby points (in
-    axis-normalised units) stack instead of overprinting, and whether to set it to the left of
-    the point (near the right edge, where it would run out of the axes)."""
-    pts = np.array(xy, dtype=float)
-    if log_x:
-        pts[:, 0] = np.log10(np.clip(pts[:, 0], 1e-12, None))
-    span = np.nanmax(pts, axis=0) - np.nanmin(pts, axis=0) if len(pts) else np.ones(2)
-    pts = (pts - np.nanmin(pts, axis=0)) / np.where(span > 0, span, 1.0) if len(pts) else pts
-    lifts: list[int] = []
-    for i, p in enumerate(pts):
-        near = [lifts[j] for j in range(i) if abs(pts[j, 0] - p[0]) < 0.25 and abs(pts[j, 1] - p[1]) < 0.06]
-        lifts.append(next(k for k in range(len(near) + 1) if k not in near))
-    return [(lift, bool(p[0] > 0.75)) for lift, p in zip(lifts, pts)]
+def config_label(trial_ids: Sequence[str]) -> str:
+    """A seed-replicate group's label: its trial ids' common "-"-separated parts (the seed part, where
+    only it differs, dropped): detr_r18-full-seed0/-seed1 -> detr_r18-full. The first id if they differ
+    in shape."""
+    split = [t.split("-") for t in trial_ids]
+    if len({len(s) for s in split}) != 1:
+        return trial_ids[0]
+    common = [parts[0] for parts in zip(*split) if len(set(parts)) == 1]
+    return "-".join(common) or trial_ids[0]
+
+
+LABEL_GAP_PT = 3.0  # between a point and its label, and between stacked labels
+
+
+def place_labels(ax, texts: Sequence, anchors: np.ndarray) -> None:
+    """Move each annotation (offset in points from its anchor) to the first free slot, so that no label
+    overprints another or covers a labelled point: right of the point (left near the axes' right edge), at
+    its height, then alternately below and above by whole label heights. Highest points are placed first.
+    Measured in display space with the figure's renderer, after the axes' scales and limits are final."""
+    fig = ax.figure
+    ax.autoscale_view()  # the limits the draw will use (matplotlib defers autoscaling until then)
+    renderer = fig.canvas.get_renderer()
+    to_pt = 72.0 / fig.dpi
+    xy = ax.transData.transform(anchors) * to_pt
+    right_edge = ax.get_window_extent(renderer).x1 * to_pt
+    r = LABEL_GAP_PT  # the markers' half-size (markersize 5), so a label also keeps off other points
+    placed: list[tuple[float, float, float, float]] = [(px - r, py - r, px + r, py + r) for px, py in xy]
+    for i in sorted(range(len(texts)), key=lambda k: (-xy[k, 1], xy[k, 0])):
+        box = texts[i].get_window_extent(renderer)
+        w, h = box.width * to_pt, box.height * to_pt
+        left = xy[i, 0] + LABEL_GAP_PT + w > right_edge
+        x0 = xy[i, 0] - LABEL_GAP_PT - w if left else xy[i, 0] + LABEL_GAP_PT
+        for step in range(2 * len(texts) + 1):
+            dy = LABEL_GAP_PT + (h + LABEL_GAP_PT) * ((step + 1) // 2) * (-1 if step % 2 else 1)
+            rect = (x0, xy[i, 1] + dy, x0 + w, xy[i, 1] + dy + h)
+            if not any(rect[0] < r[2] and r[0] < rect[2] and rect[1] < r[3] and r[1] < rect[3] for r in placed):
+                break
+        placed.append(rect)
+        texts[i].xyann = (-LABEL_GAP_PT if left else LABEL_GAP_PT, dy)
+        texts[i].set_ha("right" if left else "left")
 
 
 def scatter_figure(fr: Frontier, x: int) -> Figure:
@@ -68,7 +95,9 @@ def scatter_figure(fr: Frontier, x: int) -> Figure:
 
     Every point is labelled up to LABEL_ALL_MAX points; beyond that every front (rank-1) point.
     """
-    from matplotlib.figure import Figure  # lazy: matplotlib only when plots are wanted; Agg, never a display
+    # lazy: matplotlib only when plots are wanted; Agg, never a display
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     labels, values, below, above, ranks = _plot_points(fr)
     y, obj = headline_index(fr), fr.objectives[x]
@@ -89,19 +118,19 @@ def scatter_figure(fr: Frontier, x: int) -> Figure:
     in_view = front[pareto_ranks(values[front][:, [y, x]], pair) == 1] if len(front) else front
     order = in_view[np.argsort(values[in_view, x])]
     ax.plot(values[order, x], values[order, y], "-", color="C3", alpha=0.6, label="trade-off in this view")
-    shown = np.arange(len(labels)) if len(labels) <= LABEL_ALL_MAX else front
-    for i, (lift, right) in zip(shown, _label_places(values[shown][:, [x, y]],
-                                                     log_x=obj.column.endswith("_params"))):
-        ax.annotate(labels[i], (values[i, x], values[i, y]), fontsize=7, textcoords="offset points",
-                    xytext=(-4 if right else 4, 3 + 9 * lift), ha="right" if right else "left")
     if obj.column.endswith("_params"):
         ax.set_xscale("log")
+    shown = np.arange(len(labels)) if len(labels) <= LABEL_ALL_MAX else front
+    texts = [ax.annotate(labels[i], (values[i, x], values[i, y]), fontsize=7, textcoords="offset points",
+                         xytext=(LABEL_GAP_PT, LABEL_GAP_PT)) for i in shown]
     ax.set_xlabel(f"{obj.column} ({obj.direction})")
     ax.set_ylabel(f"{fr.objectives[y].column} ({fr.objectives[y].direction})")
     suffix = " (seed means, 95 % CI)" if fr.replicates is not None else ""
     ax.set_title(f"{fr.sweep}: {fr.objectives[y].column} vs {obj.column}{suffix}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides points
+    FigureCanvasAgg(fig)  # a renderer to measure the labels with
+    place_labels(ax, texts, values[shown][:, [x, y]])
     return fig
 
 
