@@ -60,6 +60,7 @@ def config_label(trial_ids: Sequence[str]) -> str:
 
 
 LABEL_GAP_PT = 3.0  # between a point and its label, and between stacked labels
+LABEL_SLOTS = 17  # its own height, then up to 8 label rows below and 8 above; if all are taken, its own
 
 
 def place_labels(ax, texts: Sequence, anchors: np.ndarray) -> None:
@@ -74,19 +75,19 @@ def place_labels(ax, texts: Sequence, anchors: np.ndarray) -> None:
     xy = ax.transData.transform(anchors) * to_pt
     right_edge = ax.get_window_extent(renderer).x1 * to_pt
     r = LABEL_GAP_PT  # the markers' half-size (markersize 5), so a label also keeps off other points
-    placed: list[tuple[float, float, float, float]] = [(px - r, py - r, px + r, py + r) for px, py in xy]
+    taken = np.column_stack([xy - r, xy + r])  # [x0, y0, x1, y1] rows: markers, then each placed label
     for i in sorted(range(len(texts)), key=lambda k: (-xy[k, 1], xy[k, 0])):
         box = texts[i].get_window_extent(renderer)
         w, h = box.width * to_pt, box.height * to_pt
         left = xy[i, 0] + LABEL_GAP_PT + w > right_edge
         x0 = xy[i, 0] - LABEL_GAP_PT - w if left else xy[i, 0] + LABEL_GAP_PT
-        for step in range(2 * len(texts) + 1):
-            dy = LABEL_GAP_PT + (h + LABEL_GAP_PT) * ((step + 1) // 2) * (-1 if step % 2 else 1)
-            rect = (x0, xy[i, 1] + dy, x0 + w, xy[i, 1] + dy + h)
-            if not any(rect[0] < r[2] and r[0] < rect[2] and rect[1] < r[3] and r[1] < rect[3] for r in placed):
-                break
-        placed.append(rect)
-        texts[i].xyann = (-LABEL_GAP_PT if left else LABEL_GAP_PT, dy)
+        rows = np.array([(s + 1) // 2 * (-1 if s % 2 else 1) for s in range(LABEL_SLOTS)])
+        dys = LABEL_GAP_PT + (h + LABEL_GAP_PT) * rows
+        y0 = xy[i, 1] + dys[:, None]  # [slots, 1] against [taken]
+        hit = ((x0 < taken[:, 2]) & (taken[:, 0] < x0 + w) & (y0 < taken[:, 3]) & (taken[:, 1] < y0 + h)).any(axis=1)
+        dy = dys[int(np.argmin(hit))] if not hit.all() else dys[0]
+        taken = np.vstack([taken, [x0, xy[i, 1] + dy, x0 + w, xy[i, 1] + dy + h]])
+        texts[i].xyann = (-LABEL_GAP_PT if left else LABEL_GAP_PT, float(dy))
         texts[i].set_ha("right" if left else "left")
 
 
