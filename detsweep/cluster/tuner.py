@@ -4,6 +4,7 @@ Each trial is a function trainable that builds and fits a Ray Train `TorchTraine
 `ResultsCallback` (callback.py) writes the rows of history.parquet and results.parquet on the driver."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -40,6 +41,8 @@ def connect(*, quiet: bool) -> tuple[dict[str, float], list[dict[str, float]]]:
         # Tune's new console output prints its configuration box and a table whatever `verbose` says; the
         # classic reporter at verbose 0 prints nothing, and ProgressCallback gives the compact view.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # ... and Tune.fit's closing "Wrote the latest version of all result files ..." (INFO) for each run.
+        logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
     # Save Tune's experiment state at every step (not every ~10 s): a driver killed right after a
     # trial ends must find that trial finished when it resumes.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
