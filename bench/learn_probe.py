@@ -211,17 +211,33 @@ def run_demo_size(name: str, seed: int, args) -> dict:
                           "ap50": val["ap50"]})
             print(f"{name} seed {seed} epoch {epoch}: loss {out['loss']:.3f} AP50 {val['ap50']:.3f}", file=sys.stderr,
                   flush=True)
-    return {"variant": name, "seed": seed, "curve": curve, "epochs": epoch, "train_s": trained}
+    return {"variant": name, "seed": seed, "train_images": args.train_images, "curve": curve, "epochs": epoch,
+            "train_s": trained}
 
 
-def _demo_table(rows: list[dict]) -> str:
-    lines = ["| variant | seed | epochs in budget | loss, epoch 2 | loss, last | best val AP50 (epoch) | last val AP | "
-             "s / epoch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+def _marks(budget_s: float) -> list[float]:
+    """Training-time marks for the "best val AP50 by" column: 10, 20, 40, 80 ... min below the budget, then it."""
+    marks, m = [], 600.0
+    while m < budget_s - 60:
+        marks.append(m)
+        m *= 2
+    return marks + [budget_s]
+
+
+def _demo_table(rows: list[dict], budget_s: float) -> str:
+    marks = _marks(budget_s)
+    by = " / ".join(f"{m / 60:.0f}" for m in marks)
+    lines = ["| variant | seed | train images | epochs in budget | loss, first eval | loss, last | "
+             f"best val AP50 by {by} min of training | best val AP50 (epoch) | last val AP | s / epoch |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         c = r["curve"]
         best = max(c, key=lambda p: p["ap50"])
-        lines.append(f"| {r['variant']} | {r['seed']} | {r['epochs']} | {c[0]['loss']:.2f} | {c[-1]['loss']:.2f} | "
-                     f"{best['ap50']:.3f} ({best['epoch']}) | {c[-1]['ap']:.3f} | {r['train_s'] / r['epochs']:.1f} |")
+        upto = " / ".join(f"{max((p['ap50'] for p in c if p['train_s'] <= m or m == marks[-1]), default=0.0):.3f}"
+                        for m in marks)
+        lines.append(f"| {r['variant']} | {r['seed']} | {r.get('train_images', '')} | {r['epochs']} | "
+                     f"{c[0]['loss']:.2f} | {c[-1]['loss']:.2f} | {upto} | {best['ap50']:.3f} ({best['epoch']}) | "
+                     f"{c[-1]['ap']:.3f} | {r['train_s'] / r['epochs']:.1f} |")
     return "\n".join(lines)
 
 
@@ -343,7 +359,8 @@ def _report(rows: list[dict], args, load_before: float, elapsed: float) -> str:
         f"before, {os.getloadavg()[0]:.1f} after), torch {torch.__version__}, no GPU; "
         f"whole run {elapsed / 60:.0f} min.",
         _LEGEND, "",
-        _demo_table(rows) if args.demo_size else _fixed_table(rows) if args.fixed_batch else _table(rows), "",
+        _demo_table(rows, args.budget_s) if args.demo_size
+        else _fixed_table(rows) if args.fixed_batch else _table(rows), "",
     ])
 
 
