@@ -100,15 +100,17 @@ def _hover(row: dict[str, Any], config: list[str], metrics: list[str]) -> str:
 def _replicates(fr: Frontier) -> list[dict[str, Any]] | None:
     if fr.replicates is None:
         return None
-    from detsweep.frontier.plots import ci_error_bars
+    from detsweep.frontier.plots import ci_error_bars, config_label
 
     rows = fr.replicates.to_pylist()
+    labels = {r["config_id"]: config_label(r["trial_ids"]) for r in rows}  # as the PNGs label them
     cols = [o.column for o in fr.objectives]
     stat = {s: np.array([[r[f"{c}_{s}"] if r[f"{c}_{s}"] is not None else np.nan for c in cols] for r in rows], float)
             for s in ("mean", "ci_low", "ci_high")}
     below, above = ci_error_bars(stat["mean"], stat["ci_low"], stat["ci_high"], fr.norms)
-    return [{"config_id": r["config_id"], "trial_ids": r["trial_ids"], "n": r["n"], "pareto_rank": r["pareto_rank"],
-             "not_separable": r["not_separable"], "not_separable_from": r["not_separable_from"],
+    return [{"config_id": r["config_id"], "label": labels[r["config_id"]], "trial_ids": r["trial_ids"], "n": r["n"],
+             "pareto_rank": r["pareto_rank"], "not_separable": r["not_separable"],
+             "not_separable_from": [labels[c] for c in r["not_separable_from"]],
              "mean": dict(zip(cols, stat["mean"][i].tolist())), "below": dict(zip(cols, below[i].tolist())),
              "above": dict(zip(cols, above[i].tolist()))} for i, r in enumerate(rows)]
 
@@ -221,7 +223,7 @@ function drawPlots() {
       traces.push({x: r.map(c => c.mean[xc]), y: r.map(c => c.mean[yc]), customdata: r.map(c => c.config_id),
         error_x: {type: 'data', symmetric: false, array: r.map(c => c.above[xc]), arrayminus: r.map(c => c.below[xc])},
         error_y: {type: 'data', symmetric: false, array: r.map(c => c.above[yc]), arrayminus: r.map(c => c.below[yc])},
-        text: r.map(c => `<b>${esc(c.config_id)}</b> (seed mean, n=${c.n}, rank ${c.pareto_rank})` +
+        text: r.map(c => `<b>${esc(c.label)}</b> (seed mean, n=${c.n}, rank ${c.pareto_rank})` +
           (c.not_separable ? `<br>${esc(c.not_separable)} from ${c.not_separable_from.map(esc).join(', ')}` : '')),
         hovertemplate: '%{text}<extra></extra>', mode: 'markers', type: 'scatter', name: 'seed mean ± 95% CI',
         marker: {color: '#1f77b4', size: 11, symbol: r.map(c => c.not_separable ? 'diamond-open' : 'diamond')}});
@@ -305,7 +307,7 @@ function replicates() {
   document.getElementById('replicates-section').hidden = false;
   const obj = D.objectives.map(o => o.column);
   document.getElementById('replicates').innerHTML = '<tr><th>config</th><th>n</th><th>rank</th>' +
-    obj.map(c => `<th>${esc(c)}</th>`).join('') + '<th>note</th></tr>' + D.replicates.map(c => `<tr><td>${esc(c.config_id)}</td>` +
+    obj.map(c => `<th>${esc(c)}</th>`).join('') + '<th>note</th></tr>' + D.replicates.map(c => `<tr><td>${esc(c.label)}</td>` +
     `<td>${c.n}</td><td>${c.pareto_rank}</td>` + obj.map(o => `<td>${fmt(c.mean[o])} (-${fmt(c.below[o])} +${fmt(c.above[o])})</td>`).join('') +
     `<td>${c.not_separable ? esc(c.not_separable + ' from ' + c.not_separable_from.join(', ')) : ''}</td></tr>`).join('');
 }

@@ -94,6 +94,7 @@ def test_report_html_is_self_contained_and_holds_every_trial(sweep_dir):
     assert images["reliability"].startswith("data:image/png;base64,") and "lora-s0" not in data["images"]
     reps = {r["config_id"]: r for r in data["replicates"]}
     assert reps["full-s0"]["n"] == 2 and reps["full-s0"]["trial_ids"] == ["full-s0", "full-s1"]
+    assert reps["full-s0"]["label"] == "full" and reps["partial"]["label"] == "partial"  # as the PNGs label them
     assert reps["full-s0"]["below"]["ap"] > 0 and reps["partial"]["below"]["ap"] == 0  # one seed: no CI
     assert any(r["not_separable"] for r in data["replicates"])
     assert data["selected"] == "full-s0"  # the best on the headline objective
@@ -211,6 +212,8 @@ def test_report_html_in_headless_chromium(sweep_dir, tmp_path):
         assert ev("document.querySelectorAll('#plot-0 .scatterlayer .point').length") >= 6
         assert ev("document.querySelectorAll('#plot-0 .errorbar').length") > 0  # seed replicates' CIs
         assert ev("document.getElementById('replicates').textContent").count("not separable") >= 1
+        configs = ev("[...document.querySelectorAll('#replicates tr td:first-child')].map(td => td.textContent).join()")
+        assert "full" in configs.split(",") and "full-s0" not in configs  # the config, not its first seed's trial
         assert ev("document.body.dataset.selected") == "full-s0"
         assert ev("document.querySelectorAll('#predictions img').length") == 2
         assert ev("document.querySelectorAll('#curve-0 .scatterlayer .trace').length") == 2  # loss, loss_ce
