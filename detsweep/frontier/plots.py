@@ -76,16 +76,16 @@ def place_labels(ax, texts: Sequence, anchors: np.ndarray) -> None:
     right_edge = ax.get_window_extent(renderer).x1 * to_pt
     r = LABEL_GAP_PT  # the markers' half-size (markersize 5), so a label also keeps off other points
     taken = np.column_stack([xy - r, xy + r])  # [x0, y0, x1, y1] rows: markers, then each placed label
+    rows = np.array([(s + 1) // 2 * (-1 if s % 2 else 1) for s in range(LABEL_SLOTS)])  # 0, -1, +1, -2, ...
     for i in sorted(range(len(texts)), key=lambda k: (-xy[k, 1], xy[k, 0])):
         box = texts[i].get_window_extent(renderer)
         w, h = box.width * to_pt, box.height * to_pt
         left = xy[i, 0] + LABEL_GAP_PT + w > right_edge
         x0 = xy[i, 0] - LABEL_GAP_PT - w if left else xy[i, 0] + LABEL_GAP_PT
-        rows = np.array([(s + 1) // 2 * (-1 if s % 2 else 1) for s in range(LABEL_SLOTS)])
         dys = LABEL_GAP_PT + (h + LABEL_GAP_PT) * rows
         y0 = xy[i, 1] + dys[:, None]  # [slots, 1] against [taken]
         hit = ((x0 < taken[:, 2]) & (taken[:, 0] < x0 + w) & (y0 < taken[:, 3]) & (taken[:, 1] < y0 + h)).any(axis=1)
-        dy = dys[int(np.argmin(hit))] if not hit.all() else dys[0]
+        dy = dys[int(np.argmin(hit))]  # the first free slot; the first slot when none is free
         taken = np.vstack([taken, [x0, xy[i, 1] + dy, x0 + w, xy[i, 1] + dy + h]])
         texts[i].xyann = (-LABEL_GAP_PT if left else LABEL_GAP_PT, float(dy))
         texts[i].set_ha("right" if left else "left")
