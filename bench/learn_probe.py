@@ -235,7 +235,7 @@ def _demo_table(rows: list[dict], budget_s: float) -> str:
         best = max(c, key=lambda p: p["ap50"])
         upto = " / ".join(f"{max((p['ap50'] for p in c if p['train_s'] <= m or m == marks[-1]), default=0.0):.3f}"
                         for m in marks)
-        lines.append(f"| {r['variant']} | {r['seed']} | {r.get('train_images', '')} | {r['epochs']} | "
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['train_images']} | {r['epochs']} | "
                      f"{c[0]['loss']:.2f} | {c[-1]['loss']:.2f} | {upto} | {best['ap50']:.3f} ({best['epoch']}) | "
                      f"{c[-1]['ap']:.3f} | {r['train_s'] / r['epochs']:.1f} |")
     return "\n".join(lines)
