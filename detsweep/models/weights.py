@@ -43,6 +43,8 @@ _OFFICIAL_SAFE_GLOBALS = [argparse.Namespace]
 # so row c is COCO category id c.
 DETR_COCO_CLASS_ROWS = 92
 COCO_MAX_CATEGORY_ID = 90
+# A Faster R-CNN checkpoint's ResNet body: detsweep's wrapper saves torchvision's keys under `model.`.
+_FASTER_RCNN_BODY = ("model.backbone.body.", "backbone.body.")
 # Keys every DETR state dict has; a checkpoint of another detector lacks them.
 _DETR_MARKERS = ("class_embed.weight", "class_embed.bias", "query_embed.weight")
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL \S+")
@@ -59,7 +61,7 @@ def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | Non
     weights: "none" (keep the random init), "imagenet" (torchvision's ImageNet ResNet into `backbone.0.body` only,
     the official starting point; see `load_imagenet_backbone`), "coco" (official DETR-R50 COCO checkpoint via torch
     hub, cached and sha256-checked), or a path to a checkpoint (`{"model": state_dict}` official layout or a bare
-    state dict).
+    state dict); a Faster R-CNN checkpoint's path loads only its ResNet body, into DETR's (`load_faster_rcnn_body`).
     category_ids: the dataset's original category ids, sorted, one per contiguous label.
     category_ids_are_coco: the dataset is COCO, so its category ids are COCO's.
     Class head: loaded as is when the checkpoint has the model's classes; else, when the checkpoint has the COCO
@@ -78,7 +80,11 @@ def load_detr_weights(detr: DETR, weights: str, *, category_ids: list[int] | Non
         if not path.is_file():
             raise FileNotFoundError(f"DETR weights file {str(path)!r} does not exist; weights must be 'none', "
                                     "'imagenet', 'coco' or the path of a checkpoint file")
-        state, source = _unwrap(load_checkpoint_file(path), str(path)), str(path)
+        checkpoint, source = load_checkpoint_file(path), str(path)
+        body = faster_rcnn_body(checkpoint)
+        if body is not None:
+            return load_faster_rcnn_body(detr, body, source)
+        state = _unwrap(checkpoint, source)
     _check_is_detr(state, source)
     own = detr.state_dict()
     summary: dict[str, Any] = {"source": source}
@@ -116,6 +122,39 @@ def load_imagenet_body(body: nn.Module, enum: WeightsEnum, what: str) -> None:
         body.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{enum.url}: does not fit {what}: {err}") from err
+
+
+def faster_rcnn_body(checkpoint: Any) -> dict[str, Tensor] | None:
+    """The ResNet body (conv1, bn1, layer1..4) of a Faster R-CNN checkpoint: torchvision's keys
+    `backbone.body.*`, or ours `model.backbone.body.*` (a detsweep trial's or base's model.pt); else None."""
+    if not isinstance(checkpoint, dict):
+        return None
+    for prefix in _FASTER_RCNN_BODY:
+        body = {k[len(prefix):]: v for k, v in checkpoint.items() if isinstance(k, str) and k.startswith(prefix)}
+        if body:
+            return body
+    return None
+
+
+def load_faster_rcnn_body(detr: DETR, body: dict[str, Tensor], source: str) -> dict[str, Any]:
+    """A trained Faster R-CNN's ResNet body into DETR's `backbone.0.body`, strictly, BatchNorm statistics as
+    frozen statistics (FrozenBatchNorm2d has no `num_batches_tracked`), as ImageNet weights are loaded:
+    a detection-trained backbone for DETR (a Faster R-CNN base starts the DETR base of the demo).
+    input_proj, transformer, queries and heads keep their random init."""
+    backbone = detr.backbone[0]
+    body = {k: v for k, v in body.items() if not k.endswith("num_batches_tracked")}
+    own = backbone.body.state_dict()
+    missing, unexpected = sorted(own.keys() - body.keys()), sorted(body.keys() - own.keys())
+    shapes = [f"{k} {tuple(body[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in body and body[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source}: its Faster R-CNN backbone does not fit DETR's {backbone.name} backbone "
+                         f"(build DETR with the Faster R-CNN's backbone): {len(missing)} missing keys "
+                         f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, shapes {shapes[:2]}")
+    backbone.body.load_state_dict(body, strict=True)
+    log.info("loaded the Faster R-CNN backbone of %s into DETR's backbone.0.body; input_proj, transformer, "
+             "queries and heads are freshly initialised", source)
+    return {"source": source, "backbone": "faster_rcnn"}
 
 
 def _coco_state_dict() -> dict[str, Tensor]:

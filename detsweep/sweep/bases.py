@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from detsweep.data.synthetic import GENERATOR_VERSION
+from detsweep.models import registry
 from detsweep.storage import join
 from detsweep.storage import train_run_name
 from detsweep.sweep.spec import BaseConfig, EvalConfig, FaultToleranceConfig, Sweep, TrialConfig, data_defaults
@@ -36,26 +37,34 @@ def find_base(sweep: Sweep, name: str, key: str) -> BaseConfig:
     """The base NAME: the sweep file's `bases.NAME`, else `sweeps/bases/NAME.yaml`; `key` names the
     sweep key that uses it in errors."""
     if name in sweep.bases:
-        return sweep.bases[name]
-    path = SHIPPED / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted({*sweep.bases, *(p.stem for p in SHIPPED.glob("*.yaml"))})
-        raise SweepError(f"{sweep.source}: {key}: base {name!r} is neither in the sweep's `bases:` nor a file "
-                         f"sweeps/bases/{name}.yaml; known bases are {known}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    base = build(BaseConfig, raw, "", str(path))
-    return dataclasses.replace(base, data=data_defaults(base.data))
+        base, where = sweep.bases[name], f"{sweep.source}: bases.{name}"
+    else:
+        path = SHIPPED / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted({*sweep.bases, *(p.stem for p in SHIPPED.glob("*.yaml"))})
+            raise SweepError(f"{sweep.source}: {key}: base {name!r} is neither in the sweep's `bases:` nor a file "
+                             f"sweeps/bases/{name}.yaml; known bases are {known}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SweepError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        base, where = build(BaseConfig, raw, "", str(path)), str(path)
+        base = dataclasses.replace(base, data=data_defaults(base.data))
+    if base.model is not None and base.model not in registry.MODELS:
+        raise SweepError(f"{where}: model: {base.model!r} is not one of {list(registry.MODELS)}")
+    return base
 
 
-def base_key(base: BaseConfig, model: str, detector: Any) -> str:
+def base_key(base: BaseConfig, model: str, detector: Any, upstream: TrialConfig | None = None) -> str:
     """12 hex digits naming what the pretraining depends on: the base's section, the architecture it
-    trains (the trial's model settings, whatever it starts from) and the synthetic generator version."""
+    trains (the trial's model settings, whatever it starts from), the synthetic generator version and,
+    when it starts from another base, that base's own key (in its trial id)."""
     arch = {k: v for k, v in dataclasses.asdict(detector).items() if k not in ("weights", "regimes")}
-    text = json.dumps({"base": dataclasses.asdict(base), "model": model, "arch": arch,
-                       "generator": GENERATOR_VERSION}, sort_keys=True, default=str)
+    section = {k: v for k, v in dataclasses.asdict(base).items() if not (k == "model" and v is None)}
+    parts = {"base": section, "model": model, "arch": arch, "generator": GENERATOR_VERSION}
+    if upstream is not None:  # only then: the keys of bases without one stay what they were (their caches)
+        parts["upstream"] = upstream.trial_id
+    text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -64,28 +73,55 @@ def base_root(storage_root: str, name: str, key: str) -> str:
     return join(storage_root, BASES_DIR, f"{name}-{key}")
 
 
-def base_trial(trial: TrialConfig, base: BaseConfig, name: str, key: str, storage_root: str) -> TrialConfig:
-    """The pretraining trial of the base that `trial` fine-tunes from: the same model, regime `full`,
-    the base's data, training and resources, starting from the base's own `weights`."""
+def base_trial(model: str, detector: Any, base: BaseConfig, name: str, key: str, storage_root: str,
+               upstream: TrialConfig | None = None) -> TrialConfig:
+    """The pretraining trial of base `name` for `model` with the settings `detector`: regime `full`, the
+    base's data, training and resources, starting from the base's own `weights` (`upstream`'s latest
+    checkpoint when those are another base's)."""
     return TrialConfig(
-        sweep=f"{BASES_DIR}/{name}", trial_id=f"base-{name}-{key}", model=trial.model, family=trial.family,
-        regime="full", data=base.data, detector=dataclasses.replace(trial.detector, weights=base.weights),
+        sweep=f"{BASES_DIR}/{name}", trial_id=f"base-{name}-{key}", model=model, family=registry.MODELS[model],
+        regime="full", data=base.data, detector=dataclasses.replace(detector, weights=base.weights),
         # Evaluated four times (progress you can watch): the base is a means, its AP a log line.
         lora=None, train=base.train, eval=EvalConfig(visuals=False, every=max(1, base.train.epochs // 4)),
-        resources=base.resources,
-        fault_tolerance=FaultToleranceConfig(), storage=base_root(storage_root, name, key), axes={}, base_run=None)
+        resources=base.resources, fault_tolerance=FaultToleranceConfig(), storage=base_root(storage_root, name, key),
+        axes={}, base_run=None if upstream is None else train_run(upstream))
+
+
+def base_chain(sweep: Sweep, model: str, detector: Any, key: str, storage_root: str,
+               _seen: tuple[str, ...] = ()) -> list[TrialConfig]:
+    """The pretraining trials that weights `detector.weights` = `base:NAME` of `model` need, the one to build
+    first first: NAME's, after those of the base its own `weights: base:OTHER` names. OTHER is built as its
+    `model:` (default: `model`) with the sweep's `model.<family>` settings; e.g. the demo's DETR base starts
+    from the Faster R-CNN base's backbone. `key` names the sweep key that uses NAME in errors. [] without a base."""
+    name = base_name(detector.weights)
+    if name is None:
+        return []
+    if name in _seen:
+        raise SweepError(f"{sweep.source}: {key}: base {name!r} starts from itself "
+                         f"({' -> '.join((*_seen, name))}); one of these bases needs other weights")
+    base = find_base(sweep, name, key)
+    if base.model is not None and base.model != model:
+        raise SweepError(f"{sweep.source}: {key}: base {name!r} is a {base.model} (its `model:`), but a {model} "
+                         f"starts from it; name a base of {model}")
+    chain: list[TrialConfig] = []
+    if base_name(base.weights) is not None:
+        up_name = base_name(base.weights)
+        up_model = find_base(sweep, up_name, f"bases.{name}.weights").model or model
+        up_detector = detector if up_model == model else getattr(sweep.model, registry.MODELS[up_model])
+        chain = base_chain(sweep, up_model, dataclasses.replace(up_detector, weights=base.weights),
+                           f"bases.{name}.weights", storage_root, (*_seen, name))
+    upstream = chain[-1] if chain else None
+    own = base_trial(model, detector, base, name, base_key(base, model, detector, upstream), storage_root, upstream)
+    return [*chain, own]
 
 
 def base_trials(trials: list[TrialConfig], sweep: Sweep, storage_root: str) -> list[TrialConfig]:
-    """The distinct pretraining trials that `trials` need, in first-use order."""
+    """The distinct pretraining trials that `trials` need, in the order to build them (a base after the base
+    it starts from, otherwise by first use)."""
     out: dict[str, TrialConfig] = {}
     for t in trials:
-        name = base_name(t.detector.weights)
-        if name is None:
-            continue
-        base = find_base(sweep, name, f"model.{t.family}.weights")
-        key = base_key(base, t.model, t.detector)
-        out.setdefault(key, base_trial(t, base, name, key, storage_root))
+        for base in base_chain(sweep, t.model, t.detector, f"model.{t.family}.weights", storage_root):
+            out.setdefault(base.trial_id, base)
     return list(out.values())
 
 

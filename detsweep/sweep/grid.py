@@ -10,7 +10,7 @@ from typing import Any
 
 from detsweep.models import registry
 from detsweep.storage import sweep_root
-from detsweep.sweep.bases import base_key, base_name, base_trial, find_base, train_run
+from detsweep.sweep.bases import base_chain, train_run
 from detsweep.sweep.load import apply_axis
 from detsweep.sweep.rules import check_resources, lora_targets_violation
 from detsweep.sweep.spec import Sweep, TrialConfig, has_adapters, resources_for
@@ -176,12 +176,8 @@ def _check_trial(sweep: Sweep, cfg: Sweep, model: str, regime: str, adapters: bo
 
 def _with_base(trial: TrialConfig, sweep: Sweep, root: str) -> TrialConfig:
     """`trial` with `base_run` set when its weights are `base:NAME`: the Train run of that base."""
-    name = base_name(trial.detector.weights)
-    if name is None:
-        return trial
-    base = find_base(sweep, name, f"model.{trial.family}.weights")
-    pretrain = base_trial(trial, base, name, base_key(base, trial.model, trial.detector), root_of(root))
-    return dataclasses.replace(trial, base_run=train_run(pretrain))
+    chain = base_chain(sweep, trial.model, trial.detector, f"model.{trial.family}.weights", root_of(root))
+    return dataclasses.replace(trial, base_run=train_run(chain[-1])) if chain else trial
 
 
 def root_of(sweep_root: str) -> str:

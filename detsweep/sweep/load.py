@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from detsweep.models import registry
-from detsweep.sweep.bases import base_name, find_base
+from detsweep.sweep.bases import base_chain
 from detsweep.sweep.rules import check_search_and_cost, check_values, combination_violation, in_combination_rules
 from detsweep.sweep.spec import Sweep, data_defaults
 from detsweep.sweep.typed import SweepError, build, coerce
@@ -47,18 +47,17 @@ def parse_sweep(raw: Any, source: str = "<memory>", *, check_paths: bool = True)
 
 
 def _check_bases(sweep: Sweep, check_paths: bool) -> None:
-    """Every `base:NAME` the sweep uses (as a value or a grid value of `model.<family>.weights`) names a
-    base, and that base's own sections follow the rules (errors read `<file>: bases.NAME: <key>: ...`)."""
-    for family in registry.FAMILIES:
+    """Every `base:NAME` the sweep uses (as a value or a grid value of `model.<family>.weights`, or as a base's
+    own `weights`) names a base, the chain has no cycle and no base of another model, and each base's own
+    sections follow the rules (errors read `<file>: bases.NAME: <key>: ...`)."""
+    for model, family in registry.MODELS.items():
         key = f"model.{family}.weights"
-        for where, weights in [(key, getattr(sweep.model, family).weights),
-                               *((f"grid.{key}", w) for w in sweep.grid.get(key, ()))]:
-            name = base_name(weights)
-            if name is None:
-                continue
-            base = find_base(sweep, name, where)
-            check_values(dataclasses.replace(sweep, data=base.data, train=base.train, resources=base.resources,
-                                             source=f"{sweep.source}: bases.{name}"), check_paths)
+        detector = getattr(sweep.model, family)
+        for where, weights in [(key, detector.weights), *((f"grid.{key}", w) for w in sweep.grid.get(key, ()))]:
+            for base in base_chain(sweep, model, dataclasses.replace(detector, weights=weights), where, ""):
+                check_values(dataclasses.replace(sweep, data=base.data, train=base.train, resources=base.resources,
+                                                 source=f"{sweep.source}: bases.{base.sweep.split('/', 1)[1]}"),
+                             check_paths)
 
 
 def _check_grid(grid: dict[str, Any], sweep: Sweep, check_paths: bool) -> dict[str, tuple[Any, ...]]:

@@ -251,7 +251,11 @@ class BaseConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(ddp_workers=1))
-    weights: str = "none"  # none | imagenet | coco | a checkpoint path: what the pretraining starts from
+    # none | imagenet | coco | a checkpoint path | base:OTHER (another base, built first): what it starts from
+    weights: str = "none"
+    # The model this base is, when another model's base starts from it (`weights: base:NAME` there); None:
+    # the model of whatever uses it.
+    model: str | None = None
 
 
 @dataclass(frozen=True)

@@ -167,12 +167,47 @@ def _faster_rcnn_state() -> dict[str, torch.Tensor]:
     return build_faster_rcnn(num_classes=3, backbone="resnet18").model.state_dict()
 
 
-@pytest.mark.parametrize("make_state", [
-    _faster_rcnn_state,
-    lambda: {k: v for k, v in _detr(0, **SMALL).state_dict().items() if k != "class_embed.weight"},
-], ids=["faster_rcnn_state_dict", "no_class_embed_weight"])
-def test_non_detr_checkpoint_is_a_clear_error(make_state, tmp_path):
-    state = make_state()
+@pytest.mark.parametrize("prefix", ["model.", ""], ids=["detsweep_model_pt", "torchvision_state_dict"])
+def test_a_faster_rcnn_checkpoint_starts_only_detr_backbone(prefix, tmp_path, caplog):
+    """The demo's DETR base starts from the Faster R-CNN base: its ResNet body (BatchNorm statistics
+    included) lands in DETR's backbone, exactly; everything else keeps DETR's random init."""
+    torch.manual_seed(3)
+    state = _faster_rcnn_state()
+    with torch.no_grad():  # trained statistics, so a load that skips them is caught
+        state["backbone.body.bn1.running_mean"].uniform_(0.1, 0.9)
+        state["backbone.body.layer4.1.bn2.running_var"].uniform_(2.0, 3.0)
+    path = tmp_path / "model.pt"
+    torch.save({f"{prefix}{k}": v for k, v in state.items()}, path)
+    detr = _detr(1, **SMALL)
+    before = {k: v.clone() for k, v in detr.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger=WEIGHTS_LOGGER):
+        summary = load_detr_weights(detr, str(path))
+    assert summary == {"source": str(path), "backbone": "faster_rcnn"}
+    after = detr.state_dict()
+    body = {k[len("backbone.body."):]: v for k, v in state.items()
+            if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked")}
+    assert len(body) == len([k for k in after if k.startswith("backbone.0.body.")]) > 0
+    for k, v in body.items():
+        assert torch.equal(after[f"backbone.0.body.{k}"], v), k
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("backbone.0.body."))
+    assert any("loaded the Faster R-CNN backbone of" in m for m in caplog.messages)
+
+
+def test_a_faster_rcnn_checkpoint_of_another_backbone_is_one_clear_line(tmp_path):
+    from detsweep.models.faster_rcnn import build_faster_rcnn
+
+    path = tmp_path / "r34.pt"
+    torch.save(build_faster_rcnn(num_classes=3, backbone="resnet34").model.state_dict(), path)
+    with pytest.raises(ValueError) as info:
+        load_detr_weights(_detr(1, **SMALL), str(path))
+    # resnet34 has 3/4/6/3 blocks where resnet18 has 2/2/2/2: 80 keys more, layer1.2 the first of them.
+    assert str(info.value) == (f"{path}: its Faster R-CNN backbone does not fit DETR's resnet18 backbone (build "
+                               "DETR with the Faster R-CNN's backbone): 0 missing keys [], 80 unexpected "
+                               "['layer1.2.bn1.bias', 'layer1.2.bn1.running_mean'], shapes []")
+
+
+def test_non_detr_checkpoint_is_a_clear_error(tmp_path):
+    state = {k: v for k, v in _detr(0, **SMALL).state_dict().items() if k != "class_embed.weight"}
     path = tmp_path / "other.pth"
     torch.save(state, path)
     with pytest.raises(ValueError) as info:

@@ -40,10 +40,11 @@ def test_a_base_is_pretrained_once_then_fine_tuned_on_your_dataset_and_reused(ra
     sweep = tiny_sweep(tmp_path, synthetic_root, name="transfer")
     sweep["data"] = {"kind": "coco", "root": str(roboflow_export(tmp_path / "roboflow")), "on_invalid": "skip"}
     sweep["model"]["detr"]["weights"] = "base:src"
-    sweep["bases"] = {"src": {"data": {"kind": "synthetic", "root": str(synthetic_root), "domain": "source",
-                                       "train_images": 4, "val_images": 2, "image_size": 64, "num_classes": 3},
-                              "train": {"epochs": 1, "batch_size_per_worker": 2},
-                              "resources": {"ddp_workers": 1, "cpus_per_worker": 1}}}
+    source = {"data": {"kind": "synthetic", "root": str(synthetic_root), "domain": "source", "train_images": 4,
+                       "val_images": 2, "image_size": 64, "num_classes": 3},
+              "train": {"epochs": 1, "batch_size_per_worker": 2}, "resources": {"ddp_workers": 1, "cpus_per_worker": 1}}
+    # The demo's chain: the DETR base starts from a Faster R-CNN base's backbone, built first.
+    sweep["bases"] = {"src": {**source, "weights": "base:up"}, "up": {**source, "model": "fasterrcnn_r50_fpn"}}
     sweep["train"] = {"epochs": 1, "batch_size_per_worker": 2}
     sweep["resources"] = {"ddp_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
     sweep["eval"] = {"visuals": False}
@@ -52,10 +53,20 @@ def test_a_base_is_pretrained_once_then_fine_tuned_on_your_dataset_and_reused(ra
     first = capfd.readouterr()
     assert "pretrained first, into" in first.out and "base-src-" in first.out
 
-    (base_dir,) = (tmp_path / "results" / "_bases").iterdir()
-    base_rows = pq.read_table(base_dir / "results.parquet").to_pylist()
-    assert [r["status"] for r in base_rows] == ["ok"] and base_rows[0]["regime"] == "full"
-    assert set(json.loads(base_rows[0]["per_class_ap"])) == {"3", "7", "12"}  # the source domain's classes
+    assert first.out.index("base base-up-") < first.out.index("base base-src-")  # the upstream first
+    up_dir, base_dir = (next((tmp_path / "results" / "_bases").glob(f"{n}-*")) for n in ("up", "src"))
+    for folder, model in ((up_dir, "fasterrcnn_r50_fpn"), (base_dir, "detr_r50")):
+        base_rows = pq.read_table(folder / "results.parquet").to_pylist()
+        assert [r["status"] for r in base_rows] == ["ok"] and base_rows[0]["regime"] == "full"
+        assert base_rows[0]["model"] == model
+        assert set(json.loads(base_rows[0]["per_class_ap"])) == {"3", "7", "12"}  # the source domain's classes
+    # The DETR base started from the Faster R-CNN base's ResNet: its stem and layer1, frozen by the official
+    # rule for a pretrained start, are still exactly the Faster R-CNN base's; layer4 trained on.
+    import torch
+    up_state, detr_state = (torch.load(next(f.glob("train-*/best/model.pt")), weights_only=True)
+                            for f in (up_dir, base_dir))
+    for part, same in (("conv1.weight", True), ("layer1.0.conv1.weight", True), ("layer4.1.conv2.weight", False)):
+        assert torch.equal(up_state[f"model.backbone.body.{part}"], detr_state[f"detr.backbone.0.body.{part}"]) == same
     (row,) = pq.read_table(tmp_path / "results" / "transfer" / "results.parquet").to_pylist()
     assert row["status"] == "ok", row["error"]
     assert row["data"] == f"coco:{tmp_path / 'roboflow'}"  # fine-tuned on the export, from the source base
@@ -66,7 +77,8 @@ def test_a_base_is_pretrained_once_then_fine_tuned_on_your_dataset_and_reused(ra
     # The next run finds it built (the same check a run makes before it pretrains), and --fresh clears
     # the sweep's folder, not the bases.
     assert run.main([str(path), "--dry-run"]) == 0
-    assert f"cached in {base_dir}" in capfd.readouterr().out
+    planned = capfd.readouterr().out
+    assert f"cached in {up_dir}" in planned and f"cached in {base_dir}" in planned
     from detsweep.cluster.bases import build_bases
     from detsweep.sweep import expand, load_sweep
     from detsweep.sweep.bases import base_trials
@@ -77,4 +89,4 @@ def test_a_base_is_pretrained_once_then_fine_tuned_on_your_dataset_and_reused(ra
     bases = base_trials(trials, loaded, root_of(trials[0].storage))
     with caplog.at_level("INFO", logger="detsweep.cluster.bases"):
         build_bases(bases, quiet=True)  # nothing to train: a log line, no Tune run
-    assert any("cached in" in m and "reused" in m for m in caplog.messages)
+    assert sum("cached in" in m and "reused" in m for m in caplog.messages) == 2
