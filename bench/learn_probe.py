@@ -62,17 +62,6 @@ VARIANTS: dict[str, dict] = {
     "demo_transplant": dict(frozen=STEM_AND_LAYER1, transplant=True, lr=5e-4, lr_backbone=5e-5),
     "demo_transplant_up128": dict(frozen=STEM_AND_LAYER1, transplant=True, lr=5e-4, lr_backbone=5e-5,
                                   model=dict(min_size=128, max_size=128)),
-    "demo_transplant_up128_lr1e-3": dict(frozen=STEM_AND_LAYER1, transplant=True, lr=1e-3, lr_backbone=1e-4,
-                                         model=dict(min_size=128, max_size=128)),
-    # The official DETR's transformer width (hidden 256, 8 heads) and a deeper decoder (6 layers, each with its aux
-    # loss) at the demo's 10 queries: at 4x4 feature cells the transformer costs little beside the backbone.
-    "demo_transplant_up128_wide": dict(frozen=STEM_AND_LAYER1, transplant=True, lr=5e-4, lr_backbone=5e-5,
-                                       model=dict(min_size=128, max_size=128, hidden_dim=256, nheads=8, enc_layers=3,
-                                                  dec_layers=6, dim_feedforward=1024)),
-    "demo_transplant_up128_b2": dict(frozen=STEM_AND_LAYER1, transplant=True, lr=5e-4, lr_backbone=5e-5, batch=2,
-                                     model=dict(min_size=128, max_size=128)),
-    "demo_transplant_up128_q5": dict(frozen=STEM_AND_LAYER1, transplant=True, lr=5e-4, lr_backbone=5e-5,
-                                     num_queries=5, model=dict(min_size=128, max_size=128)),
 }
 DEMO_VARIANTS = "demo_train_all,demo_train_all_bn,demo_train_all_bn_focal,demo_train_all_bn_up192"
 DEMO_IMAGE_SIZE = 64
@@ -199,7 +188,7 @@ def run_demo_size(name: str, seed: int, args) -> dict:
     lr = variant.get("lr", LR)
     optimizer = torch.optim.AdamW(model.param_groups(lr, variant.get("lr_backbone", lr), 1e-4), lr=lr,
                                   weight_decay=1e-4, fused=True)
-    loader = DataLoader(train_set, batch_size=variant.get("batch", BATCH), collate_fn=collate_fn,
+    loader = DataLoader(train_set, batch_size=BATCH, collate_fn=collate_fn,
                         sampler=RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)))
     gt, ids = load_coco_json(val_ann), list(label_map.category_ids)
     curve, trained, epoch = [], 0.0, 0

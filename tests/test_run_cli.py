@@ -253,6 +253,7 @@ SHIPPED_IDS = {  # `--dry-run` of each shipped sweep before ids were made safe a
                 "detr_r18-full-augmentphotometric"],
     "demo": ["detr_r18-full", "detr_r18-lora_only-r4-attention_ffn", "detr_r18-partial", "fasterrcnn_r18_fpn-full",
              "fasterrcnn_r18_fpn-lora_only-r4-box_head", "fasterrcnn_r18_fpn-partial"],
+    "demo_long": ["detr_r18-full", "detr_r18-lora_only-r4-attention_ffn", "detr_r18-partial"],
     "vit": ["detr_dinov2_vits14-full", "detr_dinov2_vits14-lora_only-r16-backbone_attention",
             "detr_dinov2_vits14-lora_only-r16-attention_only",
             "detr_dinov2_vits14-lora_only-r16-backbone_attention_transformer", "detr_dinov2_vits14-two_stage",

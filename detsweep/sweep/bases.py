@@ -1,7 +1,8 @@
 """Pretrained bases: `model.<family>.weights: base:NAME` fine-tunes from a detector that detsweep first
 pretrains on its own data (the synthetic source domain, say) and caches. NAME is a section of the sweep
 file's `bases:` or a file `sweeps/bases/NAME.yaml`; the architecture is the trial's own, so a base is
-keyed by its section, the trial's model settings and the synthetic generator's version.
+keyed by its section, the trial's model settings and the synthetic generator's version. A base may start
+from another (`weights: base:OTHER`), which is built first and whose key is part of its own.
 
 The pretraining is a trial like any other (`base_trial`): the same worker, engine and Ray path, under
 `<storage>/_bases/<NAME>-<key>/`, which `--fresh` of a sweep leaves alone. Torch-free and Ray-free.

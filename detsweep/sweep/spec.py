@@ -246,7 +246,8 @@ class CostConfig:
 @dataclass(frozen=True)
 class BaseConfig:
     """A base to fine-tune from (`model.<family>.weights: base:NAME`): pretrained once by detsweep on
-    `data` with `train`, starting from `weights`, in the architecture of the trial that uses it."""
+    `data` with `train`, starting from `weights`, in the architecture of the trial that uses it (of the sweep's
+    `model.<family>` for `model` when it is another model's base's `weights: base:NAME`)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
