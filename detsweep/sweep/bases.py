@@ -26,6 +26,7 @@ from detsweep.sweep.typed import SweepError, build
 
 PREFIX = "base:"
 BASES_DIR = "_bases"  # under the sweep's storage, beside the sweeps' own folders
+BASE_EVAL_EVERY = 10  # a long base (the long demo's: 100 epochs) still shows its progress every 10 epochs
 SHIPPED = Path(__file__).resolve().parents[2] / "sweeps" / "bases"  # sweeps/bases/NAME.yaml
 
 
@@ -82,8 +83,10 @@ def base_trial(model: str, detector: Any, base: BaseConfig, name: str, key: str,
     return TrialConfig(
         sweep=f"{BASES_DIR}/{name}", trial_id=f"base-{name}-{key}", model=model, family=registry.MODELS[model],
         regime="full", data=base.data, detector=dataclasses.replace(detector, weights=base.weights),
-        # Evaluated four times (progress you can watch): the base is a means, its AP a log line.
-        lora=None, train=base.train, eval=EvalConfig(visuals=False, every=max(1, base.train.epochs // 4)),
+        # Evaluated four times, and at least every BASE_EVAL_EVERY epochs (progress you can watch: the console
+        # prints at evaluations): the base is a means, its AP a log line.
+        lora=None, train=base.train,
+        eval=EvalConfig(visuals=False, every=max(1, min(BASE_EVAL_EVERY, base.train.epochs // 4))),
         resources=base.resources, fault_tolerance=FaultToleranceConfig(), storage=base_root(storage_root, name, key),
         axes={}, base_run=None if upstream is None else train_run(upstream))
 

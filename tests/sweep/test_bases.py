@@ -32,8 +32,16 @@ def test_trials_that_use_a_base_share_one_pretraining_trial(tmp_path):
     assert base.regime == "full" and base.detector.weights == "none" and base.train.epochs == 3
     assert base.data.train_images == 8 and base.resources.ddp_workers == 1
     assert base.detector.num_queries == 5  # the architecture is the trials' own
+    assert base.eval.every == 1 and not base.eval.visuals  # 3 epochs: each evaluated
     assert base.storage.startswith(str(tmp_path / "_bases" / "src-"))  # beside the sweep: --fresh keeps it
     assert {t.base_run for t in trials} == {f"{base.storage}/train-{base.trial_id}"}
+
+
+@pytest.mark.parametrize("epochs,every", [(3, 1), (16, 4), (40, 10), (100, 10)])
+def test_a_base_is_evaluated_four_times_and_at_least_every_ten_epochs(tmp_path, epochs, every):
+    sweep = _sweep(tmp_path, bases={"src": {**BASE, "train": {"epochs": epochs}}})
+    (base,) = base_trials(expand(sweep), sweep, str(tmp_path))
+    assert base.eval.every == every
 
 
 def test_the_key_changes_with_what_the_pretraining_depends_on(tmp_path):
