@@ -22,7 +22,7 @@ class ProgressCallback(Callback):
         self.epochs = epochs
         self.stream = stream
         self._started: dict[str, float] = {}
-        self._first_epoch: dict[str, int] = {}
+        self._first_epoch: dict[str, tuple[int, float]] = {}  # the first report: epoch, time
         self._ended: set[str] = set()
 
     def _say(self, trial_id: str, text: str) -> None:
@@ -39,9 +39,15 @@ class ProgressCallback(Callback):
             return
         tid = trial.config["trial_id"]
         done, total = int(result["epochs_completed"]), self.epochs.get(trial.config["trial_id"], 0)
-        first = self._first_epoch.setdefault(tid, done - 1)  # a resumed trial starts past 0
-        elapsed = time.monotonic() - self._started.get(tid, time.monotonic())
-        eta = elapsed / max(1, done - first) * max(0, total - done)
+        now = time.monotonic()
+        if tid not in self._first_epoch:
+            # The first report: as if from epoch 0 (a trial evaluated every k epochs reports first at epoch k).
+            self._first_epoch[tid] = (done, now)
+            seconds_per_epoch = (now - self._started.get(tid, now)) / max(1, done)
+        else:  # later: the rate between reports, exact for a resumed trial too (it starts past 0)
+            first, since = self._first_epoch[tid]
+            seconds_per_epoch = (now - since) / max(1, done - first)
+        eta = seconds_per_epoch * max(0, total - done)
         ap, loss = result.get("ap"), result.get("loss")
         parts = [f"epoch {done}/{total}", f"loss {loss:.3f}" if isinstance(loss, float) else None,
                  f"AP {ap:.4f}" if isinstance(ap, float) else None,
