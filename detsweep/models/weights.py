@@ -143,14 +143,12 @@ def load_faster_rcnn_body(detr: DETR, body: dict[str, Tensor], source: str) -> d
     input_proj, transformer, queries and heads keep their random init."""
     backbone = detr.backbone[0]
     body = {k: v for k, v in body.items() if not k.endswith("num_batches_tracked")}
-    own = backbone.body.state_dict()
-    missing, unexpected = sorted(own.keys() - body.keys()), sorted(body.keys() - own.keys())
-    shapes = [f"{k} {tuple(body[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in body and body[k].shape != v.shape]
+    missing, unexpected, shapes = _layout_diff(body, backbone.body.state_dict())
     if missing or unexpected or shapes:
         raise ValueError(f"{source}: its Faster R-CNN backbone does not fit DETR's {backbone.name} backbone "
                          f"(build DETR with the Faster R-CNN's backbone): {len(missing)} missing keys "
-                         f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, shapes {shapes[:2]}")
+                         f"{sorted(missing)[:2]}, {len(unexpected)} unexpected {sorted(unexpected)[:2]}, "
+                         f"shapes {shapes[:2]}")
     backbone.body.load_state_dict(body, strict=True)
     log.info("loaded the Faster R-CNN backbone of %s into DETR's backbone.0.body; input_proj, transformer, "
              "queries and heads are freshly initialised", source)
@@ -297,11 +295,18 @@ def _adapt_decoder_layers(state: dict[str, Tensor], own: dict[str, Tensor]) -> s
     return f"truncated {ckpt_k}->{our_k}"
 
 
-def _check_layout(state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+def _layout_diff(state: dict[str, Tensor], own: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """What keeps `state` from loading strictly into a module whose state is `own`: its missing and unexpected
+    keys (in `own`'s and `state`'s order) and the keys whose shapes differ."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
               for k, v in own.items() if k in state and state[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+
+def _check_layout(state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+    missing, unexpected, shapes = _layout_diff(state, own)
     if missing or unexpected or shapes:
         raise ValueError("checkpoint does not fit this DETR (different hidden_dim, enc_layers, dim_feedforward or "
                          f"pre_norm?): missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}")

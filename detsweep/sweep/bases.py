@@ -91,32 +91,42 @@ def base_trial(model: str, detector: Any, base: BaseConfig, name: str, key: str,
         axes={}, base_run=None if upstream is None else train_run(upstream))
 
 
-def base_chain(sweep: Sweep, model: str, detector: Any, key: str, storage_root: str,
-               _seen: tuple[str, ...] = ()) -> list[TrialConfig]:
+def base_chain(sweep: Sweep, model: str, detector: Any, key: str, storage_root: str) -> list[TrialConfig]:
     """The pretraining trials that weights `detector.weights` = `base:NAME` of `model` need, the one to build
     first first: NAME's, after those of the base its own `weights: base:OTHER` names. OTHER is built as its
     `model:` (default: `model`) with the sweep's `model.<family>` settings; e.g. the demo's DETR base starts
     from the Faster R-CNN base's backbone. `key` names the sweep key that uses NAME in errors. [] without a base."""
     name = base_name(detector.weights)
-    if name is None:
-        return []
-    if name in _seen:
-        raise SweepError(f"{sweep.source}: {key}: base {name!r} starts from itself "
-                         f"({' -> '.join((*_seen, name))}); one of these bases needs other weights")
-    base = find_base(sweep, name, key)
+    return [] if name is None else _chain(sweep, name, find_base(sweep, name, key), model, detector, key,
+                                          storage_root, ())
+
+
+def _chain(sweep: Sweep, name: str, base: BaseConfig, model: str, detector: Any, key: str, storage_root: str,
+           seen: tuple[str, ...]) -> list[TrialConfig]:
+    """`base_chain` of base `name` (its section `base`, already read), `seen` the bases that start from it."""
     if base.model is not None and base.model != model:
         raise SweepError(f"{sweep.source}: {key}: base {name!r} is a {base.model} (its `model:`), but a {model} "
                          f"starts from it; name a base of {model}")
     chain: list[TrialConfig] = []
-    if base_name(base.weights) is not None:
-        up_name = base_name(base.weights)
-        up_model = find_base(sweep, up_name, f"bases.{name}.weights").model or model
+    up_name = base_name(base.weights)
+    if up_name is not None:
+        up_key = f"bases.{name}.weights"
+        if up_name in (*seen, name):
+            raise SweepError(f"{sweep.source}: {up_key}: base {up_name!r} starts from itself "
+                             f"({' -> '.join((*seen, name, up_name))}); one of these bases needs other weights")
+        up = find_base(sweep, up_name, up_key)
+        up_model = up.model or model
         up_detector = detector if up_model == model else getattr(sweep.model, registry.MODELS[up_model])
-        chain = base_chain(sweep, up_model, dataclasses.replace(up_detector, weights=base.weights),
-                           f"bases.{name}.weights", storage_root, (*_seen, name))
+        chain = _chain(sweep, up_name, up, up_model, dataclasses.replace(up_detector, weights=base.weights), up_key,
+                       storage_root, (*seen, name))
     upstream = chain[-1] if chain else None
     own = base_trial(model, detector, base, name, base_key(base, model, detector, upstream), storage_root, upstream)
     return [*chain, own]
+
+
+def name_of(base: TrialConfig) -> str:
+    """NAME of a pretraining trial made by `base_trial` (its `sweep` is `_bases/NAME`)."""
+    return base.sweep[len(BASES_DIR) + 1:]
 
 
 def base_trials(trials: list[TrialConfig], sweep: Sweep, storage_root: str) -> list[TrialConfig]:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from detsweep.models import registry
-from detsweep.sweep.bases import base_chain
+from detsweep.sweep.bases import base_chain, name_of
 from detsweep.sweep.rules import check_search_and_cost, check_values, combination_violation, in_combination_rules
 from detsweep.sweep.spec import Sweep, data_defaults
 from detsweep.sweep.typed import SweepError, build, coerce
@@ -56,7 +56,7 @@ def _check_bases(sweep: Sweep, check_paths: bool) -> None:
         for where, weights in [(key, detector.weights), *((f"grid.{key}", w) for w in sweep.grid.get(key, ()))]:
             for base in base_chain(sweep, model, dataclasses.replace(detector, weights=weights), where, ""):
                 check_values(dataclasses.replace(sweep, data=base.data, train=base.train, resources=base.resources,
-                                                 source=f"{sweep.source}: bases.{base.sweep.split('/', 1)[1]}"),
+                                                 source=f"{sweep.source}: bases.{name_of(base)}"),
                              check_paths)
 
 
