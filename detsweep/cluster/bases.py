@@ -1,12 +1,15 @@
 """Pretraining the bases a sweep fine-tunes from (`weights: base:NAME`), before the sweep's own trials:
 each base is one trial through the very same Tune function, Train worker and engine, in its own folder
-(`sweep/bases.py`). A base already built is reused, and the log says so."""
+(`sweep/bases.py`). A base already built is reused, and the log says so; one whose pretraining was
+interrupted (a killed driver, a stopped session) continues from its last Train checkpoint."""
 from __future__ import annotations
 
 import logging
 
+import ray.tune
+
 from detsweep.cluster.tuner import fit_sweep
-from detsweep.storage import delete_dir, exists
+from detsweep.storage import TUNE_DIR, delete_dir, exists, join
 from detsweep.sweep.bases import is_built
 from detsweep.sweep.spec import Sweep, TrialConfig
 
@@ -23,10 +26,17 @@ def build_bases(bases: list[TrialConfig], *, quiet: bool) -> None:
         if is_built(base):
             log.info("base %s: cached in %s, reused", base.trial_id, base.storage)
             continue
-        if exists(base.storage):  # an interrupted pretraining: start it over
-            delete_dir(base.storage)
-        log.info("base %s: pretraining (%d epochs) into %s", base.trial_id, base.train.epochs, base.storage)
-        fit_sweep(Sweep(name=base.sweep), [base], root=base.storage, concurrency=1, resume=False, quiet=quiet)
+        # An interrupted pretraining resumes from its Train checkpoint (its key fixes its config); a
+        # folder without Tune's experiment state (killed before the first save) starts over.
+        resume = ray.tune.Tuner.can_restore(join(base.storage, TUNE_DIR))
+        if resume:
+            log.info("base %s: interrupted earlier, resuming from its last checkpoint in %s", base.trial_id,
+                     base.storage)
+        else:
+            if exists(base.storage):
+                delete_dir(base.storage)
+            log.info("base %s: pretraining (%d epochs) into %s", base.trial_id, base.train.epochs, base.storage)
+        fit_sweep(Sweep(name=base.sweep), [base], root=base.storage, concurrency=1, resume=resume, quiet=quiet)
         if not is_built(base):
             raise BaseFailed(f"base {base.trial_id}: pretraining did not finish ok; see {base.storage}/results.parquet")
         log.info("base %s: built", base.trial_id)

@@ -19,8 +19,7 @@ import yaml
 
 from detsweep.data.synthetic import GENERATOR_VERSION
 from detsweep.models import registry
-from detsweep.storage import join
-from detsweep.storage import train_run_name
+from detsweep.storage import TUNE_DIR, exists, join, train_run_name
 from detsweep.sweep.spec import BaseConfig, EvalConfig, FaultToleranceConfig, Sweep, TrialConfig, data_defaults
 from detsweep.sweep.typed import SweepError, build
 
@@ -157,5 +156,10 @@ def describe(base: TrialConfig) -> str:
     d, t = base.data, base.train
     what = (f"{base.model} ({base.detector.backbone}) from weights {base.detector.weights!r}, {t.epochs} epochs on "
             f"{d.kind} data ({getattr(d, 'domain', 'default')} domain, {d.train_images} images)")
-    state = f"cached in {base.storage}" if is_built(base) else f"pretrained first, into {base.storage}"
+    if is_built(base):
+        state = f"cached in {base.storage}"
+    elif exists(join(base.storage, TUNE_DIR)):  # cluster/bases.py resumes it when Tune can restore it
+        state = f"interrupted earlier, resumed from its last checkpoint in {base.storage}"
+    else:
+        state = f"pretrained first, into {base.storage}"
     return f"base {base.trial_id}: {what}; {state}"

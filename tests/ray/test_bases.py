@@ -2,17 +2,21 @@
 synthetic source domain, as a trial through the same Tune function, Train worker and engine; then the
 sweep's trial fine-tunes it, with a fresh class head, on a Roboflow-layout export (root category 0,
 `valid/` as val) that holds one box outside its image under `data.on_invalid: skip`: the trial runs to
-`ok` and results.parquet counts the skipped box. A second run (even with --fresh) reuses the cached base.
+`ok` and results.parquet counts the skipped box. A driver killed while a base pretrains leaves it to the
+next run, which resumes it from its last checkpoint; a later run (even with --fresh) reuses the cached base.
 (One test, one Ray run of each kind: real-Ray trials cost ~20 s each, and the suite has a time budget.)"""
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import pyarrow.parquet as pq
 
 from detsweep import run
 from tests.data.builders import dump, good_split
 from tests.ray.test_e2e import tiny_sweep, write_sweep
+from tests.ray.test_fault_tolerance import _driver, _experiment_state_saved, _output
 
 
 ROBOFLOW_CATEGORIES = [{"id": 0, "name": "shapes-abc", "supercategory": "none"},
@@ -44,17 +48,36 @@ def test_a_base_is_pretrained_once_then_fine_tuned_on_your_dataset_and_reused(ra
                        "val_images": 2, "image_size": 64, "num_classes": 3},
               "train": {"epochs": 1, "batch_size_per_worker": 2}, "resources": {"ddp_workers": 1, "cpus_per_worker": 1}}
     # The demo's chain: the DETR base starts from a Faster R-CNN base's backbone, built first.
-    sweep["bases"] = {"src": {**source, "weights": "base:up"}, "up": {**source, "model": "fasterrcnn_r50_fpn"}}
+    up = {**source, "model": "fasterrcnn_r50_fpn", "train": {"epochs": 3, "batch_size_per_worker": 2}}
+    sweep["bases"] = {"src": {**source, "weights": "base:up"}, "up": up}
     sweep["train"] = {"epochs": 1, "batch_size_per_worker": 2}
     sweep["resources"] = {"ddp_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
     sweep["eval"] = {"visuals": False}
     path = write_sweep(tmp_path, sweep)
+
+    # A driver of its own, killed once the upstream base's first epoch (and so its checkpoint) has reached it.
+    driver, deadline = _driver(path), time.time() + 300
+    while not list((tmp_path / "results" / "_bases").glob("up-*/history.parquet")):
+        assert driver.poll() is None and time.time() < deadline, _output(driver)
+        time.sleep(0.05)
+    up_dir = next((tmp_path / "results" / "_bases").glob("up-*"))
+    while not _experiment_state_saved(up_dir / "tune"):
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    killed_at = [h["epoch"] for h in pq.read_table(up_dir / "history.parquet").to_pylist()]
+    assert killed_at and max(killed_at) < 2, killed_at  # interrupted: not all 3 epochs done
+
     assert run.main([str(path), "-q"]) == 0
     first = capfd.readouterr()
+    assert f"interrupted earlier, resumed from its last checkpoint in {up_dir}" in first.out
     assert "pretrained first, into" in first.out and "base-src-" in first.out
-
     assert first.out.index("base base-up-") < first.out.index("base base-src-")  # the upstream first
-    up_dir, base_dir = (next((tmp_path / "results" / "_bases").glob(f"{n}-*")) for n in ("up", "src"))
+    up_history = pq.read_table(up_dir / "history.parquet").to_pylist()
+    assert sorted(h["epoch"] for h in up_history) == [0, 1, 2]  # each epoch once: resumed, not restarted
+    resumed = [h for h in up_history if h.get("resumed_from_epoch") is not None]
+    assert resumed and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+    base_dir = next((tmp_path / "results" / "_bases").glob("src-*"))
     for folder, model in ((up_dir, "fasterrcnn_r50_fpn"), (base_dir, "detr_r50")):
         base_rows = pq.read_table(folder / "results.parquet").to_pylist()
         assert [r["status"] for r in base_rows] == ["ok"] and base_rows[0]["regime"] == "full"
