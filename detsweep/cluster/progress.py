@@ -41,9 +41,12 @@ class ProgressCallback(Callback):
         done, total = int(result["epochs_completed"]), self.epochs.get(trial.config["trial_id"], 0)
         now = time.monotonic()
         if tid not in self._first_epoch:
-            # The first report: as if from epoch 0 (a trial evaluated every k epochs reports first at epoch k).
+            # The first report: the epochs since this start (a trial evaluated every k epochs reports first at
+            # epoch k; a resumed one started past 0: its checkpoint's 0-based epoch + 1).
             self._first_epoch[tid] = (done, now)
-            seconds_per_epoch = (now - self._started.get(tid, now)) / max(1, done)
+            resumed = result.get("resumed_from_epoch")
+            start = int(resumed) + 1 if isinstance(resumed, (int, float)) else 0
+            seconds_per_epoch = (now - self._started.get(tid, now)) / max(1, done - start)
         else:  # later: the rate between reports, exact for a resumed trial too (it starts past 0)
             first, since = self._first_epoch[tid]
             seconds_per_epoch = (now - since) / max(1, done - first)
