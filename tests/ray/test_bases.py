@@ -85,9 +85,13 @@ def test_a_base_is_pretrained_once_then_fine_tuned_on_your_dataset_and_reused(ra
         assert set(json.loads(base_rows[0]["per_class_ap"])) == {"3", "7", "12"}  # the source domain's classes
     # The DETR base started from the Faster R-CNN base's ResNet: its stem and layer1, frozen by the official
     # rule for a pretrained start, are still exactly the Faster R-CNN base's; layer4 trained on.
+    # (A base starts from the other's latest checkpoint, not its best epoch.)
     import torch
-    up_state, detr_state = (torch.load(next(f.glob("train-*/best/model.pt")), weights_only=True)
-                            for f in (up_dir, base_dir))
+
+    from detsweep.checkpoint import latest_checkpoint
+
+    up_state, detr_state = (torch.load(f"{latest_checkpoint(str(next(f.glob('train-*'))))}/model.pt",
+                                       weights_only=True) for f in (up_dir, base_dir))
     for part, same in (("conv1.weight", True), ("layer1.0.conv1.weight", True), ("layer4.1.conv2.weight", False)):
         assert torch.equal(up_state[f"model.backbone.body.{part}"], detr_state[f"detr.backbone.0.body.{part}"]) == same
     (row,) = pq.read_table(tmp_path / "results" / "transfer" / "results.parquet").to_pylist()
