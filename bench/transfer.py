@@ -1,8 +1,11 @@
 """Benchmark: the demo's transfer task with seed replicates, long enough to see whether AP has plateaued.
 
-Run: .venv/bin/python bench/transfer.py [--seeds 0,1,2] [--epochs 8] [--max-concurrent 2] [--no-write]
-It runs sweeps/demo.yaml (the bases pretrained on the synthetic source domain, reused when cached; each trial
-fine-tunes one on the target domain under full, partial and LoRA) through the real pipeline,
+Run: .venv/bin/python bench/transfer.py [--sweep sweeps/demo.yaml] [--seeds 0,1,2] [--epochs 8]
+[--max-concurrent 2] [--storage DIR] [--no-write]. It runs sweeps/demo.yaml, or the `--sweep` given
+(sweeps/demo_long.yaml: the long demo's DETR, whose base takes hours on 2 cores the first time; pass the
+`--storage` that holds its cached `_bases/`, `runs` after `make demo-long`): the bases pretrained on the synthetic
+source domain, reused when cached; each trial fine-tunes one on the target domain under full, partial and LoRA;
+through the real pipeline,
 `python -m detsweep.run` on a local Ray, with `train.seed` as one more grid axis and `train.epochs` raised;
 then `python -m detsweep.frontier` on its results (frontier.parquet, replicates.parquet, plots, report).
 Writes the section "## Transfer benchmark, ... (bench/transfer.py)" of bench/RESULTS.md: per config AP and AP50
@@ -35,10 +38,15 @@ PLOT = "frontier_ap_vs_trainable_params.png"
 CONFIG = ("model", "regime", "lora_placement", "lora_rank")
 
 
+def bench_name(source: Path) -> str:
+    """The benchmark's sweep name (its results folder): `transfer-bench` for the demo, else with the file's stem."""
+    return "transfer-bench" if source.resolve() == DEMO else f"transfer-bench-{source.stem}"
+
+
 def sweep_file(args, folder: Path) -> Path:
-    """sweeps/demo.yaml with seed replicates and more epochs, under another name (its own results folder)."""
-    sweep = yaml.safe_load(DEMO.read_text())
-    sweep["name"] = "transfer-bench"
+    """The sweep file with seed replicates and more epochs, under another name (its own results folder)."""
+    sweep = yaml.safe_load(args.sweep.read_text())
+    sweep["name"] = bench_name(args.sweep)
     sweep["train"]["epochs"] = args.epochs
     sweep["grid"]["train.seed"] = [int(s) for s in args.seeds.split(",")]
     if args.storage:
@@ -105,14 +113,22 @@ def _reference(groups: dict[tuple, list[dict]], full: dict[str, list[dict]], ful
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", type=Path, default=DEMO,
+                        help="the sweep file to replicate (default sweeps/demo.yaml)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
-    parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs per trial (the demo runs 4)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="fine-tuning epochs per trial (default: 8 for the demo, which runs 4; else the file's)")
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default 2: one per core)")
     parser.add_argument("--storage", help="results root (default: the demo's, ~/detsweep_results)")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     parser.add_argument("--table-only", action="store_true",
                         help="no run: the table (and plot) of the results an earlier run left")
     args = parser.parse_args()
+    if not args.sweep.is_file():
+        parser.error(f"--sweep: {args.sweep}: no such file")
+    own = yaml.safe_load(args.sweep.read_text())
+    if args.epochs is None:
+        args.epochs = 8 if args.sweep.resolve() == DEMO else int(own["train"]["epochs"])
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2 (AP at half the epochs is reported), got {args.epochs}")
 
@@ -124,34 +140,38 @@ def main() -> None:
         if code not in (0, 1):  # 1: some trial failed; the table lists it
             sys.exit(f"detsweep.run exited {code}")
         storage = Path(yaml.safe_load(path.read_text())["storage"]).expanduser()
-    results = storage / "transfer-bench" / "results.parquet"
+    results = storage / bench_name(args.sweep) / "results.parquet"
     if not args.table_only:
         subprocess.run([sys.executable, "-m", "detsweep.frontier", str(results)], cwd=ROOT, check=True)
     elapsed = time.perf_counter() - t0
     if args.table_only:  # the run's own span: its trials' first start to last finish (the bases not counted)
         rows = pq.read_table(results, columns=["started_at", "finished_at"]).to_pylist()
         elapsed = (max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows)).total_seconds()
-    shutil.copyfile(results.with_name(PLOT), ROOT / "docs" / "transfer_front.png")
+    demo = args.sweep.resolve() == DEMO
+    plot = "transfer_front.png" if demo else f"transfer_front_{args.sweep.stem}.png"
+    shutil.copyfile(results.with_name(PLOT), ROOT / "docs" / plot)
+    shown = args.sweep.resolve().relative_to(ROOT) if args.sweep.resolve().is_relative_to(ROOT) else args.sweep
 
     import torch
 
     body, failed = table(results, args.epochs)
-    title = f"Transfer benchmark, {len(args.seeds.split(','))} seeds x {args.epochs} epochs (bench/transfer.py)"
+    title = (f"Transfer benchmark{'' if demo else f' of {shown}'}, {len(args.seeds.split(','))} seeds x {args.epochs} "
+             "epochs (bench/transfer.py)")
     text = "\n".join([
         f"## {title}", "",
-        f"sweeps/demo.yaml with `train.seed` in [{args.seeds}] as a grid axis and `train.epochs: {args.epochs}` "
-        f"(the demo: 4), through `python -m detsweep.run` on a local Ray, {args.max_concurrent} trials at once, one "
-        "worker of 1 CPU each; the bases (sweeps/bases/) pretrained on the synthetic source domain, cached. AP / AP50 "
-        "on the 32 target-domain val images after the last epoch: mean ± the half-width of the 95 % "
-        "Student-t interval over the seeds. AP / full: the config's mean AP over that of the same model's full "
-        "fine-tuning. Peak memory: the train worker's peak RSS (GPU: peak VRAM).",
+        f"{shown} with `train.seed` in [{args.seeds}] as a grid axis and `train.epochs: {args.epochs}` "
+        f"(the file: {own['train']['epochs']}), through `python -m detsweep.run` on a local Ray, "
+        f"{args.max_concurrent} trials at once, one worker of 1 CPU each; the bases (sweeps/bases/) pretrained on "
+        f"the synthetic source domain, cached. AP / AP50 on the {own['data']['val_images']} target-domain val images "
+        "after the last epoch: mean ± the half-width of the 95 % Student-t interval over the seeds. AP / full: the config's "
+        "mean AP over that of the same model's full fine-tuning. Peak memory: the train worker's peak RSS (GPU: peak VRAM).",
         f"Machine: 2-core {platform.machine()} CPU" + ("" if args.table_only else
         f" (1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after)") +
         f", torch {torch.__version__}, no GPU; " + (f"the trials took {elapsed / 60:.0f} min (table re-rendered "
         "with --table-only)." if args.table_only else f"whole run {elapsed / 60:.0f} min."), "",
         body, "",
         *([f"Not ok: {'; '.join(failed)}.", ""] if failed else []),
-        "The front (AP against trainable parameters, all trials): docs/transfer_front.png.", "",
+        f"The front (AP against trainable parameters, all trials): docs/{plot}.", "",
     ])
     if args.no_write:
         print(text)
