@@ -23,8 +23,9 @@ demo: $(STAMP)
 	$(PY) -m detsweep.run sweeps/demo.yaml --output-dir $(DEMO_OUT) --fresh -q
 	$(PY) -m detsweep.frontier $(DEMO_OUT)/demo/results.parquet
 
-# The long demo (≈ 3 h 15 min on 2 cores the first time, 9 min with its bases cached): DETR's base started from the Faster R-CNN base's backbone and
-# trained until it leaves DETR's plateau, then fine-tuned on the target domain by every regime.
+# The long demo (≈ 3 h 15 min on 2 cores the first time, 9 min with its bases cached): DETR's base
+# started from the Faster R-CNN base's backbone and trained until it leaves DETR's plateau, then
+# fine-tuned on the target domain by every regime.
 demo-long: $(STAMP)
 	$(PY) -m detsweep.run sweeps/demo_long.yaml --output-dir $(DEMO_OUT) --fresh -q
 	$(PY) -m detsweep.frontier $(DEMO_OUT)/demo_long/results.parquet
