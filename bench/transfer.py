@@ -172,6 +172,7 @@ def main() -> None:
         body, "",
         *([f"Not ok: {'; '.join(failed)}.", ""] if failed else []),
         f"The front (AP against trainable parameters, all trials): docs/{plot}.", "",
+        f"![AP against trainable parameters, every trial and seed](../docs/{plot})", "",
     ])
     if args.no_write:
         print(text)
