@@ -47,3 +47,22 @@ def test_table_means_intervals_plateau_and_share_of_full(tmp_path):
     assert failed == ["lora-s2: error (boom)"]
     assert lines[-1] == ("- fasterrcnn_r50_fpn, best LoRA (fasterrcnn_r50_fpn lora_only r4 box_head): 50% of full's "
                          "AP, with 2.0% of full's trainable parameters.")
+
+
+def test_sweep_file_replicates_the_demo_or_the_sweep_given(tmp_path):
+    """The demo keeps its results folder (`transfer-bench`, the recorded section's); another file gets its own,
+    with the seeds as a grid axis and the epochs given, the rest of the file as it is."""
+    import argparse
+
+    import yaml
+
+    m = _module()
+    long_demo = m.ROOT / "sweeps" / "demo_long.yaml"
+    assert m.bench_name(m.DEMO) == "transfer-bench" and m.bench_name(long_demo) == "transfer-bench-demo_long"
+    args = argparse.Namespace(sweep=long_demo, epochs=5, seeds="0,2", storage=str(tmp_path / "out"))
+    written = yaml.safe_load(m.sweep_file(args, tmp_path).read_text())
+    original = yaml.safe_load(long_demo.read_text())
+    assert written["name"] == "transfer-bench-demo_long" and written["storage"] == str(tmp_path / "out")
+    assert written["train"] == {**original["train"], "epochs": 5}
+    assert written["grid"] == {**original["grid"], "train.seed": [0, 2]}
+    assert written["model"] == original["model"]  # the base named by weights: base:demo_detr_long, unchanged
