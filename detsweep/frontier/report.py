@@ -119,10 +119,14 @@ def _front_rows(fr: Frontier) -> tuple[list[str], list[list[object]]]:
 
 
 def _replicate_rows(fr: Frontier) -> tuple[list[str], list[list[object]]]:
-    """Config-level table (seed means +- CI half-width), front first."""
+    """Config-level table (seed means +- CI half-width), front first; each config by its seed-free label, as
+    the plots name it (replicates.parquet keeps `config_id`, the first trial's id)."""
+    from detsweep.frontier.plots import config_label  # numpy only at import: matplotlib loads when a plot is drawn
+
     rep = fr.replicates.to_pylist()
     rep.sort(key=lambda r: r["pareto_rank"])
-    headers = ["config_id", "n", "rank"] + [o.column for o in fr.objectives] + ["note"]
+    label = {r["config_id"]: config_label(r["trial_ids"]) for r in rep}
+    headers = ["config", "n", "rank"] + [o.column for o in fr.objectives] + ["note"]
     rows = []
     for r in rep:
         cells = []
@@ -131,8 +135,8 @@ def _replicate_rows(fr: Frontier) -> tuple[list[str], list[list[object]]]:
             cells.append(_fmt(mean) + ("" if low is None else f" ± {_fmt((high - low) / 2)}"))
         note = r["not_separable"]
         if note:
-            note += " from " + ", ".join(r["not_separable_from"])
-        rows.append([r["config_id"], r["n"], r["pareto_rank"]] + cells + [note or ""])
+            note += " from " + ", ".join(label.get(c, c) for c in r["not_separable_from"])
+        rows.append([label[r["config_id"]], r["n"], r["pareto_rank"]] + cells + [note or ""])
     return headers, rows
 
 

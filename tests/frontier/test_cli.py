@@ -121,6 +121,11 @@ def test_cli_replicates_and_out_dir(tmp_path):
     assert [(r["config_id"], r["n"], r["pareto_rank"]) for r in rep] == [("lora-s0", 2, 1), ("full-s0", 2, 1)]
     assert rep[0]["ap_mean"] == pytest.approx(0.32) and rep[1]["ap_mean"] == pytest.approx(0.35)
     assert "## Seed replicates" in (out / "report.md").read_text()
+    # The console and report.md name each config without its seed, as the plots do.
+    printed = proc.stdout[proc.stdout.index("seed replicates"):]
+    assert printed.splitlines()[1].split()[0] == "config"
+    assert [line.split()[0] for line in printed.splitlines()[2:4]] == ["lora", "full"]
+    assert "| lora | 2 | 1 |" in (out / "report.md").read_text()
     assert "![" not in (out / "report.md").read_text()
 
 
