@@ -10,7 +10,7 @@ import ray.tune
 
 from detsweep.cluster.tuner import fit_sweep
 from detsweep.storage import TUNE_DIR, delete_dir, exists, join
-from detsweep.sweep.bases import is_built
+from detsweep.sweep.bases import interrupted, is_built
 from detsweep.sweep.spec import Sweep, TrialConfig
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,9 @@ def build_bases(bases: list[TrialConfig], *, quiet: bool) -> None:
         if is_built(base):
             log.info("base %s: cached in %s, reused", base.trial_id, base.storage)
             continue
-        # An interrupted pretraining resumes from its Train checkpoint (its key fixes its config); a
-        # folder without Tune's experiment state (killed before the first save) starts over.
-        resume = ray.tune.Tuner.can_restore(join(base.storage, TUNE_DIR))
+        # An interrupted pretraining resumes from its Train checkpoint (its key fixes its config); a Tune
+        # folder without the Tuner's state (killed before its first save) starts over.
+        resume = interrupted(base) and ray.tune.Tuner.can_restore(join(base.storage, TUNE_DIR))
         if resume:
             log.info("base %s: interrupted earlier, resuming from its last checkpoint in %s", base.trial_id,
                      base.storage)

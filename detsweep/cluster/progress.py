@@ -44,8 +44,7 @@ class ProgressCallback(Callback):
             # The first report: the epochs since this start (a trial evaluated every k epochs reports first at
             # epoch k; a resumed one started past 0: its checkpoint's 0-based epoch + 1).
             self._first_epoch[tid] = (done, now)
-            resumed = result.get("resumed_from_epoch")
-            start = int(resumed) + 1 if isinstance(resumed, (int, float)) else 0
+            start = int(result.get("resumed_from_epoch", -1)) + 1
             seconds_per_epoch = (now - self._started.get(tid, now)) / max(1, done - start)
         else:  # later: the rate between reports, exact for a resumed trial too (it starts past 0)
             first, since = self._first_epoch[tid]

@@ -151,6 +151,12 @@ def is_built(base: TrialConfig) -> bool:
     return base.trial_id in ResultsStore(base.storage).trial_ids("ok") and latest_checkpoint(train_run(base)) is not None
 
 
+def interrupted(base: TrialConfig) -> bool:
+    """Whether an earlier pretraining of the base, not built, left Tune's experiment folder (a killed driver,
+    a stopped session): the next run resumes it (cluster/bases.py; a folder Tune cannot restore starts over)."""
+    return exists(join(base.storage, TUNE_DIR))
+
+
 def describe(base: TrialConfig) -> str:
     """One line for the plan: what the base is and whether it is cached."""
     d, t = base.data, base.train
@@ -158,7 +164,7 @@ def describe(base: TrialConfig) -> str:
             f"{d.kind} data ({getattr(d, 'domain', 'default')} domain, {d.train_images} images)")
     if is_built(base):
         state = f"cached in {base.storage}"
-    elif exists(join(base.storage, TUNE_DIR)):  # cluster/bases.py resumes it when Tune can restore it
+    elif interrupted(base):
         state = f"interrupted earlier, resumed from its last checkpoint in {base.storage}"
     else:
         state = f"pretrained first, into {base.storage}"
