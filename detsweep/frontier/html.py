@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from detsweep.frontier.front import Frontier, headline_index
-from detsweep.frontier.pareto import column_list, extra_columns
+from detsweep.frontier.pareto import column_list, config_label, extra_columns
 from detsweep.results import CONFIG_COLUMNS
 from detsweep.storage import HISTORY_FILE, filesystem, join, read_parquet, write_bytes_atomic
 
@@ -100,7 +100,7 @@ def _hover(row: dict[str, Any], config: list[str], metrics: list[str]) -> str:
 def _replicates(fr: Frontier) -> list[dict[str, Any]] | None:
     if fr.replicates is None:
         return None
-    from detsweep.frontier.plots import ci_error_bars, config_label
+    from detsweep.frontier.plots import ci_error_bars
 
     rows = fr.replicates.to_pylist()
     labels = {r["config_id"]: config_label(r["trial_ids"]) for r in rows}  # as the PNGs label them

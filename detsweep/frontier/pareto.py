@@ -328,6 +328,17 @@ def extra_columns(table: pa.Table) -> list[str]:
     return [c for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in ADDED_COLUMNS]
 
 
+def config_label(trial_ids: Sequence[str]) -> str:
+    """A seed-replicate group's label: its trial ids' common "-"-separated parts (the seed part, where
+    only it differs, dropped): detr_r18-full-seed0/-seed1 -> detr_r18-full. The first id if they differ
+    in shape."""
+    split = [t.split("-") for t in trial_ids]
+    if len({len(s) for s in split}) != 1:
+        return trial_ids[0]
+    common = [parts[0] for parts in zip(*split) if len(set(parts)) == 1]
+    return "-".join(common) or trial_ids[0]
+
+
 def aggregate_replicates(table: pa.Table, values: np.ndarray, valid: np.ndarray, objectives: Sequence[Objective],
                          norms: Sequence[Normalisation]) -> tuple[pa.Table, float] | None:
     """Seed replicates: valid trials equal in every config column but ``seed``, with distinct

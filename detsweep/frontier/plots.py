@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from detsweep.frontier.front import Frontier, headline_index
-from detsweep.frontier.pareto import Normalisation, pareto_ranks
+from detsweep.frontier.pareto import Normalisation, config_label, pareto_ranks
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -46,17 +46,6 @@ def _plot_points(fr: Frontier) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
     ranks = np.array(fr.ranks, dtype=object)[idx].astype(np.int64)
     zeros = np.zeros((len(idx), len(fr.objectives)))
     return labels, fr.values[idx], zeros, zeros, ranks
-
-
-def config_label(trial_ids: Sequence[str]) -> str:
-    """A seed-replicate group's label: its trial ids' common "-"-separated parts (the seed part, where
-    only it differs, dropped): detr_r18-full-seed0/-seed1 -> detr_r18-full. The first id if they differ
-    in shape."""
-    split = [t.split("-") for t in trial_ids]
-    if len({len(s) for s in split}) != 1:
-        return trial_ids[0]
-    common = [parts[0] for parts in zip(*split) if len(set(parts)) == 1]
-    return "-".join(common) or trial_ids[0]
 
 
 LABEL_GAP_PT = 3.0  # between a point and its label, and between stacked labels

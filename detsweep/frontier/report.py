@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from detsweep.frontier.front import Frontier, headline_index
-from detsweep.frontier.pareto import REFERENCE_POINT, column_list, extra_columns
+from detsweep.frontier.pareto import REFERENCE_POINT, column_list, config_label, extra_columns
 from detsweep.results import OWN_LINE_COLUMNS, REPLICATE_COLUMNS, STATUSES
 
 
@@ -121,8 +121,6 @@ def _front_rows(fr: Frontier) -> tuple[list[str], list[list[object]]]:
 def _replicate_rows(fr: Frontier) -> tuple[list[str], list[list[object]]]:
     """Config-level table (seed means +- CI half-width), front first; each config by its seed-free label, as
     the plots name it (replicates.parquet keeps `config_id`, the first trial's id)."""
-    from detsweep.frontier.plots import config_label  # numpy only at import: matplotlib loads when a plot is drawn
-
     rep = fr.replicates.to_pylist()
     rep.sort(key=lambda r: r["pareto_rank"])
     label = {r["config_id"]: config_label(r["trial_ids"]) for r in rep}
