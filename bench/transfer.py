@@ -126,9 +126,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.sweep.is_file():
         parser.error(f"--sweep: {args.sweep}: no such file")
-    own = yaml.safe_load(args.sweep.read_text())
+    own, demo = yaml.safe_load(args.sweep.read_text()), args.sweep.resolve() == DEMO
     if args.epochs is None:
-        args.epochs = 8 if args.sweep.resolve() == DEMO else int(own["train"]["epochs"])
+        args.epochs = 8 if demo else int(own["train"]["epochs"])
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2 (AP at half the epochs is reported), got {args.epochs}")
 
@@ -147,7 +147,6 @@ def main() -> None:
     if args.table_only:  # the run's own span: its trials' first start to last finish (the bases not counted)
         rows = pq.read_table(results, columns=["started_at", "finished_at"]).to_pylist()
         elapsed = (max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows)).total_seconds()
-    demo = args.sweep.resolve() == DEMO
     plot = "transfer_front.png" if demo else f"transfer_front_{args.sweep.stem}.png"
     shutil.copyfile(results.with_name(PLOT), ROOT / "docs" / plot)
     shown = args.sweep.resolve().relative_to(ROOT) if args.sweep.resolve().is_relative_to(ROOT) else args.sweep
