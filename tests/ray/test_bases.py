@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from detsweep import run
 from tests.data.builders import dump, good_split
 from tests.ray.test_e2e import tiny_sweep, write_sweep
-from tests.ray.test_fault_tolerance import _driver, _experiment_state_saved, _output
+from tests.ray.drivers import driver_output, experiment_state_saved, start_driver
 
 
 ROBOFLOW_CATEGORIES = [{"id": 0, "name": "shapes-abc", "supercategory": "none"},
@@ -56,12 +56,12 @@ def test_a_base_is_pretrained_once_then_fine_tuned_on_your_dataset_and_reused(ra
     path = write_sweep(tmp_path, sweep)
 
     # A driver of its own, killed once the upstream base's first epoch (and so its checkpoint) has reached it.
-    driver, deadline = _driver(path), time.time() + 300
+    driver, deadline = start_driver(path), time.time() + 300
     while not list((tmp_path / "results" / "_bases").glob("up-*/history.parquet")):
-        assert driver.poll() is None and time.time() < deadline, _output(driver)
+        assert driver.poll() is None and time.time() < deadline, driver_output(driver)
         time.sleep(0.05)
     up_dir = next((tmp_path / "results" / "_bases").glob("up-*"))
-    while not _experiment_state_saved(up_dir / "tune"):
+    while not experiment_state_saved(up_dir / "tune"):
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()

@@ -3,25 +3,16 @@ by the recipe test's trials): ASHA early stopping, a trial surviving the loss of
 dies or after fixing an errored trial, and a trial too big for the cluster refused before it starts."""
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
 
 from detsweep import run
+from tests.ray.drivers import driver_output, experiment_state_saved, rows_by_trial, start_driver
 from tests.ray.test_e2e import tiny_sweep, write_sweep
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _rows(root: Path) -> dict[str, dict]:
-    return {r["trial_id"]: r for r in pq.read_table(root / "results.parquet").to_pylist()}
 
 
 def test_asha_stops_weak_trials_and_frees_their_workers(ray_cluster, tmp_path, synthetic_root):
@@ -36,7 +27,7 @@ def test_asha_stops_weak_trials_and_frees_their_workers(ray_cluster, tmp_path, s
     sweep["grid"] = {"model": ["detr_r50"], "regime": ["full"], "train.lr": [1.0e-3, 1.0e-12]}
     sweep["max_concurrent_trials"] = 1
     assert run.main([str(write_sweep(tmp_path, sweep))]) == 0  # returns at all: stopped trials freed their workers
-    rows = _rows(tmp_path / "results" / "asha")
+    rows = rows_by_trial(tmp_path / "results" / "asha")
     assert rows["detr_r18-full-lr0.001"]["status"] == "ok"
     assert rows["detr_r18-full-lr0.001"]["epochs_completed"] == 4
     r = rows["detr_r18-full-lr1e-12"]
@@ -53,24 +44,6 @@ def test_asha_stops_weak_trials_and_frees_their_workers(ray_cluster, tmp_path, s
     assert [a.class_name for a in list_actors(filters=[("class_name", "=", "DatasetManager")])] == []
 
 
-def _driver(sweep_path: Path) -> subprocess.Popen:
-    """`python -m detsweep.run` in its own process, attached to the test's Ray cluster; its output
-    goes to a file beside the sweep (a pipe nobody reads would block it)."""
-    import ray
-
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, TUNE_GLOBAL_CHECKPOINT_S="0",
-               PYTHONPATH=str(REPO))
-    log = open(sweep_path.with_suffix(".log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "detsweep.run", str(sweep_path)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    proc.log_path = log.name
-    return proc
-
-
-def _output(proc: subprocess.Popen) -> str:
-    return Path(proc.log_path).read_text()[-5000:]
-
-
 def _train_workers() -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
@@ -78,17 +51,6 @@ def _train_workers() -> list[psutil.Process]:
         if "RayTrainWorker" in cmd:
             found.append(p)
     return found
-
-
-def _experiment_state_saved(tune: Path) -> bool:
-    """Tune's newest experiment state file is there, whole (it parses as JSON)."""
-    import json
-
-    files = sorted(tune.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    try:
-        return bool(files) and bool(json.loads(files[-1].read_text()))
-    except (ValueError, OSError):
-        return False
 
 
 def test_a_killed_worker_then_a_killed_driver_resume(ray_cluster, tmp_path, synthetic_root, capsys):
@@ -105,11 +67,11 @@ def test_a_killed_worker_then_a_killed_driver_resume(ray_cluster, tmp_path, synt
     path = write_sweep(tmp_path, sweep)
     root = tmp_path / "results" / "resume"
 
-    driver = _driver(path)
+    driver = start_driver(path)
     deadline = time.time() + 300
     # Wait until epoch 0's report, and so its checkpoint, has reached the driver.
     while time.time() < deadline and not (root / "history.parquet").exists():
-        assert driver.poll() is None, _output(driver)
+        assert driver.poll() is None, driver_output(driver)
         time.sleep(0.2)
     workers = _train_workers()
     assert workers, "no Ray Train worker process found"
@@ -117,19 +79,19 @@ def test_a_killed_worker_then_a_killed_driver_resume(ray_cluster, tmp_path, synt
 
     while time.time() < deadline:
         if (root / "results.parquet").exists() and any(
-                r["status"] == "ok" for r in _rows(root).values()):
+                r["status"] == "ok" for r in rows_by_trial(root).values()):
             break
-        assert driver.poll() is None, _output(driver)
+        assert driver.poll() is None, driver_output(driver)
         time.sleep(0.5)
     else:
         pytest.fail("the first trial did not finish in time")
     # Tune rewrites its state file in place at every step: a kill in the middle of that copy leaves it empty
     # (README, known limitations), so kill between two writes, when the file parses.
-    while not _experiment_state_saved(root / "tune"):
+    while not experiment_state_saved(root / "tune"):
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    before = _rows(root)
+    before = rows_by_trial(root)
     (first,) = [t for t, r in before.items() if r["status"] == "ok"]
     assert first == "detr_r18-full" and before[first]["epochs_completed"] == 4, before[first]["error"]
     history = pq.read_table(root / "history.parquet").to_pylist()
@@ -181,7 +143,7 @@ def test_resume_after_fixing_an_errored_trial(ray_cluster, tmp_path, synthetic_r
     path = write_sweep(tmp_path, sweep)
     root = tmp_path / "results" / "errored"
     assert run.main([str(path)]) == 1  # its only trial failed: a failed command
-    assert _rows(root)["detr_r18-full"]["status"] == "error"
+    assert rows_by_trial(root)["detr_r18-full"]["status"] == "error"
 
     (trial,) = expand(parse_sweep(sweep))
     model = build_model(trial.model, dataclasses.replace(trial.detector, weights="none"), num_classes=3)

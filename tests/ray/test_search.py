@@ -16,7 +16,7 @@ from detsweep import run
 from detsweep.sweep import parse_sweep
 from detsweep.sweep.search import parse_space
 from tests.ray.test_e2e import tiny_sweep, write_sweep
-from tests.ray.test_fault_tolerance import _driver, _output, _rows
+from tests.ray.drivers import driver_output, rows_by_trial, start_driver
 
 USD_PER_CPU_HOUR = 0.048
 
@@ -50,7 +50,7 @@ def offline_ids(sweep: dict, n: int) -> list[str]:
 def _check_search(root: Path, expected: list[str]) -> None:
     """A finished search's folder: each sampled trial once under its offline id, pruned configs, complete
     rows with their cost, and a front in dollars."""
-    rows = _rows(root)
+    rows = rows_by_trial(root)
     assert sorted(rows) == sorted(expected)  # each sampled trial once, under the id it had offline
     assert sorted(p.name for p in (root / "tune").iterdir() if p.is_dir()) == sorted(expected)
     cells = [t["trial_id"] for t in json.loads((root / "trials.json").read_text())["trials"]]
@@ -110,13 +110,13 @@ def test_a_killed_search_resumes_the_same_study(ray_cluster, tmp_path, synthetic
     path = write_sweep(tmp_path, sweep)
     root = tmp_path / "results" / "search-resume"
 
-    driver = _driver(path)
+    driver = start_driver(path)
     deadline = time.time() + 300
     while time.time() < deadline:  # mid-search: the first trial done, the second started
-        rows = _rows(root) if (root / "results.parquet").exists() else {}
+        rows = rows_by_trial(root) if (root / "results.parquet").exists() else {}
         if [r["status"] for r in rows.values()] == ["ok", "running"] and _state_saved(root / "tune"):
             break
-        assert driver.poll() is None, _output(driver)
+        assert driver.poll() is None, driver_output(driver)
         time.sleep(0.5)
     else:
         pytest.fail("the second trial did not start in time")
@@ -127,7 +127,7 @@ def test_a_killed_search_resumes_the_same_study(ray_cluster, tmp_path, synthetic
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    before = _rows(root)
+    before = rows_by_trial(root)
     assert len(before) < 3  # killed mid-search
     (first,) = [t for t, r in before.items() if r["status"] == "ok"]
     assert first == expected[0]
