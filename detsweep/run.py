@@ -25,7 +25,7 @@ from detsweep.sweep.cost import check_trials, estimate_line, pricing
 from detsweep.sweep.grid import root_of
 from detsweep.sweep.plan import (concurrency_for, concurrency_line, configured_concurrency, resources_text,
                                  trial_resources, trial_table, unfit, unfit_warning)
-from detsweep.sweep.resume import check_resume, save_trials
+from detsweep.sweep.resume import check_resume, cut_short_tune_state, save_trials
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,9 +216,21 @@ def guard_earlier_run(sweep: Sweep, trials: list[TrialConfig], root: str, args: 
         raise SweepError(f"--resume: no earlier run of sweep {sweep.name!r} in {root}")
     if args.fresh and exists(root):
         delete_dir(root)
-    if args.resume and sweep.search is not None:
+    if not args.resume:
+        return None
+    if sweep.search is not None:
         study.check_search_resume(root, sweep)
-    return check_resume(root, trials) if args.resume else None
+    concurrency = check_resume(root, trials)
+    cut = cut_short_tune_state(root)
+    if cut is not None and cut.tuner:
+        raise SweepError(f"--resume: {cut.path} is cut short: the driver stopped while Ray was writing it, and Tune "
+                         f"cannot restore the run (the finished trials are in results.parquet); pass --fresh to "
+                         f"start over, or --output-dir for another folder")
+    if cut is not None:  # a grid: Tune starts its trials again, each from its own Train run
+        print(f"warning: --resume: {cut.path} is cut short (the driver stopped while Ray was writing it): Tune "
+              f"starts the sweep's trials again, and each continues from its last Train checkpoint (a finished "
+              f"trial reports its final metrics again)", file=sys.stderr, flush=True)
+    return concurrency
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -381,6 +382,32 @@ def test_resume_of_a_run_without_a_trial_list_stops_before_ray_starts(tmp_path):
     assert _refused_resume(tmp_path) == [
         f"error: --resume: {root / 'trials.json'} is missing, so the trials this run started with are unknown "
         f"(a run from an older detsweep); pass --fresh to start over, or --output-dir for another folder"]
+
+
+def test_resume_of_a_run_whose_tuner_pickle_is_cut_short_stops_before_ray_starts(tmp_path):
+    root = _earlier_run(tmp_path, _smoke_trials(tmp_path))
+    (root / "tune" / "tuner.pkl").write_bytes(pickle.dumps({"param_space": list(range(20))})[:-4])
+    assert _refused_resume(tmp_path) == [
+        f"error: --resume: {root / 'tune' / 'tuner.pkl'} is cut short: the driver stopped while Ray was writing it, "
+        f"and Tune cannot restore the run (the finished trials are in results.parquet); pass --fresh to start over, "
+        f"or --output-dir for another folder"]
+
+
+def test_resume_of_a_grid_whose_searcher_state_is_cut_short_warns_and_goes_on(tmp_path, capsys):
+    """Tune then restarts the grid's trials, and each continues from its own Train run (tests/ray/test_bases.py
+    runs it)."""
+    trials = _smoke_trials(tmp_path)
+    root = _earlier_run(tmp_path, trials)
+    (root / "tune" / "tuner.pkl").write_bytes(pickle.dumps({"param_space": 1}))
+    state = root / "tune" / "basic-variant-state-2026-12-03_08-04-08.json"
+    state.write_bytes(pickle.dumps({"counter": 2})[:-1])
+    sweep = load_sweep(REPO / "sweeps" / "smoke.yaml")
+    args = run.parse_args(["sweeps/smoke.yaml", "--resume"])
+    assert run.guard_earlier_run(sweep, trials, str(root), args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --resume: {state} is cut short (the driver stopped while Ray was writing it): Tune starts the "
+        f"sweep's trials again, and each continues from its last Train checkpoint (a finished trial reports its "
+        f"final metrics again)"]
 
 
 def test_a_worker_bigger_than_every_node_is_unfit_though_the_total_fits(tmp_path):

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import logging
 
-import ray.tune
-
 from detsweep.cluster.tuner import fit_sweep
-from detsweep.storage import TUNE_DIR, delete_dir, exists, join
+from detsweep.storage import delete_dir, exists
 from detsweep.sweep.bases import interrupted, is_built
+from detsweep.sweep.resume import cut_short_tune_state
 from detsweep.sweep.spec import Sweep, TrialConfig
 
 log = logging.getLogger(__name__)
@@ -28,10 +27,14 @@ def build_bases(bases: list[TrialConfig], *, quiet: bool) -> None:
             continue
         # An interrupted pretraining resumes from its Train checkpoint (its key fixes its config); a Tune
         # folder without the Tuner's state (killed before its first save) starts over.
-        resume = interrupted(base) and ray.tune.Tuner.can_restore(join(base.storage, TUNE_DIR))
+        resume = interrupted(base)
         if resume:
             log.info("base %s: interrupted earlier, resuming from its last checkpoint in %s", base.trial_id,
                      base.storage)
+            cut = cut_short_tune_state(base.storage)
+            if cut is not None:  # Tune restarts its one trial, which continues from its Train checkpoint
+                log.warning("base %s: %s is cut short (the driver stopped while Ray was writing it): Tune starts "
+                            "the pretraining again, from its last Train checkpoint", base.trial_id, cut.path)
         else:
             if exists(base.storage):
                 delete_dir(base.storage)

@@ -171,6 +171,11 @@ def _trial_name(trial: Any) -> str:
     return trial.config["trial_id"]
 
 
+def _param_space(trials: list[TrialConfig], space: Space | None) -> dict[str, Any]:
+    """Tune's config space: a grid over the trial ids, or nothing for a search (its searcher samples)."""
+    return {"trial_id": ray.tune.grid_search([t.trial_id for t in trials])} if space is None else {}
+
+
 def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurrency: int,
                 quiet: bool = False) -> ray.tune.Tuner:
     """A fresh Tuner over `trials`: grid search over the expanded list, one Tune trial each; or, with
@@ -186,7 +191,7 @@ def build_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str, concurren
     sampled = {} if space is None else {"search_alg": searcher(sweep, space), "num_samples": sweep.search.num_samples}
     return ray.tune.Tuner(
         _trainable(trials, space),
-        param_space={"trial_id": ray.tune.grid_search([t.trial_id for t in trials])} if space is None else {},
+        param_space=_param_space(trials, space),
         tune_config=ray.tune.TuneConfig(
             max_concurrent_trials=concurrency, scheduler=scheduler, **sampled,
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
@@ -221,9 +226,12 @@ def restore_tuner(sweep: Sweep, trials: list[TrialConfig], *, root: str) -> ray.
     from their Train checkpoints, errored ones as `fault_tolerance.on_resume_errored` says."""
     mode = sweep.fault_tolerance.on_resume_errored
     space = parse_space(sweep, check_paths=False) if sweep.search is not None else None
-    # A search's searcher (its Optuna study) comes back with Tune's experiment state.
+    # A search's searcher (its Optuna study) comes back with Tune's experiment state. The grid is given again
+    # (Tune does not pickle it): where Tune finds its experiment or searcher state cut short, it logs "Failed
+    # to restore the run state", restarts the experiment from this space, and each trial continues from its
+    # own Train run's checkpoint (run.py warns first).
     return ray.tune.Tuner.restore(
-        join(root, TUNE_DIR), trainable=_trainable(trials, space),
+        join(root, TUNE_DIR), trainable=_trainable(trials, space), param_space=_param_space(trials, space),
         resume_unfinished=True, resume_errored=mode == "resume", restart_errored=mode == "restart")
 
 

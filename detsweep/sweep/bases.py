@@ -19,7 +19,8 @@ import yaml
 
 from detsweep.data.synthetic import GENERATOR_VERSION
 from detsweep.models import registry
-from detsweep.storage import TUNE_DIR, exists, join, train_run_name
+from detsweep.storage import join, train_run_name
+from detsweep.sweep.resume import tune_restorable
 from detsweep.sweep.spec import BaseConfig, EvalConfig, FaultToleranceConfig, Sweep, TrialConfig, data_defaults
 from detsweep.sweep.typed import SweepError, build
 
@@ -152,9 +153,10 @@ def is_built(base: TrialConfig) -> bool:
 
 
 def interrupted(base: TrialConfig) -> bool:
-    """Whether an earlier pretraining of the base, not built, left Tune's experiment folder (a killed driver,
-    a stopped session): the next run resumes it (cluster/bases.py; a folder Tune cannot restore starts over)."""
-    return exists(join(base.storage, TUNE_DIR))
+    """Whether an earlier pretraining of the base, not built, left a Tune run that `Tuner.restore` can take up
+    (a killed driver, a stopped session): the next run resumes it (cluster/bases.py). A folder without a whole
+    tuner.pkl (killed in the moment Tune was starting) starts over."""
+    return tune_restorable(base.storage)
 
 
 def describe(base: TrialConfig) -> str:

@@ -1,11 +1,16 @@
 """`--resume`: `<root>/trials.json` holds the trial list a run started with, and a resumed run is
-refused when the sweep's trials have changed since (any key a trial uses, not the other family's)."""
+refused when the sweep's trials have changed since (any key a trial uses, not the other family's).
+Also: whether Tune's own state in `<root>/tune` is whole enough for `Tuner.restore`. Ray-free."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickletools
 from typing import Any
 
-from detsweep.storage import TRIALS_FILE, join, read_text, write_bytes_atomic
+import pyarrow.fs as pafs
+
+from detsweep.storage import TRIALS_FILE, TUNE_DIR, exists, filesystem, join, read_text, write_bytes_atomic
 from detsweep.sweep.spec import TrialConfig
 from detsweep.sweep.typed import SweepError
 
@@ -117,3 +122,53 @@ def check_resume(root: str, trials: list[TrialConfig]) -> int | None:
     return saved.get("max_concurrent_trials")
 
 
+
+
+TUNER_FILE = "tuner.pkl"  # the Tuner itself, pickled once when the run starts
+
+
+def _whole_pickle(data: bytes) -> None:
+    """Raise ValueError unless `data` is a whole pickle (its opcodes up to STOP), without unpickling it:
+    Tune's pickles name Ray's classes, and this check runs before Ray is imported."""
+    if not data:
+        raise ValueError("empty")
+    for _ in pickletools.genops(data):
+        pass
+
+
+# The files of Tune's state that `Tuner.restore` reads (the newest of each kind, by its timestamped name),
+# and how to tell one is whole. Ray copies them from the driver's staging folder into storage one file at a
+# time, in place: a driver killed during that copy leaves one empty or cut short.
+_TUNE_STATE = (("experiment_state-", json.loads), ("basic-variant-state-", _whole_pickle),
+               ("searcher-state-", _whole_pickle), (TUNER_FILE, _whole_pickle))
+
+
+@dataclasses.dataclass(frozen=True)
+class CutShort:
+    """A file of Tune's state that is empty or cut short."""
+
+    path: str
+    tuner: bool  # it is tuner.pkl: Tuner.restore cannot even start; the others make Tune restart the trials
+
+
+def cut_short_tune_state(root: str) -> CutShort | None:
+    """The first of Tune's state files in `<root>/tune` that is not whole, or None (also when there is none)."""
+    fs, path = filesystem(join(root, TUNE_DIR))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    for prefix, check in _TUNE_STATE:
+        newest = max((i for i in infos if i.base_name.startswith(prefix)), key=lambda i: i.base_name, default=None)
+        if newest is None:
+            continue
+        with fs.open_input_stream(newest.path) as stream:
+            data = stream.read()
+        try:
+            check(data)
+        except ValueError:
+            return CutShort(newest.path, tuner=prefix == TUNER_FILE)
+    return None
+
+
+def tune_restorable(root: str) -> bool:
+    """Whether `Tuner.restore` can start on `<root>/tune`: its tuner.pkl is there, whole."""
+    cut = cut_short_tune_state(root)
+    return exists(join(root, TUNE_DIR, TUNER_FILE)) and not (cut is not None and cut.tuner)

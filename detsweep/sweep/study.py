@@ -8,9 +8,8 @@ import dataclasses
 import json
 from typing import Any
 
-import pyarrow.fs as pafs
-
-from detsweep.storage import TUNE_DIR, filesystem, join, read_text, write_bytes_atomic
+from detsweep.storage import join, read_text, write_bytes_atomic
+from detsweep.sweep.resume import cut_short_tune_state
 from detsweep.sweep.spec import Sweep
 from detsweep.sweep.typed import SweepError
 
@@ -26,26 +25,14 @@ def save_search(root: str, sweep: Sweep) -> None:
     write_bytes_atomic(json.dumps(_plain_search(sweep), indent=1).encode(), join(root, SEARCH_FILE))
 
 
-def _empty_tune_state(root: str) -> str | None:
-    """The newest of Tune's state files that `Tuner.restore` would read, when it is empty: Tune rewrites
-    them in place at every step, so a driver killed in that moment leaves nothing to restore the study from."""
-    fs, path = filesystem(join(root, TUNE_DIR))
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    for prefix in ("experiment_state-", "search_gen_state-", "searcher-state-"):
-        newest = max((i for i in infos if i.base_name.startswith(prefix)), key=lambda i: i.base_name, default=None)
-        if newest is not None and newest.size == 0:
-            return newest.path
-    return None
-
-
 def check_search_resume(root: str, sweep: Sweep) -> None:
     """Refuse a --resume whose search differs from the one the run started with: the restored searcher
     continues the study it saved, which a changed space, sampler or objective would not match."""
-    empty = _empty_tune_state(root)
-    if empty is not None:
-        raise SweepError(f"--resume: {empty} is empty: the driver stopped while Tune was rewriting its state, and "
-                         f"Tune cannot restore a search from it (the finished trials are in results.parquet); pass "
-                         f"--fresh to start over, or --output-dir for another folder")
+    cut = cut_short_tune_state(root)
+    if cut is not None:
+        raise SweepError(f"--resume: {cut.path} is cut short: the driver stopped while Ray was writing Tune's state, "
+                         f"and Tune cannot restore a search from it (the finished trials are in results.parquet); "
+                         f"pass --fresh to start over, or --output-dir for another folder")
     uri = join(root, SEARCH_FILE)
     text = read_text(uri)
     if text is None:

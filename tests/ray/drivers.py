@@ -2,7 +2,6 @@
 read a sweep's results."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -36,9 +35,10 @@ def driver_output(proc: subprocess.Popen) -> str:
 
 
 def experiment_state_saved(tune: Path) -> bool:
-    """Tune's newest experiment state file is there, whole (it parses as JSON)."""
-    files = sorted(tune.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    try:
-        return bool(files) and bool(json.loads(files[-1].read_text()))
-    except (ValueError, OSError):
-        return False
+    """Tune's experiment state and its searcher's state are in `tune`, each whole: Ray copies them there one
+    file at a time, in place, so a kill in the middle of a copy leaves one cut short (what Tune does then is
+    tests/ray/test_bases.py's)."""
+    from detsweep.sweep.resume import cut_short_tune_state
+
+    kinds = ("experiment_state-*.json", "basic-variant-state-*.json")
+    return all(list(tune.glob(k)) for k in kinds) and cut_short_tune_state(str(tune.parent)) is None

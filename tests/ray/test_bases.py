@@ -67,10 +67,17 @@ def test_a_base_is_pretrained_once_then_fine_tuned_on_your_dataset_and_reused(ra
     driver.wait()
     killed_at = [h["epoch"] for h in pq.read_table(up_dir / "history.parquet").to_pylist()]
     assert killed_at and max(killed_at) < 2, killed_at  # interrupted: not all 3 epochs done
+    # ... and killed in the middle of Ray's copy of the searcher state, as a kill can be (CI met it): Tune cannot
+    # restore that, restarts the experiment, and the base's one trial continues from its Train checkpoint.
+    (searcher_state,) = (up_dir / "tune").glob("basic-variant-state-*.json")
+    searcher_state.write_bytes(searcher_state.read_bytes()[:100])
 
     assert run.main([str(path), "-q"]) == 0
     first = capfd.readouterr()
     assert f"interrupted earlier, resumed from its last checkpoint in {up_dir}" in first.out
+    assert any(r.getMessage().endswith(f"{searcher_state} is cut short (the driver stopped while Ray was writing "
+                                       f"it): Tune starts the pretraining again, from its last Train checkpoint")
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert "pretrained first, into" in first.out and "base-src-" in first.out
     assert first.out.index("base base-up-") < first.out.index("base base-src-")  # the upstream first
     up_history = pq.read_table(up_dir / "history.parquet").to_pylist()

@@ -121,3 +121,25 @@ def test_bad_base_chains_are_one_line_at_load_time(tmp_path, detr_base, frcnn_ba
     with pytest.raises(SweepError) as err:
         _chained(tmp_path, detr_base, frcnn_base)
     assert str(err.value).startswith(message)
+
+
+def test_the_plan_says_whether_an_interrupted_base_resumes_or_starts_over(tmp_path):
+    """A base folder whose Tuner Tune can restore resumes; one killed before Tune pickled its Tuner, or with that
+    pickle cut short, starts over."""
+    import pickle
+    from pathlib import Path
+
+    from detsweep.sweep.bases import describe
+
+    sweep = _sweep(tmp_path)
+    trials = expand(sweep)
+    (base,) = base_trials(trials, sweep, root_of(trials[0].storage))
+    assert describe(base).endswith(f"; pretrained first, into {base.storage}")
+    tune = Path(base.storage) / "tune"
+    tune.mkdir(parents=True)
+    assert describe(base).endswith(f"; pretrained first, into {base.storage}")  # no tuner.pkl yet
+    tuner = pickle.dumps({"tune_config": list(range(50))})
+    (tune / "tuner.pkl").write_bytes(tuner)
+    assert describe(base).endswith(f"; interrupted earlier, resumed from its last checkpoint in {base.storage}")
+    (tune / "tuner.pkl").write_bytes(tuner[:-3])
+    assert describe(base).endswith(f"; pretrained first, into {base.storage}")

@@ -238,6 +238,6 @@ def test_resume_refuses_a_changed_search(tmp_path):
         check_search_resume(root, changed)
     (tmp_path / "tune").mkdir()
     (tmp_path / "tune" / "searcher-state-2026-01-01_00-00-00.pkl").write_bytes(b"")
-    with pytest.raises(SweepError, match=r"searcher-state-2026-01-01_00-00-00.pkl is empty: the driver stopped while "
-                                         r"Tune was rewriting its state"):
+    with pytest.raises(SweepError, match=r"searcher-state-2026-01-01_00-00-00.pkl is cut short: the driver stopped "
+                                         r"while Ray was writing Tune's state"):
         check_search_resume(root, sweep_with())
